@@ -1,0 +1,125 @@
+"""Concept words -> one text-encoder vector per concept."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from conceptattention.config import Pooling
+from conceptattention.errors import ConceptAttentionError
+
+logger = logging.getLogger(__name__)
+
+MAX_CONCEPTS = 64
+
+
+def validate_concepts(concepts: Sequence[str] | str | None) -> tuple[str, ...]:
+    """Check a concept list and return it as a tuple of stripped strings.
+
+    Raises:
+        ConceptAttentionError: no concepts, a non-string, a blank or duplicate concept,
+            or more than ``MAX_CONCEPTS``.
+    """
+    if isinstance(concepts, str):
+        raise ConceptAttentionError(
+            f"`concepts` must be a list of words, got the single string {concepts!r}; "
+            f"write concepts=[{concepts!r}] (or split a comma-separated string yourself)"
+        )
+    if concepts is None or len(concepts) == 0:
+        raise ConceptAttentionError('`concepts` is empty: give at least one concept, e.g. concepts=["dog", "sky"]')
+    cleaned: list[str] = []
+    seen: dict[str, int] = {}
+    for i, concept in enumerate(concepts):
+        if not isinstance(concept, str):
+            raise ConceptAttentionError(f"`concepts[{i}]` must be a string, got {type(concept).__name__} {concept!r}")
+        word = concept.strip()
+        if not word:
+            raise ConceptAttentionError(f"`concepts[{i}]` is blank: every concept needs at least one visible character")
+        key = word.casefold()
+        if key in seen:
+            raise ConceptAttentionError(
+                f"`concepts` lists {word!r} twice (positions {seen[key]} and {i}); each concept must be unique"
+            )
+        seen[key] = i
+        cleaned.append(word)
+    if len(cleaned) > MAX_CONCEPTS:
+        raise ConceptAttentionError(
+            f"`concepts` has {len(cleaned)} entries, more than the maximum of {MAX_CONCEPTS}; split them into "
+            "several runs"
+        )
+    return tuple(cleaned)
+
+
+@dataclass(frozen=True)
+class ConceptEmbeddings:
+    """Pooled text-encoder states of the concepts, before the transformer's context embedder.
+
+    Attributes:
+        states: (C, D_text) one vector per concept, on the encoder's output device and dtype.
+        tokens: the sub-tokens of each concept (special tokens removed), for the record.
+        pooling: how ``states`` was pooled from the sub-tokens.
+    """
+
+    states: torch.Tensor
+    tokens: tuple[tuple[str, ...], ...]
+    pooling: Pooling
+
+
+def pool_token_states(hidden: torch.Tensor, keep: torch.Tensor, pooling: Pooling) -> torch.Tensor:
+    """One vector per sequence from its own sub-token states.
+
+    Args:
+        hidden: (C, S, D) encoder states.
+        keep: (C, S) bool, True at the concept's own (non-special, non-padding) tokens.
+        pooling: ``"first"`` kept token, or ``"mean"`` over kept tokens.
+
+    Returns:
+        (C, D) pooled states.
+    """
+    if pooling == "first":
+        first = keep.int().argmax(dim=1)  # (C,) index of the first kept token
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), first]
+    weights = keep.to(hidden.dtype).unsqueeze(-1)  # (C, S, 1)
+    return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
+
+
+@torch.no_grad()
+def encode_concepts(
+    concepts: Sequence[str], tokenizer, text_encoder, device: torch.device, pooling: Pooling
+) -> ConceptEmbeddings:
+    """Encode each concept on its own with the prompt text encoder and pool its sub-tokens.
+
+    Concepts are batched with an attention mask, which is equivalent to encoding each alone.
+
+    Args:
+        concepts: validated concept words.
+        tokenizer: the prompt tokenizer of the encoder (T5 for Flux.1).
+        text_encoder: a transformers encoder returning ``last_hidden_state``.
+        device: where the encoder runs.
+        pooling: ``"first"`` or ``"mean"``.
+    """
+    batch = tokenizer(
+        list(concepts),
+        padding=True,
+        return_tensors="pt",
+        return_special_tokens_mask=True,
+    )
+    keep = batch["attention_mask"].bool() & ~batch["special_tokens_mask"].bool()  # (C, S)
+    empty = [c for c, row in zip(concepts, keep) if not row.any()]
+    if empty:
+        raise ConceptAttentionError(f"The tokenizer produced no tokens for concept(s) {empty}; use other words")
+    tokens = tuple(
+        tuple(tokenizer.convert_ids_to_tokens(ids[row].tolist())) for ids, row in zip(batch["input_ids"], keep)
+    )
+    if pooling == "first":
+        split = {c: t for c, t in zip(concepts, tokens) if len(t) > 1}
+        if split:
+            logger.info("pooling='first' keeps only the first sub-token of %s", split)
+    hidden = text_encoder(
+        input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
+    ).last_hidden_state  # (C, S, D_text)
+    states = pool_token_states(hidden, keep.to(hidden.device), pooling)  # (C, D_text)
+    return ConceptEmbeddings(states=states, tokens=tokens, pooling=pooling)

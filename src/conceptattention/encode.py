@@ -1,0 +1,118 @@
+"""Encode mode: concept maps of real images from one noised forward pass per noise sample."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from conceptattention.adapters.base import StopForward
+from conceptattention.concepts import validate_concepts
+from conceptattention.config import ConceptAttentionConfig
+from conceptattention.errors import ConceptAttentionError
+from conceptattention.images import ImageInput, load_images, resize_for_model, to_model_input
+from conceptattention.outputs import ConceptMaps
+from conceptattention.tracing import ConceptSession, _with_overrides, encode_pipeline_concepts, pipeline_components
+
+
+def _model_size(pipe: Any, pixels: int, height: int | None, width: int | None) -> tuple[int, int]:
+    default = int(getattr(pipe, "default_sample_size", 64)) * int(getattr(pipe, "vae_scale_factor", 1))
+    size = (height or default, width or default)
+    for name, value in zip(("height", "width"), size):
+        if isinstance(value, bool) or not isinstance(value, int) or value < pixels or value % pixels:
+            lower = max(pixels, (value // pixels) * pixels) if isinstance(value, int) else pixels
+            raise ConceptAttentionError(
+                f"`{name}`={value!r} cannot be taken by {type(pipe).__name__}: it must be a positive multiple of "
+                f"{pixels} (VAE scale x latent patch); try {lower} or {lower + pixels}"
+            )
+    return size
+
+
+@torch.inference_mode()
+def encode_image(
+    pipe: Any,
+    image: ImageInput | Sequence[ImageInput],
+    concepts: Sequence[str],
+    *,
+    caption: str = "",
+    config: ConceptAttentionConfig | None = None,
+    t: float = 0.5,
+    num_samples: int = 1,
+    seed: int = 0,
+    height: int | None = None,
+    width: int | None = None,
+    guidance_scale: float = 3.5,
+    max_sequence_length: int = 512,
+    **overrides: Any,
+) -> ConceptMaps:
+    """Concept maps of real image(s).
+
+    Resize (Lanczos) to the model resolution -> VAE encode -> noise to ``x_t = (1-t) z + t eps``
+    -> one transformer forward with the caption, stopped after the last selected double
+    block; repeated for ``num_samples`` seeded noise draws and averaged.
+
+    Args:
+        pipe: a loaded pipeline of a supported architecture (``FluxPipeline``).
+        image: a PIL image, path, numpy array or tensor, or a list of them (batch B).
+        concepts: concept words (1-64, unique).
+        caption: prompt for the forward pass (default: empty).
+        config: a :class:`ConceptAttentionConfig` (``steps`` is ignored here).
+        t: flow-matching time in (0, 1) of the noised input.
+        num_samples: independent noise draws to average.
+        seed: seed of the noise draws (a CPU generator, reproducible across devices).
+        height, width: model resolution; default: the pipeline's default sample size.
+        guidance_scale: guidance embedding for guidance-distilled models (FLUX.1-dev).
+        max_sequence_length: caption token budget of the prompt encoder.
+        **overrides: fields of :class:`ConceptAttentionConfig`.
+
+    Returns:
+        :class:`ConceptMaps` with ``maps`` (B, C, h, w) and the resized input images.
+
+    Example:
+        >>> maps = encode_image(pipe, "photo.jpg", ["dog", "grass", "sky"])  # doctest: +SKIP
+        >>> maps.segmentation().shape  # (B, height, width)  # doctest: +SKIP
+    """
+    concepts = validate_concepts(concepts)
+    config = dataclasses.replace(_with_overrides(config, overrides), steps=None)
+    if not 0.0 < float(t) < 1.0:
+        raise ConceptAttentionError(f"`t` must be in (0, 1), got {t!r}; the paper uses t=0.5")
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ConceptAttentionError(f"`num_samples` must be a positive integer, got {num_samples!r}")
+    transformer, adapter = pipeline_components(pipe)
+    pixels_per_token = adapter.spec.pixels_per_token(pipe)
+    size = _model_size(pipe, pixels_per_token, height, width)
+    images = [resize_for_model(im, size) for im in load_images(image)]
+    inputs = adapter.encode_inputs(pipe, to_model_input(images), caption, guidance_scale, max_sequence_length)
+    embeddings = encode_pipeline_concepts(pipe, adapter, concepts, config.pooling)
+    session = ConceptSession(transformer, embeddings, concepts, config, owner=pipe, adapter=adapter)
+    session.state.stop_after_last_block = True
+    clean = inputs["latents"]
+    generator = torch.Generator("cpu").manual_seed(seed)
+    with session:
+        session.start_run()
+        for _ in range(num_samples):
+            noise = torch.randn(clean.shape, generator=generator, dtype=torch.float32).to(clean.device, clean.dtype)
+            with contextlib.suppress(StopForward):  # raised after the last selected block
+                adapter.encode_forward(pipe, inputs, (1.0 - t) * clean + t * noise, t)
+        maps, block_maps, _ = session.token_maps()
+    metadata = session.metadata()
+    metadata.update(
+        mode="encode",
+        t=float(t),
+        num_samples=num_samples,
+        seed=seed,
+        caption=caption,
+        resolution=list(size),
+        guidance_scale=guidance_scale if transformer.config.get("guidance_embeds") else None,
+    )
+    return ConceptMaps(
+        maps=maps.cpu(),
+        concepts=concepts,
+        image_size=size,
+        images=images,
+        block_maps=block_maps.cpu() if block_maps is not None else None,
+        metadata=metadata,
+    )

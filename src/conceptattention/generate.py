@@ -1,0 +1,64 @@
+"""Generate mode: run the pipeline with a prompt and get images plus concept maps."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from conceptattention.config import ConceptAttentionConfig
+from conceptattention.errors import ConceptAttentionError
+from conceptattention.outputs import ConceptMaps
+from conceptattention.tracing import trace
+
+
+def generate(
+    pipe: Any,
+    prompt: str | Sequence[str],
+    concepts: Sequence[str],
+    *,
+    config: ConceptAttentionConfig | None = None,
+    seed: int | None = 0,
+    num_inference_steps: int | None = None,
+    **pipe_kwargs: Any,
+) -> ConceptMaps:
+    """Generate images and one map per concept per image.
+
+    Args:
+        pipe: a pipeline of a supported architecture (``FluxPipeline``).
+        prompt: one prompt or a list (batch); ``num_images_per_prompt`` etc. go in ``pipe_kwargs``.
+        concepts: concept words (need not occur in the prompt).
+        config: a :class:`ConceptAttentionConfig` (layers, steps, score space, ...).
+        seed: seed of a CPU generator for reproducible images; ``None`` to pass your own
+            ``generator`` in ``pipe_kwargs``.
+        num_inference_steps: denoising steps (pipeline default when None).
+        **pipe_kwargs: any other argument of the pipeline's ``__call__`` (height, width,
+            guidance_scale, num_images_per_prompt, ...).
+
+    Returns:
+        :class:`ConceptMaps` with ``maps`` (B, C, h, w) and the generated ``images``.
+
+    Example:
+        >>> maps = generate(pipe, "a dog on grass", ["dog", "grass", "sky"], num_inference_steps=4)  # doctest: +SKIP
+        >>> maps.save("outputs/dog")  # doctest: +SKIP
+    """
+    if not prompt or (not isinstance(prompt, str) and not all(isinstance(p, str) for p in prompt)):
+        raise ConceptAttentionError(f"`prompt` must be a non-empty string or list of strings, got {prompt!r}")
+    if "output_type" in pipe_kwargs and pipe_kwargs["output_type"] != "pil":
+        raise ConceptAttentionError("`generate` returns PIL images; leave `output_type` unset")
+    if seed is not None:
+        if "generator" in pipe_kwargs:
+            raise ConceptAttentionError("Pass either `seed` or `generator`, not both (set seed=None)")
+        pipe_kwargs["generator"] = torch.Generator("cpu").manual_seed(seed)
+    if num_inference_steps is not None:
+        pipe_kwargs["num_inference_steps"] = num_inference_steps
+    with trace(pipe, concepts, config) as tracer:
+        output = pipe(prompt, **pipe_kwargs)
+    maps = tracer.maps(images=output.images)
+    maps.metadata.update(
+        prompt=prompt,
+        seed=seed,
+        **{k: v for k, v in pipe_kwargs.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)},
+    )
+    return maps

@@ -1,0 +1,81 @@
+"""Loading pipelines from a hub id or a local folder, with errors that say what to do."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from conceptattention.adapters import adapter_for
+from conceptattention.errors import ConceptAttentionError, WeightsNotFoundError
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """``"bfloat16"`` / ``torch.bfloat16`` / None -> torch dtype or None."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ConceptAttentionError(f"`dtype` must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    return _DTYPES[dtype]
+
+
+def load_pipeline(
+    model: str | Path | Any,
+    *,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    local_files_only: bool | None = None,
+) -> Any:
+    """A ready pipeline from a hub id, a local folder, or an already built pipeline.
+
+    Weights are read as safetensors only (no pickles) and no remote code is run.
+
+    Args:
+        model: e.g. ``"black-forest-labs/FLUX.1-schnell"``, a folder holding
+            ``model_index.json``, or a pipeline object (returned as is after a support check).
+        dtype: ``"bfloat16"``, ``"float16"``, ``"float32"`` or a torch dtype.
+        device: where to move the pipeline (e.g. ``"cuda"``); None leaves it on the CPU.
+        local_files_only: never touch the network; default follows ``HF_HUB_OFFLINE``.
+
+    Raises:
+        WeightsNotFoundError: the weights are neither local nor downloadable.
+        UnsupportedArchitectureError: the pipeline's transformer is not supported.
+    """
+    if not isinstance(model, (str, Path)):
+        adapter_for(getattr(model, "transformer", None), model)
+        return model
+    from diffusers import DiffusionPipeline
+
+    kwargs: dict[str, Any] = {"use_safetensors": True}
+    if dtype is not None:
+        kwargs["torch_dtype"] = resolve_dtype(dtype)
+    if local_files_only is not None:
+        kwargs["local_files_only"] = local_files_only
+    path = Path(model).expanduser()
+    looks_local = path.exists() or str(model).startswith((".", "/", "~")) or str(model).count("/") > 1
+    if looks_local and not (path / "model_index.json").is_file():
+        raise WeightsNotFoundError(
+            f"{str(model)!r} is not a pipeline folder: expected {path / 'model_index.json'}. Save one with "
+            "`pipe.save_pretrained(folder)` or download a model with `huggingface-cli download <id> --local-dir "
+            "<folder>`"
+        )
+    try:
+        pipe = DiffusionPipeline.from_pretrained(str(path) if looks_local else str(model), **kwargs)
+    except (OSError, ValueError) as error:
+        raise WeightsNotFoundError(
+            f"Could not load weights for {str(model)!r}: {error.__class__.__name__}: {str(error).splitlines()[0]}\n"
+            "The model is neither a local pipeline folder nor in the Hugging Face cache, and could not be "
+            "downloaded (offline, gated, or a wrong id). On a machine with network access run "
+            f"`huggingface-cli download {model} --local-dir <folder>` (gated models such as FLUX.1-dev need "
+            "`huggingface-cli login` and accepting the licence), then pass the folder path."
+        ) from None
+    adapter_for(getattr(pipe, "transformer", None), pipe)
+    if device is not None:
+        pipe = pipe.to(device)
+    return pipe
