@@ -1,0 +1,149 @@
+"""Bad input gets a specific error that says what to do."""
+
+from __future__ import annotations
+
+import types
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import conceptattention as ca
+from conceptattention.errors import UnsupportedArchitectureError, WeightsNotFoundError
+
+
+@pytest.mark.parametrize(
+    ("concepts", "message"),
+    [
+        ([], "`concepts` is empty"),
+        (None, "`concepts` is empty"),
+        ("dog", "single string 'dog'"),
+        (["dog", "  "], r"`concepts\[1\]` is blank"),
+        (["dog", "Dog "], "lists 'Dog' twice"),
+        (["dog", 3], r"`concepts\[1\]` must be a string"),
+        ([f"w{i}" for i in range(65)], "65 entries, more than the maximum of 64"),
+    ],
+)
+def test_bad_concepts(tiny_pipe, concepts, message):
+    with pytest.raises(ca.ConceptAttentionError, match=message):
+        ca.trace(tiny_pipe, concepts)
+
+
+def test_block_index_out_of_range_states_valid_range(tiny_pipe):
+    with pytest.raises(ca.ConceptAttentionError, match=r"`layers` contains 7, .* 3 double-stream blocks \(valid indices: 0-2\)"):
+        ca.trace(tiny_pipe, ["dog"], layers=[1, 7])
+    with pytest.raises(ca.ConceptAttentionError, match="non-negative integers"):
+        ca.ConceptAttentionConfig(layers=[-1])
+
+
+def test_step_index_out_of_range_states_valid_range(tiny_pipe):
+    with ca.trace(tiny_pipe, ["dog", "sky"], steps=[0, 5]) as tc:
+        tiny_pipe("a dog", height=32, width=32, num_inference_steps=2, max_sequence_length=16, output_type="pt")
+    with pytest.raises(ca.ConceptAttentionError, match=r"`steps` contains 5, but the pipeline ran 2 denoising steps \(valid indices: 0-1\)"):
+        tc.maps()
+
+
+def test_reading_maps_before_running_says_how(tiny_pipe):
+    tc = ca.trace(tiny_pipe, ["dog"])
+    with pytest.raises(ca.ConceptAttentionError, match=r"run the pipeline inside `with trace"):
+        tc.maps()
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"score_space": "attention"}, "`score_space` must be one of"),
+        ({"concept_keys": "all"}, "`concept_keys` must be one of"),
+        ({"pooling": "last"}, "`pooling` must be one of"),
+        ({"softmax": "yes"}, "`softmax` must be True, False or None"),
+        ({"colour": 1}, r"Unknown option\(s\) \['colour'\]"),
+    ],
+)
+def test_bad_options(tiny_pipe, options, message):
+    with pytest.raises(ca.ConceptAttentionError, match=message):
+        ca.trace(tiny_pipe, ["dog", "sky"], **options)
+
+
+def test_softmax_with_one_concept_is_refused(tiny_pipe):
+    with pytest.raises(ca.ConceptAttentionError, match="single concept gives a constant map"), ca.trace(
+        tiny_pipe, ["dog"], softmax=True
+    ):
+        pass
+
+
+def test_image_size_the_model_cannot_take(tiny_pipe):
+    image = Image.new("RGB", (40, 40))
+    with pytest.raises(ca.ConceptAttentionError, match=r"`height`=30 .* multiple of 4 .* try 28 or 32"):
+        ca.encode_image(tiny_pipe, image, ["dog"], height=30, width=32)
+    with pytest.raises(ca.ConceptAttentionError, match=r"`t` must be in \(0, 1\)"):
+        ca.encode_image(tiny_pipe, image, ["dog"], height=32, width=32, t=1.0)
+    with pytest.raises(ca.ConceptAttentionError, match="`num_samples` must be a positive integer"):
+        ca.encode_image(tiny_pipe, image, ["dog"], height=32, width=32, num_samples=0)
+
+
+def test_non_rgb_images_are_converted(tiny_pipe):
+    rgb = Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    gray = rgb.convert("L")
+    via_gray = ca.encode_image(tiny_pipe, gray, ["dog", "sky"], height=32, width=32)
+    via_rgb = ca.encode_image(tiny_pipe, gray.convert("RGB"), ["dog", "sky"], height=32, width=32)
+    torch.testing.assert_close(via_gray.maps, via_rgb.maps, rtol=0, atol=0)
+    rgba = rgb.convert("RGBA")
+    via_rgba = ca.encode_image(tiny_pipe, rgba, ["dog", "sky"], height=32, width=32)
+    torch.testing.assert_close(via_rgba.maps, ca.encode_image(tiny_pipe, rgb, ["dog", "sky"], height=32, width=32).maps)
+
+
+def test_unreadable_or_malformed_images(tiny_pipe, tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_text("not an image")
+    with pytest.raises(ca.ConceptAttentionError, match="cannot read .*bad.png"):
+        ca.encode_image(tiny_pipe, bad, ["dog"], height=32, width=32)
+    with pytest.raises(ca.ConceptAttentionError, match="does not exist"):
+        ca.encode_image(tiny_pipe, tmp_path / "missing.png", ["dog"], height=32, width=32)
+    with pytest.raises(ca.ConceptAttentionError, match=r"shape \(32, 32, 2\)"):
+        ca.encode_image(tiny_pipe, np.zeros((32, 32, 2), np.uint8), ["dog"], height=32, width=32)
+    with pytest.raises(ca.ConceptAttentionError, match=r"outside \[0, 1\]"):
+        ca.encode_image(tiny_pipe, np.full((32, 32, 3), 2.0), ["dog"], height=32, width=32)
+
+
+def test_unsupported_architecture_lists_supported(tiny_pipe):
+    from diffusers import SD3Transformer2DModel
+
+    fake = types.SimpleNamespace(transformer=SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=16, out_channels=4))
+    with pytest.raises(UnsupportedArchitectureError, match=r"SD3Transformer2DModel is not supported\. Supported: FluxTransformer2DModel"):
+        ca.trace(fake, ["dog"])
+    with pytest.raises(UnsupportedArchitectureError, match="not supported"):
+        ca.load_pipeline(fake)
+    with pytest.raises(ca.ConceptAttentionError, match="has no `transformer`"):
+        ca.trace(object(), ["dog"])
+
+
+def test_weights_that_cannot_be_found_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(WeightsNotFoundError, match=r"huggingface-cli download black-forest-labs/FLUX.1-schnell"):
+        ca.load_pipeline("black-forest-labs/FLUX.1-schnell")
+    with pytest.raises(WeightsNotFoundError, match="is not a pipeline folder: expected .*model_index.json"):
+        ca.load_pipeline(tmp_path / "nowhere")
+    with pytest.raises(ca.ConceptAttentionError, match="`dtype` must be one of"):
+        ca.load_pipeline(tmp_path, dtype="float8")
+
+
+def test_custom_processor_is_refused_and_left_in_place(tiny_pipe):
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    block = tiny_pipe.transformer.transformer_blocks[1]
+    original = block.attn.processor
+    custom = AttnProcessor2_0()
+    block.attn.processor = custom
+    try:
+        with pytest.raises(ca.ConceptAttentionError, match="IP-Adapter and custom processors are not supported"), \
+                ca.trace(tiny_pipe, ["dog"]):
+            pass
+        assert block.attn.processor is custom
+        assert tiny_pipe.transformer.transformer_blocks[0].attn.processor is not None
+        assert not any(m._forward_pre_hooks for m in tiny_pipe.transformer.modules())
+    finally:
+        block.attn.processor = original
