@@ -171,9 +171,7 @@ def make_tiny_flux_transformer(
     return _cast(model, dtype)
 
 
-def make_tiny_vae(
-    *, seed: int = 0, dtype: torch.dtype = torch.float32
-) -> AutoencoderKL:
+def make_tiny_vae(*, seed: int = 0, dtype: torch.dtype = torch.float32) -> AutoencoderKL:
     def build() -> AutoencoderKL:
         return AutoencoderKL(
             in_channels=3,
@@ -230,7 +228,7 @@ def _clip_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
     for word in T5_WORDS + _T5_SUFFIXES:
         # CLIP BPE marks word ends with "</w>" on the final symbol, so the chain
         # merges left-to-right and the last step absorbs the end-marked char.
-        symbols = list(word[:-1]) + [word[-1] + "</w>"]
+        symbols = [*list(word[:-1]), word[-1] + "</w>"]
         left = symbols[0]
         for right in symbols[1:]:
             pair = (left, right)
@@ -242,9 +240,7 @@ def _clip_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
     return vocab, merges
 
 
-def make_tiny_clip(
-    *, seed: int = 0, dtype: torch.dtype = torch.float32
-) -> tuple[CLIPTextModel, CLIPTokenizer]:
+def make_tiny_clip(*, seed: int = 0, dtype: torch.dtype = torch.float32) -> tuple[CLIPTextModel, CLIPTokenizer]:
     vocab, merges = _clip_vocab_and_merges()
     tokenizer = CLIPTokenizer(
         vocab=vocab,
@@ -297,9 +293,7 @@ def _t5_vocab() -> list[tuple[str, float]]:
     return vocab
 
 
-def make_tiny_t5(
-    *, seed: int = 0, dtype: torch.dtype = torch.float32
-) -> tuple[T5EncoderModel, T5TokenizerFast]:
+def make_tiny_t5(*, seed: int = 0, dtype: torch.dtype = torch.float32) -> tuple[T5EncoderModel, T5TokenizerFast]:
     vocab = _t5_vocab()
     # extra_ids=0: sentinel tokens are only for span-corruption pretraining and
     # would just bloat the embedding table.

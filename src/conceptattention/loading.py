@@ -62,7 +62,7 @@ def load_pipeline(
     if looks_local and not (path / "model_index.json").is_file():
         raise WeightsNotFoundError(
             f"{str(model)!r} is not a pipeline folder: expected {path / 'model_index.json'}. Save one with "
-            "`pipe.save_pretrained(folder)` or download a model with `huggingface-cli download <id> --local-dir "
+            "`pipe.save_pretrained(folder)` or download a model with `hf download <id> --local-dir "
             "<folder>`"
         )
     try:
@@ -72,8 +72,8 @@ def load_pipeline(
             f"Could not load weights for {str(model)!r}: {error.__class__.__name__}: {str(error).splitlines()[0]}\n"
             "The model is neither a local pipeline folder nor in the Hugging Face cache, and could not be "
             "downloaded (offline, gated, or a wrong id). On a machine with network access run "
-            f"`huggingface-cli download {model} --local-dir <folder>` (gated models such as FLUX.1-dev need "
-            "`huggingface-cli login` and accepting the licence), then pass the folder path."
+            f"`hf download {model} --local-dir <folder>` (gated models such as FLUX.1-dev need "
+            "`hf auth login` and accepting the licence), then pass the folder path."
         ) from None
     adapter_for(getattr(pipe, "transformer", None), pipe)
     if device is not None:

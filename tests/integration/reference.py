@@ -54,8 +54,18 @@ def _plain_attention(q, k, v):
 
 
 @torch.no_grad()
-def reference_maps(pipe, records, concepts, *, layers, steps=None, score_space="output", concept_keys="both",
-                   softmax=None, pooling="first"):
+def reference_maps(
+    pipe,
+    records,
+    concepts,
+    *,
+    layers,
+    steps=None,
+    score_space="output",
+    concept_keys="both",
+    softmax=None,
+    pooling="first",
+):
     """(B, C, N) reference maps from captured forwards (one record per denoising step)."""
     tr = pipe.transformer
     num_concepts = len(concepts)
@@ -100,8 +110,11 @@ def reference_maps(pipe, records, concepts, *, layers, steps=None, score_space="
             real = _plain_attention(q_joint, k_joint, torch.cat([vt, vx], 2))
             o_x = real[:, :, text_len:].transpose(1, 2).flatten(2)  # (B, N, HD)
             # Naive concept attention: every query of [concepts; image], then keep the concept rows.
-            keys = {"both": (torch.cat([kc, kx_r], 2), torch.cat([vc, vx], 2)), "image": (kx_r, vx),
-                    "concepts": (kc, vc)}[concept_keys]
+            keys = {
+                "both": (torch.cat([kc, kx_r], 2), torch.cat([vc, vx], 2)),
+                "image": (kx_r, vx),
+                "concepts": (kc, vc),
+            }[concept_keys]
             full = _plain_attention(torch.cat([qc, qx_r], 2), *keys)
             o_c = vc if score_space == "value" else full[:, :, :num_concepts]
             o_c = o_c.transpose(1, 2).flatten(2)  # (B, C, HD)

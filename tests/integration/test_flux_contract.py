@@ -67,9 +67,9 @@ def test_detach_restores_processors_and_hooks_even_after_an_exception(tiny_pipe)
 
 
 def test_nested_trace_is_refused(tiny_pipe):
-    with ca.trace(tiny_pipe, ["dog"]), pytest.raises(ca.ConceptAttentionError, match="already attached"):
-        with ca.trace(tiny_pipe, ["sky"]):
-            pass
+    outer = ca.trace(tiny_pipe, ["dog"])
+    with outer, pytest.raises(ca.ConceptAttentionError, match="already attached"), ca.trace(tiny_pipe, ["sky"]):
+        pass
     assert not any(isinstance(p, FluxConceptAttnProcessor) for p in tiny_pipe.transformer.attn_processors.values())
 
 
@@ -88,8 +88,17 @@ def test_maps_follow_the_latest_call_and_ignore_the_true_cfg_negative_pass(tiny_
 
 
 def test_generate_returns_images_maps_and_record(tiny_pipe):
-    maps = ca.generate(tiny_pipe, "a dog on the grass", ["dog", "grass", "sky"], num_inference_steps=3,
-                       height=32, width=64, max_sequence_length=16, seed=5, config=ca.ConceptAttentionConfig(steps=[1, 2]))
+    maps = ca.generate(
+        tiny_pipe,
+        "a dog on the grass",
+        ["dog", "grass", "sky"],
+        num_inference_steps=3,
+        height=32,
+        width=64,
+        max_sequence_length=16,
+        seed=5,
+        config=ca.ConceptAttentionConfig(steps=[1, 2]),
+    )
     again = _run(tiny_pipe, "a dog on the grass", num_inference_steps=3, height=32, width=64, output_type="pil")
     assert len(maps.images) == 1 and maps.images[0].size == (64, 32)
     meta = maps.metadata
@@ -133,6 +142,8 @@ def test_from_pretrained_round_trip(tiny_pipe, tmp_path):
     loaded = ca.load_pipeline(tmp_path / "tiny-flux")
     assert type(loaded).__name__ == "FluxPipeline"
     a = ca.generate(loaded, "a dog", ["dog", "sky"], num_inference_steps=2, height=32, width=32, max_sequence_length=16)
-    b = ca.generate(tiny_pipe, "a dog", ["dog", "sky"], num_inference_steps=2, height=32, width=32, max_sequence_length=16)
+    b = ca.generate(
+        tiny_pipe, "a dog", ["dog", "sky"], num_inference_steps=2, height=32, width=32, max_sequence_length=16
+    )
     torch.testing.assert_close(a.maps, b.maps, rtol=0, atol=0)
     assert str(tmp_path / "tiny-flux") in a.metadata["model"]

@@ -31,7 +31,9 @@ def test_bad_concepts(tiny_pipe, concepts, message):
 
 
 def test_block_index_out_of_range_states_valid_range(tiny_pipe):
-    with pytest.raises(ca.ConceptAttentionError, match=r"`layers` contains 7, .* 3 double-stream blocks \(valid indices: 0-2\)"):
+    with pytest.raises(
+        ca.ConceptAttentionError, match=r"`layers` contains 7, .* 3 double-stream blocks \(valid indices: 0-2\)"
+    ):
         ca.trace(tiny_pipe, ["dog"], layers=[1, 7])
     with pytest.raises(ca.ConceptAttentionError, match="non-negative integers"):
         ca.ConceptAttentionConfig(layers=[-1])
@@ -40,7 +42,10 @@ def test_block_index_out_of_range_states_valid_range(tiny_pipe):
 def test_step_index_out_of_range_states_valid_range(tiny_pipe):
     with ca.trace(tiny_pipe, ["dog", "sky"], steps=[0, 5]) as tc:
         tiny_pipe("a dog", height=32, width=32, num_inference_steps=2, max_sequence_length=16, output_type="pt")
-    with pytest.raises(ca.ConceptAttentionError, match=r"`steps` contains 5, but the pipeline ran 2 denoising steps \(valid indices: 0-1\)"):
+    with pytest.raises(
+        ca.ConceptAttentionError,
+        match=r"`steps` contains 5, but the pipeline ran 2 denoising steps \(valid indices: 0-1\)",
+    ):
         tc.maps()
 
 
@@ -66,8 +71,9 @@ def test_bad_options(tiny_pipe, options, message):
 
 
 def test_softmax_with_one_concept_is_refused(tiny_pipe):
-    with pytest.raises(ca.ConceptAttentionError, match="single concept gives a constant map"), ca.trace(
-        tiny_pipe, ["dog"], softmax=True
+    with (
+        pytest.raises(ca.ConceptAttentionError, match="single concept gives a constant map"),
+        ca.trace(tiny_pipe, ["dog"], softmax=True),
     ):
         pass
 
@@ -96,7 +102,7 @@ def test_non_rgb_images_are_converted(tiny_pipe):
 def test_unreadable_or_malformed_images(tiny_pipe, tmp_path):
     bad = tmp_path / "bad.png"
     bad.write_text("not an image")
-    with pytest.raises(ca.ConceptAttentionError, match="cannot read .*bad.png"):
+    with pytest.raises(ca.ConceptAttentionError, match=r"cannot read .*bad\.png"):
         ca.encode_image(tiny_pipe, bad, ["dog"], height=32, width=32)
     with pytest.raises(ca.ConceptAttentionError, match="does not exist"):
         ca.encode_image(tiny_pipe, tmp_path / "missing.png", ["dog"], height=32, width=32)
@@ -109,10 +115,24 @@ def test_unreadable_or_malformed_images(tiny_pipe, tmp_path):
 def test_unsupported_architecture_lists_supported(tiny_pipe):
     from diffusers import SD3Transformer2DModel
 
-    fake = types.SimpleNamespace(transformer=SD3Transformer2DModel(
-        sample_size=8, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=2,
-        joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=16, out_channels=4))
-    with pytest.raises(UnsupportedArchitectureError, match=r"SD3Transformer2DModel is not supported\. Supported: FluxTransformer2DModel"):
+    fake = types.SimpleNamespace(
+        transformer=SD3Transformer2DModel(
+            sample_size=8,
+            patch_size=2,
+            in_channels=4,
+            num_layers=1,
+            attention_head_dim=8,
+            num_attention_heads=2,
+            joint_attention_dim=16,
+            caption_projection_dim=16,
+            pooled_projection_dim=16,
+            out_channels=4,
+        )
+    )
+    with pytest.raises(
+        UnsupportedArchitectureError,
+        match=r"SD3Transformer2DModel is not supported\. Supported: FluxTransformer2DModel",
+    ):
         ca.trace(fake, ["dog"])
     with pytest.raises(UnsupportedArchitectureError, match="not supported"):
         ca.load_pipeline(fake)
@@ -123,9 +143,9 @@ def test_unsupported_architecture_lists_supported(tiny_pipe):
 def test_weights_that_cannot_be_found_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    with pytest.raises(WeightsNotFoundError, match=r"huggingface-cli download black-forest-labs/FLUX.1-schnell"):
+    with pytest.raises(WeightsNotFoundError, match=r"hf download black-forest-labs/FLUX.1-schnell"):
         ca.load_pipeline("black-forest-labs/FLUX.1-schnell")
-    with pytest.raises(WeightsNotFoundError, match="is not a pipeline folder: expected .*model_index.json"):
+    with pytest.raises(WeightsNotFoundError, match=r"is not a pipeline folder: expected .*model_index\.json"):
         ca.load_pipeline(tmp_path / "nowhere")
     with pytest.raises(ca.ConceptAttentionError, match="`dtype` must be one of"):
         ca.load_pipeline(tmp_path, dtype="float8")
@@ -139,8 +159,10 @@ def test_custom_processor_is_refused_and_left_in_place(tiny_pipe):
     custom = AttnProcessor2_0()
     block.attn.processor = custom
     try:
-        with pytest.raises(ca.ConceptAttentionError, match="IP-Adapter and custom processors are not supported"), \
-                ca.trace(tiny_pipe, ["dog"]):
+        with (
+            pytest.raises(ca.ConceptAttentionError, match="IP-Adapter and custom processors are not supported"),
+            ca.trace(tiny_pipe, ["dog"]),
+        ):
             pass
         assert block.attn.processor is custom
         assert tiny_pipe.transformer.transformer_blocks[0].attn.processor is not None

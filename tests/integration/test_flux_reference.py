@@ -77,8 +77,9 @@ def test_encode_averages_every_noise_sample_and_matches_reference(tiny_pipe):
         lambda *a: single_calls.append(1)
     )
     try:
-        maps = ca.encode_image(tiny_pipe, image, concepts, height=32, width=48, num_samples=3, seed=7, t=0.5,
-                               layers=[1, 2])
+        maps = ca.encode_image(
+            tiny_pipe, image, concepts, height=32, width=48, num_samples=3, seed=7, t=0.5, layers=[1, 2]
+        )
     finally:
         handle.remove()
         single.remove()

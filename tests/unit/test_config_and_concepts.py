@@ -1,0 +1,44 @@
+"""Config validation, concept validation and sub-token pooling."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conceptattention import ConceptAttentionConfig, ConceptAttentionError
+from conceptattention.concepts import pool_token_states, validate_concepts
+
+
+def test_config_normalises_and_records():
+    cfg = ConceptAttentionConfig(layers=[18, 15, 15], steps=(3, 0))
+    assert cfg.layers == (15, 18) and cfg.steps == (0, 3)
+    assert cfg.to_dict()["layers"] == [15, 18]
+    assert cfg.use_softmax(2) and not cfg.use_softmax(1)
+    assert not ConceptAttentionConfig(softmax=False).use_softmax(5)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"layers": []}, "`layers` is empty"),
+        ({"layers": "1,2"}, "`layers` must be a list"),
+        ({"steps": [0.5]}, "`steps` must contain non-negative integers"),
+        ({"steps": [True]}, "`steps` must contain non-negative integers"),
+        ({"score_space": "post"}, "`score_space` must be one of 'output', 'cross_attention', 'value'"),
+    ],
+)
+def test_config_errors(kwargs, message):
+    with pytest.raises(ConceptAttentionError, match=message):
+        ConceptAttentionConfig(**kwargs)
+
+
+def test_validate_concepts_strips():
+    assert validate_concepts([" dog", "sky "]) == ("dog", "sky")
+    assert len(validate_concepts([f"w{i}" for i in range(64)])) == 64
+
+
+def test_pooling_first_and_mean():
+    hidden = torch.tensor([[[1.0], [2.0], [9.0]], [[4.0], [6.0], [8.0]]])  # (C=2, S=3, D=1)
+    keep = torch.tensor([[True, False, False], [False, True, True]])
+    assert pool_token_states(hidden, keep, "first").flatten().tolist() == [1.0, 6.0]
+    assert pool_token_states(hidden, keep, "mean").flatten().tolist() == [1.0, 7.0]

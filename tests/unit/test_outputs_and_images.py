@@ -1,0 +1,98 @@
+"""ConceptMaps views and files; image loading."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conceptattention import ConceptAttentionError, ConceptMaps
+from conceptattention.images import load_image, load_images, resize_for_model, to_model_input
+
+
+def _maps(images=True):
+    maps = torch.zeros(2, 2, 2, 2)
+    maps[:, 0, 0, :] = 1.0  # concept 0 on the top row
+    maps[:, 1, 1, :] = 1.0  # concept 1 on the bottom row
+    imgs = [Image.new("RGB", (8, 4), (200, 10, 10)) for _ in range(2)] if images else None
+    return ConceptMaps(maps, ("dog", "sky"), (4, 8), images=imgs, metadata={"normalization": "softmax", "t": 0.5})
+
+
+def test_views_on_a_hand_made_map():
+    m = _maps()
+    assert m.grid == (2, 2)
+    up = m.upsampled()
+    assert up.shape == (2, 2, 4, 8)
+    seg = m.segmentation()
+    assert seg[0, 0].tolist() == [0] * 8 and seg[0, 3].tolist() == [1] * 8
+    mask = m.mask("sky")
+    assert mask[0, 3].all() and not mask[0, 0].any()
+    assert torch.equal(m.mask(1), mask)
+    with pytest.raises(ConceptAttentionError, match=r"Unknown concept 'cat'; the maps hold \['dog', 'sky'\]"):
+        m.mask("cat")
+    with pytest.raises(ConceptAttentionError, match=r"out of range: there are 2 concepts \(valid: 0-1\)"):
+        m.mask(2)
+
+
+def test_heatmaps_overlays_and_missing_images():
+    m = _maps()
+    heat = m.heatmaps(0)
+    assert list(heat) == ["dog", "sky"] and heat["dog"].size == (8, 4)
+    top, bottom = np.asarray(heat["dog"])[0, 0], np.asarray(heat["dog"])[3, 0]
+    assert top.sum() > bottom.sum()  # hot where the map is 1
+    over = m.overlays(0, alpha=0.5)["dog"]
+    expected = (np.asarray(m.images[0], float) + np.asarray(heat["dog"], float)) / 2
+    assert np.abs(np.asarray(over, float) - expected).max() <= 1
+    with pytest.raises(ConceptAttentionError, match="carry no images"):
+        _maps(images=False).overlays(0)
+
+
+def test_save_and_load_round_trip(tmp_path):
+    m = _maps()
+    written = m.save(tmp_path / "out")
+    names = {p.name for p in written}
+    assert {"maps.npz", "metadata.json", "overlay_grid.png", "b0_segmentation.png", "b1_image.png"} <= names
+    assert "b1_heatmap_01_sky.png" in names
+    assert all(p.is_file() for p in written)
+    grid = Image.open(tmp_path / "out" / "overlay_grid.png")
+    assert grid.size == (3 * 8, 2 * (4 + 14))
+    back = ConceptMaps.load(tmp_path / "out")
+    assert torch.equal(back.maps, m.maps) and back.concepts == m.concepts and back.image_size == (4, 8)
+    assert json.loads((tmp_path / "out" / "metadata.json").read_text())["t"] == 0.5
+    with pytest.raises(ConceptAttentionError, match=r"maps\.npz not found"):
+        ConceptMaps.load(tmp_path)
+
+
+def test_image_inputs(tmp_path):
+    arr = np.random.default_rng(0).integers(0, 255, (6, 5, 3), dtype=np.uint8)
+    path = tmp_path / "x.png"
+    Image.fromarray(arr).save(path)
+    for source in (
+        path,
+        str(path),
+        arr,
+        torch.from_numpy(arr),
+        torch.from_numpy(arr).permute(2, 0, 1),
+        arr.astype(np.float32) / 255,
+    ):
+        assert np.array_equal(np.asarray(load_image(source)), arr)
+    assert load_image(Image.fromarray(arr).convert("L")).mode == "RGB"
+    rgba = Image.new("RGBA", (2, 2), (255, 0, 0, 0))
+    assert np.asarray(load_image(rgba))[0, 0].tolist() == [255, 255, 255]  # transparent -> white
+    assert len(load_images([arr, arr])) == 2 and len(load_images(np.stack([arr, arr]))) == 2
+    with pytest.raises(ConceptAttentionError, match="empty list"):
+        load_images([])
+    with pytest.raises(ConceptAttentionError, match="must be a PIL image, a path"):
+        load_image(3.0)
+
+
+def test_resize_and_model_input():
+    image = Image.new("RGB", (10, 20), (255, 0, 127))
+    resized = resize_for_model(image, (8, 4))
+    assert resized.size == (4, 8)
+    x = to_model_input([resized])
+    assert x.shape == (1, 3, 8, 4)
+    torch.testing.assert_close(x[0, :, 0, 0], torch.tensor([1.0, -1.0, 127 / 127.5 - 1]))
