@@ -21,6 +21,14 @@ from conceptattention.core.maps import (
     tokens_to_grid,
     upsample,
 )
+from conceptattention.core.metrics import (
+    SegmentationCounts,
+    average_precision,
+    confusion_matrix,
+    iou_per_class,
+    mean_iou,
+    pixel_accuracy,
+)
 from conceptattention.core.scores import (
     ScoreSpace,
     block_saliency,
@@ -34,6 +42,12 @@ __all__ = [
     "Normalization",
     "ScoreAccumulator",
     "ScoreSpace",
+    "SegmentationCounts",
+    "average_precision",
+    "confusion_matrix",
+    "iou_per_class",
+    "mean_iou",
+    "pixel_accuracy",
     "binary_mask",
     "block_saliency",
     "concept_attention",

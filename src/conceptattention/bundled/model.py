@@ -1,0 +1,66 @@
+"""Architecture of the bundled model and how to build it untrained."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from diffusers import FluxPipeline
+
+from conceptattention.bundled.components import (
+    BASE_WORDS,
+    assemble_pipeline,
+    make_clip_encoder,
+    make_clip_tokenizer,
+    make_scheduler,
+    make_t5_encoder,
+    make_t5_tokenizer,
+    make_transformer,
+    make_vae,
+)
+from conceptattention.data.scenes import CLASSES
+
+SCENE_WORDS = (*CLASSES, "a", "photo", "of", "and", ",")
+
+
+@dataclass(frozen=True)
+class BundledModelConfig:
+    """Sizes of the bundled Flux-architecture model (pixel-space autoencoder, 16x16 token grid)."""
+
+    image_size: int = 32
+    latent_channels: int = 4
+    vae_channels: int = 32
+    text_dim: int = 64
+    pooled_dim: int = 32
+    num_layers: int = 4
+    num_single_layers: int = 1  # >= 1: the last double block's text path must receive gradient
+    num_attention_heads: int = 4
+    attention_head_dim: int = 32
+    max_sequence_length: int = 16
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def build_untrained(config: BundledModelConfig, seed: int = 0) -> FluxPipeline:
+    """All parts with seeded random weights; text encoders stay frozen at these weights."""
+    words = (*SCENE_WORDS, *BASE_WORDS)
+    tokenizer = make_clip_tokenizer(words)
+    tokenizer_2 = make_t5_tokenizer(words, model_max_length=config.max_sequence_length)
+    return assemble_pipeline(
+        transformer=make_transformer(
+            latent_channels=config.latent_channels,
+            text_dim=config.text_dim,
+            pooled_dim=config.pooled_dim,
+            num_layers=config.num_layers,
+            num_single_layers=config.num_single_layers,
+            num_attention_heads=config.num_attention_heads,
+            attention_head_dim=config.attention_head_dim,
+            seed=seed,
+        ),
+        vae=make_vae((config.vae_channels,), config.latent_channels, norm_num_groups=8, seed=seed + 1),
+        text_encoder=make_clip_encoder(tokenizer, config.pooled_dim, seed=seed + 2),
+        tokenizer=tokenizer,
+        text_encoder_2=make_t5_encoder(tokenizer_2, config.text_dim, seed=seed + 3),
+        tokenizer_2=tokenizer_2,
+        scheduler=make_scheduler(dynamic_shifting=False, shift=1.0),
+    )

@@ -1,0 +1,1 @@
+"""Datasets: procedural synthetic scenes (bundled-model training and benchmark)."""

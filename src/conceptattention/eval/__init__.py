@@ -1,0 +1,1 @@
+"""Evaluation harness: datasets, protocol and metrics over many images."""
