@@ -14,13 +14,15 @@ from conceptattention.concepts import validate_concepts
 from conceptattention.config import ConceptAttentionConfig
 from conceptattention.errors import ConceptAttentionError
 from conceptattention.images import ImageInput, load_images, resize_for_model, to_model_input
+from conceptattention.loading import model_defaults
 from conceptattention.outputs import ConceptMaps
 from conceptattention.tracing import ConceptSession, _with_overrides, encode_pipeline_concepts, pipeline_components
 
 
 def _model_size(pipe: Any, pixels: int, height: int | None, width: int | None) -> tuple[int, int]:
+    defaults = model_defaults(pipe)
     default = int(getattr(pipe, "default_sample_size", 64)) * int(getattr(pipe, "vae_scale_factor", 1))
-    size = (height or default, width or default)
+    size = (height or defaults.get("height", default), width or defaults.get("width", default))
     for name, value in zip(("height", "width"), size):
         if isinstance(value, bool) or not isinstance(value, int) or value < pixels or value % pixels:
             lower = max(pixels, (value // pixels) * pixels) if isinstance(value, int) else pixels
@@ -45,7 +47,7 @@ def encode_image(
     height: int | None = None,
     width: int | None = None,
     guidance_scale: float = 3.5,
-    max_sequence_length: int = 512,
+    max_sequence_length: int | None = None,
     **overrides: Any,
 ) -> ConceptMaps:
     """Concept maps of real image(s).
@@ -63,9 +65,11 @@ def encode_image(
         t: flow-matching time in (0, 1) of the noised input.
         num_samples: independent noise draws to average.
         seed: seed of the noise draws (a CPU generator, reproducible across devices).
-        height, width: model resolution; default: the pipeline's default sample size.
+        height, width: model resolution; default: the model's recorded defaults, else the
+            pipeline's default sample size (1024 for FLUX.1).
         guidance_scale: guidance embedding for guidance-distilled models (FLUX.1-dev).
-        max_sequence_length: caption token budget of the prompt encoder.
+        max_sequence_length: caption token budget of the prompt encoder (default: the
+            model's recorded default, else 512).
         **overrides: fields of :class:`ConceptAttentionConfig`.
 
     Returns:
@@ -85,6 +89,7 @@ def encode_image(
     pixels_per_token = adapter.spec.pixels_per_token(pipe)
     size = _model_size(pipe, pixels_per_token, height, width)
     images = [resize_for_model(im, size) for im in load_images(image)]
+    max_sequence_length = max_sequence_length or model_defaults(pipe).get("max_sequence_length", 512)
     inputs = adapter.encode_inputs(pipe, to_model_input(images), caption, guidance_scale, max_sequence_length)
     embeddings = encode_pipeline_concepts(pipe, adapter, concepts, config.pooling)
     session = ConceptSession(transformer, embeddings, concepts, config, owner=pipe, adapter=adapter)

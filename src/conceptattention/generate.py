@@ -9,6 +9,7 @@ import torch
 
 from conceptattention.config import ConceptAttentionConfig
 from conceptattention.errors import ConceptAttentionError
+from conceptattention.loading import model_defaults
 from conceptattention.outputs import ConceptMaps
 from conceptattention.tracing import trace
 
@@ -32,7 +33,7 @@ def generate(
         config: a :class:`ConceptAttentionConfig` (layers, steps, score space, ...).
         seed: seed of a CPU generator for reproducible images; ``None`` to pass your own
             ``generator`` in ``pipe_kwargs``.
-        num_inference_steps: denoising steps (pipeline default when None).
+        num_inference_steps: denoising steps (the model's recorded default, else the pipeline's).
         **pipe_kwargs: any other argument of the pipeline's ``__call__`` (height, width,
             guidance_scale, num_images_per_prompt, ...).
 
@@ -53,6 +54,9 @@ def generate(
         pipe_kwargs["generator"] = torch.Generator("cpu").manual_seed(seed)
     if num_inference_steps is not None:
         pipe_kwargs["num_inference_steps"] = num_inference_steps
+    for key, value in model_defaults(pipe).items():
+        if key in ("height", "width", "max_sequence_length", "num_inference_steps"):
+            pipe_kwargs.setdefault(key, value)
     with trace(pipe, concepts, config) as tracer:
         output = pipe(prompt, **pipe_kwargs)
     maps = tracer.maps(images=output.images)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,28 @@ from conceptattention.errors import ConceptAttentionError, WeightsNotFoundError
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DEFAULTS_FILE = "conceptattention.json"
+BUNDLED_NAMES = (None, "bundled", "conceptattention/bundled")
+
+
+def bundled_model_path() -> Path:
+    """Folder of the bundled model shipped inside the package."""
+    return Path(__file__).resolve().parent / "bundled" / "model"
+
+
+def model_defaults(pipe: Any) -> dict[str, Any]:
+    """Recommended call defaults stored beside a model (``conceptattention.json``), if any.
+
+    The bundled model records its training resolution and caption length here, since
+    FluxPipeline's own defaults (1024 px, 512 tokens) are those of FLUX.1.
+    """
+    name = getattr(getattr(pipe, "config", None), "_name_or_path", None)
+    if not name:
+        return {}
+    path = Path(str(name)) / DEFAULTS_FILE
+    if not path.is_file():
+        return {}
+    return json.loads(path.read_text())
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -37,7 +60,8 @@ def load_pipeline(
     Weights are read as safetensors only (no pickles) and no remote code is run.
 
     Args:
-        model: e.g. ``"black-forest-labs/FLUX.1-schnell"``, a folder holding
+        model: ``None`` or ``"bundled"`` for the small model shipped with the package,
+            e.g. ``"black-forest-labs/FLUX.1-schnell"``, a folder holding
             ``model_index.json``, or a pipeline object (returned as is after a support check).
         dtype: ``"bfloat16"``, ``"float16"``, ``"float32"`` or a torch dtype.
         device: where to move the pipeline (e.g. ``"cuda"``); None leaves it on the CPU.
@@ -47,7 +71,14 @@ def load_pipeline(
         WeightsNotFoundError: the weights are neither local nor downloadable.
         UnsupportedArchitectureError: the pipeline's transformer is not supported.
     """
-    if not isinstance(model, (str, Path)):
+    if model in BUNDLED_NAMES:
+        model = bundled_model_path()
+        if not (model / "model_index.json").is_file():
+            raise WeightsNotFoundError(
+                f"The bundled model is missing from {model}; reinstall the package (`pip install -e .` from a "
+                "checkout keeps it), or pass `model=` a hub id or a local pipeline folder"
+            )
+    elif not isinstance(model, (str, Path)):
         adapter_for(getattr(model, "transformer", None), model)
         return model
     from diffusers import DiffusionPipeline

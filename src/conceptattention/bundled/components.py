@@ -210,7 +210,9 @@ def make_scheduler(dynamic_shifting: bool = True, shift: float = 3.0) -> FlowMat
     )
 
 
-def assemble_pipeline(transformer, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2, scheduler) -> FluxPipeline:
+def assemble_pipeline(
+    transformer, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2, scheduler
+) -> FluxPipeline:
     pipe = FluxPipeline(
         scheduler=scheduler,
         vae=vae,

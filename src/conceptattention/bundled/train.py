@@ -19,7 +19,6 @@ import argparse
 import copy
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,8 +175,17 @@ def train(work: Path, settings: TrainSettings, config: BundledModelConfig) -> No
         fit_latent_statistics(pipe, settings, config.image_size)
         elapsed = time.time() - start
         with log_path.open("a") as log:
-            log.write(json.dumps({"stage": "autoencoder", "loss_first": vae_losses[0], "loss_last": vae_losses[-1],
-                                  "seconds": round(elapsed, 1)}) + "\n")
+            log.write(
+                json.dumps(
+                    {
+                        "stage": "autoencoder",
+                        "loss_first": vae_losses[0],
+                        "loss_last": vae_losses[-1],
+                        "seconds": round(elapsed, 1),
+                    }
+                )
+                + "\n"
+            )
         pipe.vae.requires_grad_(False)
     pipe.vae.requires_grad_(False)
     pipe.text_encoder.requires_grad_(False)
@@ -210,8 +218,13 @@ def train(work: Path, settings: TrainSettings, config: BundledModelConfig) -> No
             transformer.eval()
             score = grounding(pipe, ema, settings, config)
             transformer.train()
-            record = {"step": step, "minutes": round(elapsed / 60, 2), "loss": round(float(np.mean(window)), 5),
-                      "val_miou": round(score, 4), "lr": lr}
+            record = {
+                "step": step,
+                "minutes": round(elapsed / 60, 2),
+                "loss": round(float(np.mean(window)), 5),
+                "val_miou": round(score, 4),
+                "lr": lr,
+            }
             window = []
             logger.info("%s", record)
             if score > best:
@@ -261,8 +274,13 @@ def main() -> None:
     if args.export is not None:
         export(args.work, args.export, config, seed=args.seed)
         return
-    settings = TrainSettings(seed=args.seed, minutes=args.minutes, max_steps=args.max_steps,
-                             batch_size=args.batch_size, eval_every=args.eval_every)
+    settings = TrainSettings(
+        seed=args.seed,
+        minutes=args.minutes,
+        max_steps=args.max_steps,
+        batch_size=args.batch_size,
+        eval_every=args.eval_every,
+    )
     train(args.work, settings, config)
 
 

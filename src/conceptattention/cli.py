@@ -1,0 +1,209 @@
+"""Command line: ``conceptattention demo | encode | generate``.
+
+Thin surface over the Python API; every user error becomes a one-line message and
+exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from conceptattention.errors import ConceptAttentionError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Where does a diffusion transformer put each word?")
+console = Console(stderr=True)
+
+ModelOption = Annotated[
+    str | None,
+    typer.Option("--model", "-m", help="Hub id or local pipeline folder (default: the bundled model)."),
+]
+OutOption = Annotated[Path, typer.Option("--out", "-o", help="Folder for heatmaps, overlays, maps.npz, metadata.json.")]
+ConceptsOption = Annotated[
+    list[str], typer.Option("--concepts", "-c", help="Concept words: repeat the option or separate with commas.")
+]
+SeedOption = Annotated[int, typer.Option(help="Seed of the noise.")]
+ScoreSpaceOption = Annotated[str, typer.Option(help="output | cross_attention | value")]
+KeysOption = Annotated[str, typer.Option(help="Concept keys: both | image | concepts")]
+SoftmaxOption = Annotated[
+    bool | None, typer.Option("--softmax/--no-softmax", help="Softmax over concepts (default: on when 2+ concepts).")
+]
+PoolingOption = Annotated[str, typer.Option(help="Sub-token pooling: first | mean")]
+LayersOption = Annotated[str | None, typer.Option(help="Double-block indices, e.g. '15,16,17,18' (default: last 10).")]
+DeviceOption = Annotated[str | None, typer.Option(help="Device, e.g. cuda (default: cuda if available, else cpu).")]
+DtypeOption = Annotated[str | None, typer.Option(help="float32 | bfloat16 | float16 (default: the model's own).")]
+
+
+def _fail_cleanly(command: Callable) -> Callable:
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except (ConceptAttentionError, OSError) as error:
+            console.print(f"Error: {error}", style="bold red", markup=False, highlight=False)
+            raise typer.Exit(code=2) from None
+
+    return wrapper
+
+
+def parse_concepts(values: list[str]) -> list[str]:
+    """``["dog,sky", "grass"]`` -> ``["dog", "sky", "grass"]``, rejecting empty items."""
+    concepts: list[str] = []
+    for value in values:
+        parts = [p.strip() for p in value.split(",")]
+        if any(not p for p in parts):
+            raise ConceptAttentionError(
+                f"`--concepts {value!r}` has an empty item; write e.g. --concepts dog,sky,grass"
+            )
+        concepts.extend(parts)
+    if not concepts:
+        raise ConceptAttentionError("no concepts given; add e.g. --concepts dog,sky,grass")
+    return concepts
+
+
+def parse_indices(value: str | None, name: str) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        return [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise ConceptAttentionError(f"`--{name}` must be comma-separated integers, got {value!r}") from None
+
+
+def _config(score_space: str, concept_keys: str, softmax: bool | None, pooling: str, layers: str | None, steps=None):
+    from conceptattention.config import ConceptAttentionConfig
+
+    return ConceptAttentionConfig(
+        layers=parse_indices(layers, "layers"),
+        steps=parse_indices(steps, "trace-steps"),
+        score_space=score_space,
+        concept_keys=concept_keys,
+        softmax=softmax,
+        pooling=pooling,
+    )
+
+
+def _load(model: str | None, device: str | None, dtype: str | None):
+    import torch
+
+    from conceptattention.loading import load_pipeline
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    with console.status(f"Loading {model or 'the bundled model'} ..."):
+        pipe = load_pipeline(model, dtype=dtype, device=device)
+    pipe.set_progress_bar_config(disable=False, leave=False)
+    return pipe
+
+
+def _summary(title: str, written: list[Path]) -> None:
+    table = Table(title=title, show_header=False)
+    for path in written:
+        table.add_row(str(path))
+    Console().print(table)
+
+
+@app.command()
+@_fail_cleanly
+def encode(
+    image: Annotated[Path, typer.Argument(help="Image file (any format Pillow reads; converted to RGB).")],
+    concepts: ConceptsOption,
+    caption: Annotated[str, typer.Option(help="Caption for the forward pass.")] = "",
+    model: ModelOption = None,
+    out: OutOption = Path("outputs/encode"),
+    seed: SeedOption = 0,
+    t: Annotated[float, typer.Option(help="Noise level in (0, 1).")] = 0.5,
+    num_samples: Annotated[int, typer.Option(help="Noise draws to average.")] = 1,
+    height: Annotated[int | None, typer.Option(help="Model resolution (default: the model's).")] = None,
+    width: Annotated[int | None, typer.Option(help="Model resolution (default: the model's).")] = None,
+    score_space: ScoreSpaceOption = "output",
+    concept_keys: KeysOption = "both",
+    softmax: SoftmaxOption = None,
+    pooling: PoolingOption = "first",
+    layers: LayersOption = None,
+    device: DeviceOption = None,
+    dtype: DtypeOption = None,
+) -> None:
+    """Concept maps of a real image."""
+    from conceptattention.encode import encode_image
+    from conceptattention.images import load_image
+
+    words = parse_concepts(concepts)
+    config = _config(score_space, concept_keys, softmax, pooling, layers)
+    picture = load_image(image, f"IMAGE {str(image)!r}")
+    pipe = _load(model, device, dtype)
+    with console.status(f"Encoding with {num_samples} noise sample(s) ..."):
+        maps = encode_image(
+            pipe,
+            picture,
+            words,
+            caption=caption,
+            config=config,
+            t=t,
+            num_samples=num_samples,
+            seed=seed,
+            height=height,
+            width=width,
+        )
+    _summary(f"Wrote {out}", maps.save(out))
+
+
+@app.command()
+@_fail_cleanly
+def generate(
+    prompt: Annotated[str, typer.Argument(help="Text prompt.")],
+    concepts: ConceptsOption,
+    model: ModelOption = None,
+    out: OutOption = Path("outputs/generate"),
+    seed: SeedOption = 0,
+    steps: Annotated[int | None, typer.Option(help="Denoising steps (default: the model's).")] = None,
+    height: Annotated[int | None, typer.Option(help="Image height (default: the model's).")] = None,
+    width: Annotated[int | None, typer.Option(help="Image width (default: the model's).")] = None,
+    guidance_scale: Annotated[float | None, typer.Option(help="Guidance (FLUX.1-dev).")] = None,
+    trace_steps: Annotated[str | None, typer.Option(help="Step indices to trace, e.g. '0,1' (default: all).")] = None,
+    score_space: ScoreSpaceOption = "output",
+    concept_keys: KeysOption = "both",
+    softmax: SoftmaxOption = None,
+    pooling: PoolingOption = "first",
+    layers: LayersOption = None,
+    device: DeviceOption = None,
+    dtype: DtypeOption = None,
+) -> None:
+    """Generate an image from a prompt and map each concept in it."""
+    from conceptattention.generate import generate as run_generate
+
+    words = parse_concepts(concepts)
+    config = _config(score_space, concept_keys, softmax, pooling, layers, trace_steps)
+    pipe = _load(model, device, dtype)
+    extra = {k: v for k, v in {"height": height, "width": width, "guidance_scale": guidance_scale}.items() if v}
+    maps = run_generate(pipe, prompt, words, config=config, seed=seed, num_inference_steps=steps, **extra)
+    _summary(f"Wrote {out}", maps.save(out))
+
+
+@app.command()
+@_fail_cleanly
+def demo(
+    out: OutOption = Path("outputs"),
+    model: ModelOption = None,
+    scene: Annotated[int, typer.Option(help="Index of the held-out test scene to encode.")] = 2,
+    prompt: Annotated[str, typer.Option(help="Prompt of the generated example.")] = "a photo of lemon, brick and grass",
+) -> None:
+    """Offline demo on the bundled model: encode a test scene (with IoU) and generate one."""
+    from conceptattention.demo import run_demo
+
+    run_demo(out=out, model=model, scene_index=scene, prompt=prompt, console=Console())
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    app()
+
+
+if __name__ == "__main__":
+    main()
