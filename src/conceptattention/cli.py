@@ -96,10 +96,20 @@ def _load(model: str | None, device: str | None, dtype: str | None):
     from conceptattention.loading import load_pipeline
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    _quiet_loading()
     with console.status(f"Loading {model or 'the bundled model'} ..."):
         pipe = load_pipeline(model, dtype=dtype, device=device)
     pipe.set_progress_bar_config(disable=False, leave=False)
     return pipe
+
+
+def _quiet_loading() -> None:
+    """Loading bars of diffusers/transformers would interleave with ours; the denoising bar stays."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
 
 
 def _summary(title: str, written: list[Path]) -> None:

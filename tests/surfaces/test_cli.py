@@ -1,0 +1,78 @@
+"""The command line: outputs written, and bad input gives one clear line and exit code 2."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from conceptattention.cli import app, parse_concepts
+
+runner = CliRunner()
+
+
+def _invoke(*args):
+    result = runner.invoke(app, [str(a) for a in args])
+    return result, result.output + (result.stderr if result.stderr_bytes is not None else "")
+
+
+def test_encode_writes_maps_and_record(saved_scene_model, tmp_path):
+    image = tmp_path / "scene.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(image)
+    result, output = _invoke("encode", image, "-c", "sky,grass", "-c", "apple", "--model", saved_scene_model,
+                             "--out", tmp_path / "out", "--num-samples", "2", "--layers", "0,1", "--device", "cpu")
+    assert result.exit_code == 0, output
+    meta = json.loads((tmp_path / "out" / "metadata.json").read_text())
+    assert meta["concepts"] == ["sky", "grass", "apple"] and meta["num_samples"] == 2 and meta["layers"] == [0, 1]
+    assert meta["resolution"] == [32, 32]  # from the model's recorded defaults
+    assert (tmp_path / "out" / "heatmap_02_apple.png").is_file() and (tmp_path / "out" / "maps.npz").is_file()
+    assert "maps.npz" in output
+
+
+def test_generate_writes_image_and_maps(saved_scene_model, tmp_path):
+    result, output = _invoke("generate", "a photo of apple and sky", "-c", "apple,sky", "--model", saved_scene_model,
+                             "--out", tmp_path / "gen", "--steps", "2", "--trace-steps", "1", "--device", "cpu")
+    assert result.exit_code == 0, output
+    meta = json.loads((tmp_path / "gen" / "metadata.json").read_text())
+    assert meta["steps"] == [1] and meta["num_steps_run"] == 2 and meta["image_size"] == [32, 32]
+    assert Image.open(tmp_path / "gen" / "image.png").size == (32, 32)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["encode", "{img}", "-c", "dog,,sky", "--model", "{model}"], "has an empty item"),
+        (["encode", "{img}", "-c", "dog,dog", "--model", "{model}"], "lists 'dog' twice"),
+        (["encode", "{tmp}/missing.png", "-c", "dog", "--model", "{model}"], "does not exist"),
+        (["encode", "{tmp}/broken.png", "-c", "dog", "--model", "{model}"], "cannot read"),
+        (["encode", "{img}", "-c", "dog", "--model", "{model}", "--layers", "0,9"], "valid indices: 0-1"),
+        (["encode", "{img}", "-c", "dog", "--model", "{model}", "--layers", "a"], "comma-separated integers"),
+        (["encode", "{img}", "-c", "dog", "--model", "{model}", "--score-space", "x"], "`score_space` must be"),
+        (["encode", "{img}", "-c", "dog", "--model", "{model}", "--height", "31"], "multiple of 2"),
+        (["encode", "{img}", "-c", "dog", "--model", "someone/not-a-model"], "hf download someone/not-a-model"),
+        (["generate", "a dog", "-c", " ", "--model", "{model}"], "has an empty item"),
+    ],
+)
+def test_bad_input_is_one_clear_line(saved_scene_model, tmp_path, monkeypatch, args, message):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    image = tmp_path / "img.png"
+    Image.new("RGB", (32, 32)).save(image)
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    filled = [a.format(img=image, model=saved_scene_model, tmp=tmp_path) for a in args]
+    result, output = _invoke(*filled)
+    assert result.exit_code == 2, output
+    assert message in " ".join(output.split())
+    assert "Traceback" not in output
+
+
+def test_missing_concepts_option_is_a_usage_error(tmp_path):
+    result, output = _invoke("encode", tmp_path / "x.png")
+    assert result.exit_code == 2 and "--concepts" in output and "Traceback" not in output
+
+
+def test_parse_concepts():
+    assert parse_concepts(["dog, sky", "grass"]) == ["dog", "sky", "grass"]
