@@ -1,13 +1,14 @@
-"""Zero-shot segmentation of held-out synthetic scenes with the bundled model.
+"""Zero-shot segmentation of held-out synthetic scenes with the bundled model (through the eval harness).
 
 Multi-class argmax segmentation with each scene's concepts as vocabulary; pixel
 accuracy, mIoU (per class over the dataset, then mean) and mAP (per-image mean AP
-of the soft maps). Methods: ConceptAttention (output space) and its ablations,
-cross attention, value space, per block; references: the same method on the
-untrained (random-init) transformer, and a location-only prior.
+of the soft maps over the scene's concepts). Methods: ConceptAttention (output
+space) and its ablations, cross attention, value space, per block; references: the
+same method on the untrained (random-init) transformer, and a location-only prior.
+Records go to ``--out`` as JSONL, so an interrupted run resumes.
 
 Usage:
-    python benchmarks/scenes.py [--scenes 500] [--model PATH]
+    python benchmarks/scenes.py [--scenes 500] [--model PATH] [--out benchmarks/results/scenes]
 
 The last line of output is one JSON object.
 """
@@ -16,31 +17,57 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
+from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
-from conceptattention import ConceptAttentionConfig, load_pipeline
+from conceptattention import load_pipeline
 from conceptattention.bundled.model import BundledModelConfig, build_untrained
 from conceptattention.data.scenes import CLASSES, SyntheticScenes
-from conceptattention.eval.scenes import LayoutPrior, SceneScores, evaluate_method
+from conceptattention.eval.datasets import SceneDataset
+from conceptattention.eval.harness import METHODS, evaluate
+from conceptattention.eval.protocol import multiclass_stats
+from conceptattention.eval.report import summarize, summarize_stats
+from conceptattention.eval.run import PROTOCOLS
 
-METHODS = {
-    "concept_attention": ConceptAttentionConfig(per_block=True),
-    "concept_attention_no_softmax": ConceptAttentionConfig(softmax=False),
-    "concept_keys_image_only": ConceptAttentionConfig(concept_keys="image"),
-    "concept_keys_concepts_only": ConceptAttentionConfig(concept_keys="concepts"),
-    "cross_attention": ConceptAttentionConfig(score_space="cross_attention", per_block=True),
-    "value_space": ConceptAttentionConfig(score_space="value"),
-}
+
+def _bar(todo: int, planned: int):
+    bar = tqdm(total=todo, leave=False)
+    return bar.update
+
+
+def _summary(row: dict) -> dict:
+    ious = row["iou_per_class"]
+    return {
+        "acc": round(row["acc"], 4),
+        "miou": round(row["miou"], 4),
+        "map": round(row["map"], 4),
+        "iou_per_concept": {c: (None if np.isnan(v) else round(v, 4)) for c, v in zip(CLASSES, ious)},
+    }
+
+
+def layout_prior(dataset: SceneDataset, train_count: int) -> dict:
+    """Per-pixel class frequency over training scenes; argmax over each test scene's classes."""
+    counts = np.zeros((len(CLASSES), 32, 32))
+    for scene in SyntheticScenes("train", train_count):
+        np.add.at(counts, (scene.labels, *np.indices(scene.labels.shape)), 1.0)
+    frequency = torch.from_numpy(counts / train_count).float()
+    stats = []
+    for i in range(len(dataset)):
+        item = dataset[i]
+        maps = frequency[list(item.class_ids)]
+        stats.append(asdict(multiclass_stats(maps, torch.from_numpy(item.labels), item.class_ids, len(item.classes),
+                                             len(CLASSES))))  # fmt: skip
+    return summarize_stats(stats, len(CLASSES))
 
 
 def markdown(results: dict) -> str:
     lines = ["| method | acc | mIoU | mAP | " + " | ".join(CLASSES) + " |", "|---" * (4 + len(CLASSES)) + "|"]
     for name, r in results.items():
-        ious = [("-" if r["iou_per_concept"][c] is None else f"{r['iou_per_concept'][c]:.2f}") for c in CLASSES]
+        ious = ["-" if r["iou_per_concept"][c] is None else f"{r['iou_per_concept'][c]:.2f}" for c in CLASSES]
         lines.append(f"| {name} | {r['acc']:.3f} | {r['miou']:.3f} | {r['map']:.3f} | " + " | ".join(ious) + " |")
     return "\n".join(lines)
 
@@ -49,50 +76,43 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="pipeline folder (default: the bundled model)")
     parser.add_argument("--scenes", type=int, default=500)
-    parser.add_argument("--prior-scenes", type=int, default=2000)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/scenes.json"))
+    parser.add_argument("--prior-scenes", type=int, default=5000)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/scenes"))
     args = parser.parse_args()
 
     pipe = load_pipeline(args.model, dtype="float32")
-    scenes = list(SyntheticScenes("test", args.scenes))
-    results: dict[str, dict] = {}
-    per_block: dict[str, list[dict]] = {}
-    seconds: dict[str, float] = {}
-    for name, config in METHODS.items():
-        start = time.perf_counter()
-        total, blocks = evaluate_method(pipe, scenes, config, progress=lambda x, n=name: tqdm(x, desc=n, leave=False))
-        seconds[name] = round((time.perf_counter() - start) / len(scenes), 4)
-        results[name] = total.summary()
-        if blocks:
-            per_block[name] = [{k: v for k, v in b.summary().items() if k != "iou_per_concept"} for b in blocks]
+    pipe.set_progress_bar_config(disable=True)
+    dataset = SceneDataset("test", args.scenes)
+    protocol = PROTOCOLS["scenes"]
+    evaluate(pipe, dataset, args.out / "trained", methods=list(METHODS), protocol=protocol, per_block=True,
+             progress=_bar)  # fmt: skip
+    rows = {row["method"]: row for row in summarize(args.out / "trained", len(CLASSES))}
 
-    untrained = build_untrained(BundledModelConfig(), seed=0).transformer.to(pipe.transformer.dtype)
-    trained, pipe.transformer = pipe.transformer, untrained
-    try:
-        total, _ = evaluate_method(pipe, scenes, ConceptAttentionConfig(), progress=lambda x: tqdm(x, desc="untrained"))
-    finally:
-        pipe.transformer = trained
-    results["untrained"] = total.summary()
+    pipe.transformer = build_untrained(BundledModelConfig(), seed=0).transformer.to(pipe.transformer.dtype)
+    evaluate(pipe, dataset, args.out / "untrained", protocol=protocol, progress=_bar)
+    rows["untrained"] = summarize(args.out / "untrained", len(CLASSES))[0]
+    rows["layout_prior"] = layout_prior(dataset, args.prior_scenes)
 
-    prior = LayoutPrior(list(SyntheticScenes("train", args.prior_scenes)))
-    prior_scores = SceneScores()
-    for scene in scenes:
-        prior_scores.add(scene, prior.maps(scene))
-    results["layout_prior"] = prior_scores.summary()
-
+    results = {name: _summary(row) for name, row in rows.items()}
     print(markdown(results))
+    per_block = {
+        name: {"layers": rows[name]["layers"], "miou": [round(b["miou"], 4) for b in rows[name]["blocks"]]}
+        for name in ("concept_attention", "cross_attention", "value_space")
+    }
     for name, blocks in per_block.items():
-        print(f"\nper block, {name}: " + ", ".join(f"block {i}: mIoU {b['miou']:.3f}" for i, b in enumerate(blocks)))
+        print(
+            f"per block, {name}: " + ", ".join(f"block {i}: {m:.3f}" for i, m in zip(blocks["layers"], blocks["miou"]))
+        )
     record = {
         **{k: results[k] for k in ("concept_attention", "cross_attention", "value_space", "untrained", "layout_prior")},
-        "ablations": {k: v for k, v in results.items() if k.startswith(("concept_attention_", "concept_keys"))},
+        "ablations": {
+            k: results[k] for k in ("concept_attention_no_softmax", "concept_keys_image", "concept_keys_concepts")
+        },
         "per_block": per_block,
-        "seconds_per_scene": seconds,
+        "seconds_per_scene": {k: round(rows[k]["seconds_per_image"], 4) for k in METHODS},
         "scenes": args.scenes,
-        "torch_threads": torch.get_num_threads(),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=2) + "\n")
+    (args.out / "summary.json").write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps(record))
 
 

@@ -210,6 +210,53 @@ def demo(
     run_demo(out=out, model=model, scene_index=scene, prompt=prompt, console=Console())
 
 
+@app.command(name="eval")
+@_fail_cleanly
+def eval_command(
+    dataset: Annotated[str, typer.Argument(help="imagenet-seg | voc-single | voc-multi | scenes")],
+    data: Annotated[
+        Path | None, typer.Option(help="gtsegs_ijcv.mat, or the VOCdevkit folder (not for scenes).")
+    ] = None,
+    model: ModelOption = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for records.*.jsonl and the report.")] = Path(
+        "outputs/eval"
+    ),
+    method: Annotated[list[str] | None, typer.Option(help="Method(s); repeat (default: concept_attention).")] = None,
+    t: Annotated[list[float] | None, typer.Option(help="Noise level(s); repeat for a timestep sweep.")] = None,
+    num_samples: Annotated[int | None, typer.Option(help="Noise draws per image (default: dataset protocol).")] = None,
+    resolution: Annotated[int | None, typer.Option(help="Square model resolution (default: the model's).")] = None,
+    blur: Annotated[bool | None, typer.Option("--blur/--no-blur", help="3x3 Gaussian blur on maps.")] = None,
+    per_block: Annotated[bool, typer.Option(help="Also score every selected block (per-block sweep).")] = False,
+    layers: LayersOption = None,
+    seed: SeedOption = 0,
+    limit: Annotated[int | None, typer.Option(help="Only the first N images.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per forward (same concepts only).")] = 1,
+    dtype: DtypeOption = None,
+) -> None:
+    """Zero-shot segmentation benchmark; resumable (rerun the same command), shardable with accelerate launch."""
+    from conceptattention.eval.harness import METHODS
+    from conceptattention.eval.run import PROTOCOLS, run_eval
+
+    if dataset not in PROTOCOLS:
+        raise ConceptAttentionError(f"unknown dataset {dataset!r}; choose one of {', '.join(PROTOCOLS)}")
+    methods = method or ["concept_attention"]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ConceptAttentionError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    overrides = {
+        "num_samples": num_samples,
+        "blur": blur,
+        "resolution": (resolution, resolution) if resolution else None,
+    }
+    _quiet_loading()
+    written = run_eval(dataset, data, model, out, methods=methods, t_values=t or [0.5], overrides=overrides,
+                       per_block=per_block, layers=tuple(parse_indices(layers, "layers") or ()) or None, seed=seed,
+                       limit=limit, batch_size=batch_size, dtype=dtype, console=console)  # fmt: skip
+    if written:
+        Console().print((out / "report.md").read_text())
+        _summary(f"Wrote {out}", written)
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     app()

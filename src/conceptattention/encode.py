@@ -33,6 +33,18 @@ def _model_size(pipe: Any, pixels: int, height: int | None, width: int | None) -
     return size
 
 
+def _noise_source(seed: int | Sequence[int], shape: torch.Size):
+    """A function drawing the next (B, c, 2h, 2w) noise from one generator, or one generator per image."""
+    if isinstance(seed, int) and not isinstance(seed, bool):
+        generator = torch.Generator("cpu").manual_seed(seed)
+        return lambda: torch.randn(shape, generator=generator, dtype=torch.float32)
+    seeds = list(seed)
+    if len(seeds) != shape[0] or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise ConceptAttentionError(f"`seed` must be an int or one int per image ({shape[0]}), got {seed!r}")
+    generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+    return lambda: torch.stack([torch.randn(shape[1:], generator=g, dtype=torch.float32) for g in generators])
+
+
 @torch.inference_mode()
 def encode_image(
     pipe: Any,
@@ -43,7 +55,7 @@ def encode_image(
     config: ConceptAttentionConfig | None = None,
     t: float = 0.5,
     num_samples: int = 1,
-    seed: int = 0,
+    seed: int | Sequence[int] = 0,
     height: int | None = None,
     width: int | None = None,
     guidance_scale: float = 3.5,
@@ -64,7 +76,8 @@ def encode_image(
         config: a :class:`ConceptAttentionConfig` (``steps`` is ignored here).
         t: flow-matching time in (0, 1) of the noised input.
         num_samples: independent noise draws to average.
-        seed: seed of the noise draws (a CPU generator, reproducible across devices).
+        seed: seed of the noise draws (CPU generators, reproducible across devices); one seed per
+            image makes each image's maps independent of how images are batched.
         height, width: model resolution; default: the model's recorded defaults, else the
             pipeline's default sample size (1024 for FLUX.1).
         guidance_scale: guidance embedding for guidance-distilled models (FLUX.1-dev).
@@ -95,11 +108,11 @@ def encode_image(
     session = ConceptSession(transformer, embeddings, concepts, config, owner=pipe, adapter=adapter)
     session.state.stop_after_last_block = True
     clean = inputs["latents"]
-    generator = torch.Generator("cpu").manual_seed(seed)
+    draw_noise = _noise_source(seed, clean.shape)
     with session:
         session.start_run()
         for _ in range(num_samples):
-            noise = torch.randn(clean.shape, generator=generator, dtype=torch.float32).to(clean.device, clean.dtype)
+            noise = draw_noise().to(clean.device, clean.dtype)
             with contextlib.suppress(StopForward):  # raised after the last selected block
                 adapter.encode_forward(pipe, inputs, (1.0 - t) * clean + t * noise, t)
         maps, block_maps, _ = session.token_maps()
@@ -108,7 +121,7 @@ def encode_image(
         mode="encode",
         t=float(t),
         num_samples=num_samples,
-        seed=seed,
+        seed=seed if isinstance(seed, int) else list(seed),
         caption=caption,
         resolution=list(size),
         guidance_scale=guidance_scale if transformer.config.get("guidance_embeds") else None,

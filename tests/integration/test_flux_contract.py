@@ -147,3 +147,55 @@ def test_from_pretrained_round_trip(tiny_pipe, tmp_path):
     )
     torch.testing.assert_close(a.maps, b.maps, rtol=0, atol=0)
     assert str(tmp_path / "tiny-flux") in a.metadata["model"]
+
+
+def test_gradient_checkpointing_passes_block_arguments_by_position(tiny_pipe):
+    from tiny_flux import make_tiny_flux_pipeline
+
+    from conceptattention.concepts import encode_concepts
+    from conceptattention.tracing import ConceptSession
+
+    pipe = make_tiny_flux_pipeline(seed=0)
+    transformer = pipe.transformer
+    records = []
+    hook = transformer.register_forward_pre_hook(lambda m, a, kw: records.append(kw), with_kwargs=True)
+    try:
+        _run(pipe, "a dog", num_inference_steps=1)
+    finally:
+        hook.remove()
+    inputs = records[0]
+    embeddings = encode_concepts(["dog", "sky"], pipe.tokenizer_2, pipe.text_encoder_2, torch.device("cpu"), "first")
+    config = ca.ConceptAttentionConfig(layers=[0, 1, 2])
+
+    def maps_with(checkpointing: bool) -> torch.Tensor:
+        if checkpointing:
+            transformer.enable_gradient_checkpointing()
+        else:
+            transformer.disable_gradient_checkpointing()
+        with torch.enable_grad(), ConceptSession(transformer, embeddings, ["dog", "sky"], config) as session:
+            transformer(**inputs)
+            return session.token_maps()[0]
+
+    torch.testing.assert_close(maps_with(True), maps_with(False), rtol=0, atol=1e-6)
+
+
+def test_sizes_the_pipeline_rounds_down_give_maps_of_the_produced_image(tiny_pipe):
+    # the tiny pipeline needs multiples of 4 and rounds other sizes down (with a warning)
+    with ca.trace(tiny_pipe, ["dog", "sky"]) as tc:
+        images = _run(tiny_pipe, "a dog", height=35, width=22)
+    maps = tc.maps()
+    assert tuple(images.shape[-2:]) == (32, 20) == maps.image_size
+    assert maps.maps.shape[-2:] == (8, 5)
+
+
+def test_per_image_seeds_make_batched_encoding_match_single_encoding(tiny_pipe):
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.rand(3, 32, 32, generator=g), torch.rand(3, 32, 32, generator=g)
+    kwargs = {"height": 32, "width": 32, "num_samples": 2, "layers": [1, 2]}
+    both = ca.encode_image(tiny_pipe, [a, b], ["dog", "sky"], seed=[3, 4], **kwargs)
+    alone_a = ca.encode_image(tiny_pipe, a, ["dog", "sky"], seed=3, **kwargs)
+    alone_b = ca.encode_image(tiny_pipe, b, ["dog", "sky"], seed=[4], **kwargs)
+    torch.testing.assert_close(both.maps, torch.cat([alone_a.maps, alone_b.maps]), rtol=0, atol=1e-5)
+    assert both.metadata["seed"] == [3, 4]
+    with pytest.raises(ca.ConceptAttentionError, match=r"one int per image \(2\)"):
+        ca.encode_image(tiny_pipe, [a, b], ["dog", "sky"], seed=[3], **kwargs)

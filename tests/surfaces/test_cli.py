@@ -22,8 +22,24 @@ def _invoke(*args):
 def test_encode_writes_maps_and_record(saved_scene_model, tmp_path):
     image = tmp_path / "scene.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8)).save(image)
-    result, output = _invoke("encode", image, "-c", "sky,grass", "-c", "apple", "--model", saved_scene_model,
-                             "--out", tmp_path / "out", "--num-samples", "2", "--layers", "0,1", "--device", "cpu")
+    result, output = _invoke(
+        "encode",
+        image,
+        "-c",
+        "sky,grass",
+        "-c",
+        "apple",
+        "--model",
+        saved_scene_model,
+        "--out",
+        tmp_path / "out",
+        "--num-samples",
+        "2",
+        "--layers",
+        "0,1",
+        "--device",
+        "cpu",
+    )
     assert result.exit_code == 0, output
     meta = json.loads((tmp_path / "out" / "metadata.json").read_text())
     assert meta["concepts"] == ["sky", "grass", "apple"] and meta["num_samples"] == 2 and meta["layers"] == [0, 1]
@@ -33,8 +49,22 @@ def test_encode_writes_maps_and_record(saved_scene_model, tmp_path):
 
 
 def test_generate_writes_image_and_maps(saved_scene_model, tmp_path):
-    result, output = _invoke("generate", "a photo of apple and sky", "-c", "apple,sky", "--model", saved_scene_model,
-                             "--out", tmp_path / "gen", "--steps", "2", "--trace-steps", "1", "--device", "cpu")
+    result, output = _invoke(
+        "generate",
+        "a photo of apple and sky",
+        "-c",
+        "apple,sky",
+        "--model",
+        saved_scene_model,
+        "--out",
+        tmp_path / "gen",
+        "--steps",
+        "2",
+        "--trace-steps",
+        "1",
+        "--device",
+        "cpu",
+    )
     assert result.exit_code == 0, output
     meta = json.loads((tmp_path / "gen" / "metadata.json").read_text())
     assert meta["steps"] == [1] and meta["num_steps_run"] == 2 and meta["image_size"] == [32, 32]

@@ -10,9 +10,11 @@ import torch
 from conceptattention.core import (
     SegmentationCounts,
     average_precision,
+    binary_map_ap,
     confusion_matrix,
     iou_per_class,
     mean_iou,
+    miou_paper_compat,
     pixel_accuracy,
 )
 
@@ -68,3 +70,36 @@ def test_average_precision_hand_cases():
     assert average_precision(torch.tensor([0.9, 0.8, 0.7, 0.6]), torch.tensor([1, 0, 1, 0])) == pytest.approx(5 / 6)
     assert average_precision(torch.tensor([0.1, 0.9]), torch.tensor([0, 1])) == 1.0
     assert math.isnan(average_precision(torch.tensor([0.1, 0.9]), torch.tensor([0, 0])))
+
+
+def test_paper_compat_differs_from_miou_and_equals_acc_over_two_minus_acc():
+    # 10 pixels: 8 background, 2 foreground; prediction finds 1 of the 2 and adds 1 false positive
+    target = torch.tensor([0] * 8 + [1, 1])
+    pred = torch.tensor([0] * 7 + [1] + [1, 0])
+    cm = confusion_matrix(pred, target, 2)
+    acc = pixel_accuracy(cm)
+    assert acc == pytest.approx(0.8)
+    # standard: bg IoU = 7/9, fg IoU = 1/3 -> 5/9
+    assert mean_iou(cm) == pytest.approx((7 / 9 + 1 / 3) / 2)
+    assert miou_paper_compat(cm) == pytest.approx(0.8 / 1.2)
+    assert miou_paper_compat(cm) != pytest.approx(mean_iou(cm))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_paper_compat_identity_on_random_binary_masks(seed):
+    g = torch.Generator().manual_seed(seed)
+    counts = SegmentationCounts(2)
+    for _ in range(3):
+        counts.update(torch.rand(16, 16, generator=g) > 0.5, torch.rand(16, 16, generator=g) > 0.3)
+    acc = counts.accuracy()
+    assert counts.miou_paper_compat() == pytest.approx(acc / (2 - acc))
+
+
+def test_binary_map_ap_two_channel_hand_case():
+    soft = torch.tensor([[1.0, 0.0], [0.5, 0.5]])
+    mask = torch.tensor([[True, False], [True, False]])
+    # scores: bg channel [0, 1, .5, .5] (targets F, T, F, T); fg channel [1, 0, .5, .5] (T, F, T, F)
+    scores = torch.tensor([0.0, 1.0, 0.5, 0.5, 1.0, 0.0, 0.5, 0.5])
+    target = torch.tensor([0, 1, 0, 1, 1, 0, 1, 0]).bool()
+    assert binary_map_ap(soft, mask) == pytest.approx(_brute_force_ap(scores.tolist(), target.tolist()))
+    assert binary_map_ap(mask.float(), mask) == 1.0

@@ -5,7 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conceptattention.data.scenes import _OBJECT_STYLE, _STUFF_COLOUR, CLASSES, OBJECTS, STUFF, SyntheticScenes, make_scene
+from conceptattention.data.scenes import (
+    _OBJECT_STYLE,
+    _STUFF_COLOUR,
+    CLASSES,
+    OBJECTS,
+    STUFF,
+    SyntheticScenes,
+    make_scene,
+)
 
 
 def test_deterministic_and_splits_disjoint():

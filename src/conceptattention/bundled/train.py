@@ -30,7 +30,6 @@ from safetensors.torch import load_file, save_file
 from conceptattention.bundled.model import BundledModelConfig, build_untrained
 from conceptattention.config import ConceptAttentionConfig
 from conceptattention.data.scenes import make_scene
-from conceptattention.eval.scenes import evaluate_method
 
 logger = logging.getLogger("conceptattention.train")
 
@@ -119,17 +118,26 @@ def flow_matching_loss(pipe, transformer, latents, prompt_embeds, pooled, text_i
 
 
 def grounding(pipe, ema_transformer, settings: TrainSettings, config: BundledModelConfig) -> float:
-    """Held-out ConceptAttention mIoU on validation scenes (the checkpoint criterion)."""
-    scenes = [make_scene("val", i, config.image_size) for i in range(settings.val_scenes)]
+    """Held-out ConceptAttention mIoU on validation scenes (the checkpoint criterion), via the eval harness."""
+    from dataclasses import asdict
+
+    from conceptattention.eval.datasets import SceneDataset
+    from conceptattention.eval.protocol import evaluate_batch
+    from conceptattention.eval.report import summarize_stats
+    from conceptattention.eval.run import PROTOCOLS
+
+    dataset = SceneDataset("val", settings.val_scenes)
     trained = pipe.transformer
     pipe.transformer = ema_transformer
     try:
-        scores, _ = evaluate_method(
-            pipe, scenes, ConceptAttentionConfig(), max_sequence_length=config.max_sequence_length
-        )
+        stats = [
+            evaluate_batch(pipe, [dataset[i]], "multiclass", len(dataset.class_names), PROTOCOLS["scenes"],
+                           ConceptAttentionConfig(), max_sequence_length=config.max_sequence_length)[0][0]
+            for i in range(len(dataset))
+        ]  # fmt: skip
     finally:
         pipe.transformer = trained
-    return scores.counts.miou()
+    return summarize_stats([asdict(s) for s in stats], len(dataset.class_names))["miou"]
 
 
 def save_checkpoint(path: Path, pipe, ema, optimizer, step: int, elapsed: float, best: float) -> None:

@@ -24,9 +24,11 @@ from conceptattention.core.maps import (
 from conceptattention.core.metrics import (
     SegmentationCounts,
     average_precision,
+    binary_map_ap,
     confusion_matrix,
     iou_per_class,
     mean_iou,
+    miou_paper_compat,
     pixel_accuracy,
 )
 from conceptattention.core.scores import (
@@ -44,6 +46,7 @@ __all__ = [
     "ScoreSpace",
     "SegmentationCounts",
     "average_precision",
+    "binary_map_ap",
     "binary_mask",
     "block_saliency",
     "concept_attention",
@@ -53,6 +56,7 @@ __all__ = [
     "gaussian_blur3x3",
     "iou_per_class",
     "mean_iou",
+    "miou_paper_compat",
     "output_space_scores",
     "pixel_accuracy",
     "segment",

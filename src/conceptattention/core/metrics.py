@@ -45,6 +45,32 @@ def mean_iou(confmat: torch.Tensor) -> float:
     return float(ious[valid].mean()) if valid.any() else float("nan")
 
 
+def miou_paper_compat(confmat: torch.Tensor) -> float:
+    """The quantity the public ConceptAttention code reported as "mIoU" (kept for comparison only).
+
+    Its binary evaluation skipped an argmax, so intersection became the correct pixels
+    and union ``2 * labelled - correct``; the result equals ``acc / (2 - acc)``. It is not
+    an IoU: use :func:`mean_iou` for the standard metric.
+    """
+    correct, labelled = float(confmat.diagonal().sum()), float(confmat.sum())
+    return correct / (2 * labelled - correct) if labelled else float("nan")
+
+
+def binary_map_ap(soft: torch.Tensor, mask: torch.Tensor) -> float:
+    """Per-image AP of a soft foreground map, Chefer et al. (2021) style.
+
+    The map in [0, 1] and its complement form a two-channel prediction scored against
+    the one-hot (background, foreground) ground truth, flattened together.
+
+    Args:
+        soft: (height, width) float in [0, 1].
+        mask: (height, width) bool foreground.
+    """
+    scores = torch.cat([1 - soft.reshape(-1), soft.reshape(-1)])
+    target = torch.cat([~mask.reshape(-1).bool(), mask.reshape(-1).bool()])
+    return average_precision(scores, target)
+
+
 def average_precision(scores: torch.Tensor, target: torch.Tensor) -> float:
     """Average precision of soft scores against a binary target (step-wise, as sklearn).
 
@@ -100,3 +126,6 @@ class SegmentationCounts:
 
     def ious(self) -> torch.Tensor:
         return iou_per_class(self.confmat)
+
+    def miou_paper_compat(self) -> float:
+        return miou_paper_compat(self.confmat)

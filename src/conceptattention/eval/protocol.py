@@ -1,0 +1,178 @@
+"""How one image is turned into maps and per-image statistics (the paper's protocol, made explicit)."""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from conceptattention.config import ConceptAttentionConfig
+from conceptattention.core import binary_map_ap, confusion_matrix, gaussian_blur3x3
+from conceptattention.core.metrics import average_precision
+from conceptattention.encode import encode_image
+
+IMAGENET_BACKGROUNDS = ("background", "floor", "tree", "person", "grass", "face")
+VOC_BACKGROUNDS = ("background", "floor", "grass", "tree", "sky")
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """Evaluation protocol of a dataset.
+
+    Attributes:
+        background_concepts: concepts added to each image's classes; in multi-class
+            evaluation they all map to label 0 (background).
+        caption: template with ``{classes}`` (the image's class words joined as "a, b and c").
+        t: noise level of the encoded image.
+        num_samples: noise draws averaged per image.
+        blur: 3x3 Gaussian blur (sigma 1) on the token-grid maps.
+        resolution: model input (height, width); None: the model's default.
+        gt_size: (height, width) at which maps and labels are compared; None: the label's own size.
+        image_via_gt_size: resize the image to ``gt_size`` before the model resolution (the
+            Chefer et al. pipeline the paper followed).
+    """
+
+    background_concepts: tuple[str, ...] = ()
+    caption: str = "a {classes}"
+    t: float = 0.5
+    num_samples: int = 1
+    blur: bool = False
+    resolution: tuple[int, int] | None = None
+    gt_size: tuple[int, int] | None = None
+    image_via_gt_size: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def join_words(words: Sequence[str]) -> str:
+    """``["a"]`` -> ``"a"``; ``["a", "b", "c"]`` -> ``"a, b and c"``."""
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+
+
+def item_seed(seed: int, item_id: str) -> int:
+    """Per-image noise seed: independent of batching, sharding and resume order."""
+    return (seed * 1_000_003 + zlib.crc32(item_id.encode())) % 2**31
+
+
+def concepts_for(item, protocol: Protocol) -> tuple[str, ...]:
+    """The image's class words, then the background concepts that are not already among them."""
+    extra = tuple(c for c in protocol.background_concepts if c not in item.classes)
+    return (*item.classes, *extra)
+
+
+def _resize_labels(labels: np.ndarray, size: tuple[int, int] | None) -> torch.Tensor:
+    if size is None or labels.shape == tuple(size):
+        return torch.from_numpy(labels.astype(np.int64))
+    resized = Image.fromarray(labels.astype(np.uint8)).resize(size[::-1], Image.Resampling.NEAREST)
+    return torch.from_numpy(np.asarray(resized).astype(np.int64))
+
+
+def _prepare_image(image: np.ndarray, protocol: Protocol) -> Image.Image:
+    picture = Image.fromarray(image)
+    if protocol.image_via_gt_size and protocol.gt_size is not None:
+        picture = picture.resize(protocol.gt_size[::-1], Image.Resampling.LANCZOS)
+    return picture
+
+
+@dataclass
+class ItemStats:
+    """Sufficient statistics of one image for one method (summable over a dataset)."""
+
+    confusion: list[list[int]] = field(default_factory=list)  # sparse [target, pred, count]
+    confusion_argmax: list[list[int]] = field(default_factory=list)  # binary: argmax variant
+    ap: float | None = None
+
+
+def _sparse(cm: torch.Tensor) -> list[list[int]]:
+    nz = cm.nonzero().tolist()
+    return [[t, p, int(cm[t, p])] for t, p in nz]
+
+
+def _binary_stats(maps: torch.Tensor, labels: torch.Tensor) -> ItemStats:
+    """maps: (C, height, width) with the target concept first; labels: (height, width) 0/1/255."""
+    target = maps[0]
+    soft = (target - target.min()) / (target.max() - target.min()).clamp(min=1e-12)
+    mean_mask = (soft > soft.mean()).long()
+    argmax_mask = (maps.argmax(0) == 0).long()
+    valid = labels != 255
+    return ItemStats(
+        confusion=_sparse(confusion_matrix(mean_mask, labels, 2, ignore_index=255)),
+        confusion_argmax=_sparse(confusion_matrix(argmax_mask, labels, 2, ignore_index=255)),
+        ap=binary_map_ap(soft[valid], labels[valid].bool()),
+    )
+
+
+def multiclass_stats(
+    maps: torch.Tensor, labels: torch.Tensor, class_ids: Sequence[int], num_own: int, num_classes: int
+) -> ItemStats:
+    """maps: (C, height, width); class_ids: label of each concept (backgrounds -> 0); AP over the own classes."""
+    ids = torch.tensor(list(class_ids))
+    pred = ids[maps.argmax(0)]
+    valid = labels != 255
+    aps = [
+        average_precision(maps[i][valid], labels[valid] == ids[i])
+        for i in range(num_own)
+        if (labels[valid] == ids[i]).any()
+    ]
+    return ItemStats(
+        confusion=_sparse(confusion_matrix(pred, labels, num_classes, ignore_index=255)),
+        ap=float(np.mean(aps)) if aps else None,
+    )
+
+
+def layers_used(pipe: Any, config: ConceptAttentionConfig) -> list[int]:
+    """The double-block indices ``config`` selects on this pipeline's transformer."""
+    from conceptattention.tracing import pipeline_components
+
+    transformer, adapter = pipeline_components(pipe)
+    return list(adapter.spec.resolve_layers(transformer, config.layers))
+
+
+def evaluate_batch(
+    pipe: Any,
+    items: Sequence[Any],
+    dataset_kind: Literal["binary", "multiclass"],
+    num_classes: int,
+    protocol: Protocol,
+    config: ConceptAttentionConfig,
+    seed: int = 0,
+    **encode_kwargs: Any,
+) -> list[tuple[ItemStats, list[ItemStats]]]:
+    """Statistics for items that share one concept list: (overall, per selected block) per item."""
+    concepts = concepts_for(items[0], protocol)
+    height, width = protocol.resolution or (None, None)
+    maps = encode_image(
+        pipe,
+        [_prepare_image(item.image, protocol) for item in items],
+        concepts,
+        caption=protocol.caption.format(classes=join_words(items[0].classes)),
+        config=config,
+        t=protocol.t,
+        num_samples=protocol.num_samples,
+        seed=[item_seed(seed, item.id) for item in items],
+        height=height,
+        width=width,
+        **encode_kwargs,
+    )
+    results = []
+    for b, item in enumerate(items):
+        labels = _resize_labels(item.labels, protocol.gt_size)
+        grids = [maps.maps[b]] + ([] if maps.block_maps is None else list(maps.block_maps[:, b]))
+        stats = []
+        for grid in grids:  # (C, h, w)
+            grid = gaussian_blur3x3(grid[None])[0] if protocol.blur else grid
+            up = F.interpolate(grid[None].float(), size=tuple(labels.shape), mode="bilinear", align_corners=False)[0]
+            if dataset_kind == "binary":
+                stats.append(_binary_stats(up, labels))
+            else:
+                class_ids = (*item.class_ids, *([0] * (len(concepts) - len(item.classes))))
+                stats.append(multiclass_stats(up, labels, class_ids, len(item.classes), num_classes))
+        results.append((stats[0], stats[1:]))
+    return results

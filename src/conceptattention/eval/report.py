@@ -1,0 +1,107 @@
+"""Reports computed from the JSONL records alone: markdown table, CSV and a per-block plot."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from conceptattention.core import iou_per_class, mean_iou, miou_paper_compat, pixel_accuracy
+from conceptattention.eval.harness import read_records
+
+COLUMNS = ("method", "t", "images", "acc", "miou", "miou_paper_compat", "map", "acc_argmax", "miou_argmax",
+           "seconds_per_image")  # fmt: skip
+
+
+def _confusion(entries: Sequence[Sequence[int]], num_classes: int) -> torch.Tensor:
+    cm = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+    for target, pred, count in entries:
+        cm[target, pred] += count
+    return cm
+
+
+def summarize_stats(stats: Sequence[dict], num_classes: int) -> dict[str, Any]:
+    """Dataset-level metrics from per-image statistics (sums of confusion matrices, mean of AP)."""
+    cm = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+    for s in stats:
+        cm += _confusion(s["confusion"], num_classes)
+    aps = [s["ap"] for s in stats if s.get("ap") is not None]
+    row: dict[str, Any] = {
+        "acc": pixel_accuracy(cm),
+        "miou": mean_iou(cm),
+        "miou_paper_compat": miou_paper_compat(cm),
+        "map": float(np.mean(aps)) if aps else float("nan"),
+        "iou_per_class": iou_per_class(cm).tolist(),
+    }
+    if any(s.get("confusion_argmax") for s in stats):
+        cm_argmax = sum((_confusion(s["confusion_argmax"], num_classes) for s in stats), torch.zeros_like(cm))
+        row.update(acc_argmax=pixel_accuracy(cm_argmax), miou_argmax=mean_iou(cm_argmax))
+    return row
+
+
+def summarize(folder: Path, num_classes: int, expected_ids: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """One row per (method, t), with per-block rows under ``"blocks"`` and any missing image ids."""
+    rows = []
+    for _, by_id in sorted(read_records(folder).items()):
+        records = list(by_id.values())
+        row = {"method": records[0]["method"], "t": records[0]["t"], "images": len(records)}
+        row.update(summarize_stats([r["stats"] for r in records], num_classes))
+        row["seconds_per_image"] = float(np.median([r["seconds"] for r in records]))
+        num_blocks = len(records[0]["blocks"])
+        row["blocks"] = [summarize_stats([r["blocks"][b] for r in records], num_classes) for b in range(num_blocks)]
+        row["layers"] = records[0].get("layers")
+        if expected_ids is not None:
+            row["missing"] = sorted(set(expected_ids) - set(by_id))
+        rows.append(row)
+    return rows
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return "-" if np.isnan(value) else f"{100 * value:.2f}" if value <= 1 else f"{value:.3f}"
+    return str(value)
+
+
+def write_report(folder: Path, rows: list[dict[str, Any]], title: str) -> list[Path]:
+    """``report.md`` (percent), ``report.csv`` (fractions) and, with per-block rows, ``per_block.png``."""
+    md = [f"# {title}", "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    md += ["| " + " | ".join(_fmt(row.get(c, float("nan"))) for c in COLUMNS) + " |" for row in rows]
+    md += ["", "acc, mIoU, mAP in %; `miou_paper_compat` = acc/(2-acc), the quantity the reference code called mIoU."]
+    missing = {f"{r['method']}@t={r['t']:g}": len(r.get("missing", [])) for r in rows if r.get("missing")}
+    if missing:
+        md += ["", f"Incomplete: images missing per run: {json.dumps(missing)}"]
+    paths = [folder / "report.md", folder / "report.csv"]
+    paths[0].write_text("\n".join(md) + "\n")
+    with paths[1].open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=[*COLUMNS, "blocks_miou"], extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({**row, "blocks_miou": json.dumps([round(b["miou"], 6) for b in row["blocks"]])})
+    if any(row["blocks"] for row in rows):
+        paths.append(folder / "per_block.png")
+        _plot_blocks(rows, paths[-1])
+    return paths
+
+
+def _plot_blocks(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6, 3.5))
+    axes = figure.add_subplot()
+    for row in rows:
+        if row["blocks"]:
+            x = row.get("layers") or list(range(len(row["blocks"])))
+            axes.plot(x, [100 * b["miou"] for b in row["blocks"]], marker="o", label=f"{row['method']} t={row['t']:g}")
+    axes.set_xlabel("double-stream block")
+    axes.set_ylabel("mIoU (%)")
+    axes.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)

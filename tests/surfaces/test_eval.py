@@ -1,0 +1,151 @@
+"""The evaluation harness end to end: real file formats, resume after a kill, two processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from conceptattention.cli import app
+from conceptattention.eval.fixtures import write_imagenet_seg_mat, write_voc
+
+runner = CliRunner()
+
+
+def _cli(*args):
+    result = runner.invoke(app, [str(a) for a in args])
+    return result, result.output + (result.stderr if result.stderr_bytes is not None else "")
+
+
+@pytest.fixture(scope="module")
+def imagenet_mat(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    images, masks = [], []
+    for h, w in [(40, 52), (48, 36), (44, 44), (36, 60), (50, 40), (40, 40)]:
+        images.append(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+        mask = np.zeros((h, w), np.uint8)
+        mask[h // 4 : 3 * h // 4, w // 4 : 3 * w // 4] = 1
+        masks.append(mask)
+    path = tmp_path_factory.mktemp("imagenet") / "gtsegs_ijcv.mat"
+    wnids = ["n02105162", "n02123045", "n02105162", "n01443537", "n02123045", "n04146614"]
+    write_imagenet_seg_mat(path, images, masks, wnids)
+    return path
+
+
+@pytest.fixture(scope="module")
+def voc_root(tmp_path_factory):
+    rng = np.random.default_rng(1)
+    items = {}
+    for k, classes in enumerate([(12,), (8,), (12, 15), (1,), (15,)]):
+        labels = np.zeros((40, 48), np.uint8)
+        for j, c in enumerate(classes):
+            labels[5 + 10 * j : 20 + 10 * j, 8 + 12 * j : 30 + 12 * j] = c
+        labels[0, :] = 255
+        items[f"2007_{k:06d}"] = (rng.integers(0, 255, (40, 48, 3), dtype=np.uint8), labels)
+    root = tmp_path_factory.mktemp("voc")
+    write_voc(root, items)
+    return root
+
+
+def _rows(folder: Path) -> list[dict]:
+    """Report rows without the timing column (wall-clock differs run to run)."""
+    import csv
+
+    with (folder / "report.csv").open() as handle:
+        return [{k: v for k, v in row.items() if k != "seconds_per_image"} for row in csv.DictReader(handle)]
+
+
+def test_imagenet_seg_binary_protocol_report(saved_scene_model, imagenet_mat, tmp_path):
+    out = tmp_path / "in"
+    result, output = _cli("eval", "imagenet-seg", "--data", imagenet_mat, "--model", saved_scene_model, "--out", out,
+                          "--method", "concept_attention", "--method", "cross_attention", "--num-samples", "2",
+                          "--per-block")  # fmt: skip
+    assert result.exit_code == 0, output
+    rows = _rows(out)
+    assert [r["method"] for r in rows] == ["concept_attention", "cross_attention"]
+    assert all(int(r["images"]) == 6 for r in rows)
+    for row in rows:
+        acc, compat = float(row["acc"]), float(row["miou_paper_compat"])
+        assert compat == pytest.approx(acc / (2 - acc))
+        assert 0 <= float(row["map"]) <= 1 and len(json.loads(row["blocks_miou"])) == 2
+    records = [json.loads(x) for x in (out / "records.rank0.jsonl").read_text().splitlines()]
+    assert len(records) == 12 and {r["id"] for r in records} == {r["id"] for r in records[:6]}
+    labelled = sum(n for r in records[:1] for _, _, n in r["stats"]["confusion"])
+    assert labelled == 224 * 224  # GT compared at 224 x 224
+    assert (out / "per_block.png").is_file() and "miou_paper_compat" in (out / "report.md").read_text()
+
+
+def test_voc_single_and_multi(saved_scene_model, voc_root, tmp_path):
+    result, output = _cli("eval", "voc-single", "--data", voc_root, "--model", saved_scene_model, "--out",
+                          tmp_path / "single", "--num-samples", "1")  # fmt: skip
+    assert result.exit_code == 0, output
+    assert int(_rows(tmp_path / "single")[0]["images"]) == 4  # the image with two classes is excluded
+    result, output = _cli("eval", "voc-multi", "--data", voc_root, "--model", saved_scene_model, "--out",
+                          tmp_path / "multi", "--num-samples", "1", "--batch-size", "2")  # fmt: skip
+    assert result.exit_code == 0, output
+    assert int(_rows(tmp_path / "multi")[0]["images"]) == 5
+
+
+def test_missing_dataset_file_is_a_clear_error(saved_scene_model, tmp_path):
+    result, output = _cli("eval", "imagenet-seg", "--data", tmp_path / "gtsegs_ijcv.mat", "--model", saved_scene_model)
+    assert result.exit_code == 2 and "calvin-vision.net" in " ".join(output.split()) and "Traceback" not in output
+    result, output = _cli("eval", "coco", "--model", saved_scene_model)
+    assert result.exit_code == 2 and "unknown dataset 'coco'" in output
+    result, output = _cli("eval", "scenes", "--method", "gradcam", "--model", saved_scene_model)
+    assert result.exit_code == 2 and "unknown method(s) ['gradcam']" in output
+
+
+def _eval_command(model, out, *extra):
+    return [sys.executable, "-m", "conceptattention.cli", "eval", "scenes", "--model", str(model), "--out", str(out),
+            "--limit", "24", "--method", "concept_attention", "--method", "value_space", *extra]  # fmt: skip
+
+
+def test_killed_run_resumes_to_the_same_report(saved_scene_model, tmp_path):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    whole = subprocess.run(_eval_command(saved_scene_model, tmp_path / "whole"), env=env, capture_output=True)
+    assert whole.returncode == 0, whole.stderr.decode()[-2000:]
+
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(_eval_command(saved_scene_model, killed), env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)  # fmt: skip
+    records = killed / "records.rank0.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not records.exists() or len(records.read_bytes().splitlines()) < 5):
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    partial = len(records.read_bytes().splitlines())
+    assert 5 <= partial < 48, "the run should have been killed midway"
+    resumed = subprocess.run(_eval_command(saved_scene_model, killed), env=env, capture_output=True)
+    assert resumed.returncode == 0, resumed.stderr.decode()[-2000:]
+    assert _rows(killed) == _rows(tmp_path / "whole")
+    ids = [json.loads(x)["key"] + json.loads(x)["id"] for x in records.read_text().splitlines()]
+    assert len(ids) == len(set(ids)) == 48  # nothing lost, nothing twice
+
+
+def test_two_processes_merge_without_duplicates_or_gaps(saved_scene_model, tmp_path):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    single = subprocess.run(_eval_command(saved_scene_model, tmp_path / "one"), env=env, capture_output=True)
+    assert single.returncode == 0, single.stderr.decode()[-2000:]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m",
+              *_eval_command(saved_scene_model, tmp_path / "two")[2:]]  # fmt: skip
+    double = subprocess.run(launch, env=env, capture_output=True, timeout=600)
+    assert double.returncode == 0, double.stderr.decode()[-3000:]
+    ranks = sorted(p.name for p in (tmp_path / "two").glob("records.rank*.jsonl"))
+    assert ranks == ["records.rank0.jsonl", "records.rank1.jsonl"]
+    lines = [json.loads(x) for r in ranks for x in (tmp_path / "two" / r).read_text().splitlines()]
+    keys = [(x["key"], x["id"]) for x in lines]
+    assert len(keys) == len(set(keys)) == 48
+    for got, want in zip(_rows(tmp_path / "two"), _rows(tmp_path / "one"), strict=True):
+        assert got["method"] == want["method"] and got["images"] == want["images"] == "24"
+        for column in ("acc", "miou", "map"):
+            assert float(got[column]) == pytest.approx(float(want[column]), abs=1e-6)
