@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -16,7 +16,12 @@ from conceptattention.errors import ConceptAttentionError
 from conceptattention.images import ImageInput, load_images, resize_for_model, to_model_input
 from conceptattention.loading import model_defaults
 from conceptattention.outputs import ConceptMaps
-from conceptattention.tracing import ConceptSession, _with_overrides, encode_pipeline_concepts, pipeline_components
+from conceptattention.tracing import (
+    ConceptSession,
+    config_with_overrides,
+    encode_pipeline_concepts,
+    pipeline_components,
+)
 
 
 def _model_size(pipe: Any, pixels: int, height: int | None, width: int | None) -> tuple[int, int]:
@@ -38,7 +43,7 @@ def _noise_source(seed: int | Sequence[int], shape: torch.Size):
     if isinstance(seed, int) and not isinstance(seed, bool):
         generator = torch.Generator("cpu").manual_seed(seed)
         return lambda: torch.randn(shape, generator=generator, dtype=torch.float32)
-    seeds = list(seed)
+    seeds = list(cast(Sequence[int], seed))
     if len(seeds) != shape[0] or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
         raise ConceptAttentionError(f"`seed` must be an int or one int per image ({shape[0]}), got {seed!r}")
     generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
@@ -93,7 +98,7 @@ def encode_image(
         >>> maps.segmentation().shape  # (B, height, width)  # doctest: +SKIP
     """
     concepts = validate_concepts(concepts)
-    config = dataclasses.replace(_with_overrides(config, overrides), steps=None)
+    config = dataclasses.replace(config_with_overrides(config, overrides), steps=None)
     if not 0.0 < float(t) < 1.0:
         raise ConceptAttentionError(f"`t` must be in (0, 1), got {t!r}; the paper uses t=0.5")
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
@@ -124,7 +129,7 @@ def encode_image(
         seed=seed if isinstance(seed, int) else list(seed),
         caption=caption,
         resolution=list(size),
-        guidance_scale=guidance_scale if transformer.config.get("guidance_embeds") else None,
+        guidance_scale=guidance_scale if getattr(transformer.config, "guidance_embeds", False) else None,
     )
     return ConceptMaps(
         maps=maps.cpu(),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -86,7 +87,7 @@ def load_images(images: ImageInput | Sequence[ImageInput]) -> list[Image.Image]:
         return [load_image(im, f"`image[{i}]`") for i, im in enumerate(images)]
     if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4:
         return [load_image(im, f"`image[{i}]`") for i, im in enumerate(images)]
-    return [load_image(images)]
+    return [load_image(cast(ImageInput, images))]
 
 
 def resize_for_model(image: Image.Image, size: tuple[int, int]) -> Image.Image:

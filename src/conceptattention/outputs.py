@@ -137,7 +137,7 @@ class ConceptMaps:
         if self.block_maps is not None:
             arrays["block_maps"] = self.block_maps.numpy()
         written.append(out / "maps.npz")
-        np.savez_compressed(written[-1], **arrays)
+        np.savez_compressed(written[-1], **arrays)  # type: ignore[arg-type]
         written.append(out / "metadata.json")
         record = {**self.metadata, "concepts": list(self.concepts), "image_size": list(self.image_size)}
         written[-1].write_text(json.dumps(record, indent=2, default=str))

@@ -252,10 +252,11 @@ class trace:  # noqa: N801 - a context manager used like a function, as DAAM's `
     ) -> None:
         self.pipe = pipe
         self.concepts = validate_concepts(concepts)
-        self.config = _with_overrides(config, overrides)
+        self.config = config_with_overrides(config, overrides)
         self.transformer, self.adapter = pipeline_components(pipe)
         self.adapter.spec.resolve_layers(self.transformer, self.config.layers)  # fail before encoding
         self._session: ConceptSession | None = None
+        self._finished: ConceptSession | None = None  # kept after exit so maps stay readable
 
     def __enter__(self) -> trace:
         if self._session is not None:
@@ -289,7 +290,7 @@ class trace:  # noqa: N801 - a context manager used like a function, as DAAM's `
         Returns:
             :class:`ConceptMaps` with ``maps`` of shape (B, C, h, w).
         """
-        session = self._session or getattr(self, "_finished", None)
+        session = self._session or self._finished
         if session is None:
             raise ConceptAttentionError(
                 "No concept maps recorded: run the pipeline inside `with trace(pipe, concepts) as tc:`"
@@ -313,7 +314,8 @@ class trace:  # noqa: N801 - a context manager used like a function, as DAAM's `
         )
 
 
-def _with_overrides(config: ConceptAttentionConfig | None, overrides: dict[str, Any]) -> ConceptAttentionConfig:
+def config_with_overrides(config: ConceptAttentionConfig | None, overrides: dict[str, Any]) -> ConceptAttentionConfig:
+    """``config`` (or the default) with keyword overrides applied and validated."""
     config = config or ConceptAttentionConfig()
     if not overrides:
         return config

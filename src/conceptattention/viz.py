@@ -47,7 +47,8 @@ def palette(count: int) -> list[tuple[int, int, int]]:
     from matplotlib import colormaps
 
     cmap = colormaps["tab20" if count > 10 else "tab10"]
-    return [tuple(int(255 * v) for v in cmap(i % cmap.N)[:3]) for i in range(count)]
+    rgb = [cmap(i % cmap.N)[:3] for i in range(count)]
+    return [(int(255 * r), int(255 * g), int(255 * b)) for r, g, b in rgb]
 
 
 def segmentation_with_legend(labels: torch.Tensor, concepts: Sequence[str]) -> Image.Image:

@@ -125,7 +125,7 @@ class Attachment:
     objects (``is``-identical) with no hook handles left.
     """
 
-    def __init__(self, transformer: torch.nn.Module, marker: type) -> None:
+    def __init__(self, transformer: Any, marker: type) -> None:
         self.transformer = transformer
         self._marker = marker
         self._stack: contextlib.ExitStack | None = None
