@@ -40,7 +40,8 @@ def run_demo(out: Path, model: str | None, scene_index: int, prompt: str, consol
         generate_files = generated.save(out / "generate")
         progress.update(task, advance=1)
 
-    table = Table(title=f"Test scene {scene_index}: '{scene.caption}' (per-concept IoU, argmax segmentation)")
+    console.print(f"Test scene {scene_index}: '{scene.caption}' - per-concept IoU of the argmax segmentation:")
+    table = Table()
     table.add_column("concept")
     table.add_column("IoU", justify="right")
     result = {}

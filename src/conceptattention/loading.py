@@ -48,6 +48,22 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return _DTYPES[dtype]
 
 
+def _default_dtype(model: str | Path, dtype: str | torch.dtype | None, device: Any) -> torch.dtype:
+    """The requested dtype; else the model's recorded one; else bf16 on CUDA and fp32 elsewhere.
+
+    One dtype for every component: left alone, diffusers and transformers pick different
+    defaults for the transformer and the text encoders, and the pipeline then fails.
+    """
+    if dtype is not None:
+        return resolve_dtype(dtype)  # type: ignore[return-value]
+    defaults_file = Path(model).expanduser() / DEFAULTS_FILE
+    if defaults_file.is_file():
+        recorded = json.loads(defaults_file.read_text()).get("torch_dtype")
+        if recorded:
+            return resolve_dtype(recorded)  # type: ignore[return-value]
+    return torch.bfloat16 if str(device or "").startswith("cuda") else torch.float32
+
+
 def load_pipeline(
     model: str | Path | Any,
     *,
@@ -63,7 +79,8 @@ def load_pipeline(
         model: ``None`` or ``"bundled"`` for the small model shipped with the package,
             e.g. ``"black-forest-labs/FLUX.1-schnell"``, a folder holding
             ``model_index.json``, or a pipeline object (returned as is after a support check).
-        dtype: ``"bfloat16"``, ``"float16"``, ``"float32"`` or a torch dtype.
+        dtype: ``"bfloat16"``, ``"float16"``, ``"float32"`` or a torch dtype; default: the
+            model's recorded dtype, else bfloat16 on CUDA and float32 elsewhere.
         device: where to move the pipeline (e.g. ``"cuda"``); None leaves it on the CPU.
         local_files_only: never touch the network; default follows ``HF_HUB_OFFLINE``.
 
@@ -83,9 +100,7 @@ def load_pipeline(
         return model
     from diffusers import DiffusionPipeline
 
-    kwargs: dict[str, Any] = {"use_safetensors": True}
-    if dtype is not None:
-        kwargs["torch_dtype"] = resolve_dtype(dtype)
+    kwargs: dict[str, Any] = {"use_safetensors": True, "torch_dtype": _default_dtype(model, dtype, device)}
     if local_files_only is not None:
         kwargs["local_files_only"] = local_files_only
     path = Path(model).expanduser()

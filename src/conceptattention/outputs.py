@@ -88,25 +88,37 @@ class ConceptMaps:
         """(B, height, width) bool foreground of one concept: its map above the map's mean."""
         return binary_mask(self.upsampled(size), self.concept_index(concept))
 
-    def heatmaps(self, index: int = 0, cmap: str = "inferno") -> dict[str, Any]:
-        """Coloured heatmaps (PIL, image size) of batch item ``index``, keyed by concept."""
+    @property
+    def display_size(self) -> tuple[int, int]:
+        """(height, width) of pictures: the image size, enlarged by a whole factor to at least 256 px."""
         from conceptattention import viz
 
-        maps = viz.display_range(self.upsampled()[index], self.metadata.get("normalization", "softmax"))
+        factor = viz.display_factor(self.image_size)
+        return self.image_size[0] * factor, self.image_size[1] * factor
+
+    def heatmaps(self, index: int = 0, cmap: str = "inferno") -> dict[str, Any]:
+        """Coloured heatmaps (PIL, ``display_size``) of batch item ``index``, keyed by concept."""
+        from conceptattention import viz
+
+        maps = self.upsampled(self.display_size)[index]
+        maps = viz.display_range(maps, self.metadata.get("normalization", "softmax"))
         return {c: viz.colorize(m, cmap) for c, m in zip(self.concepts, maps)}
 
     def overlays(self, index: int = 0, alpha: float = 0.5, cmap: str = "inferno") -> dict[str, Any]:
         """Heatmaps blended over the image of batch item ``index`` (requires ``images``)."""
         from conceptattention import viz
 
-        image = self.image_at(index)
+        image = self.image_at(index, self.display_size)
         return {c: viz.blend(image, heat, alpha) for c, heat in self.heatmaps(index, cmap).items()}
 
-    def image_at(self, index: int) -> Any:
-        """Image of batch item `index`, RGB, at `image_size`."""
+    def image_at(self, index: int, size: tuple[int, int] | None = None) -> Any:
+        """Image of batch item ``index``, RGB, at ``size`` (default ``image_size``); enlarged without blur."""
+        from PIL import Image
+
         if self.images is None:
             raise ConceptAttentionError("These maps carry no images; pass `images=` to get overlays")
-        return self.images[index].convert("RGB").resize(self.image_size[::-1])
+        image = self.images[index].convert("RGB").resize(self.image_size[::-1], Image.Resampling.LANCZOS)
+        return image if size is None else image.resize(size[::-1], Image.Resampling.NEAREST)
 
     def save(self, folder: str | Path) -> list[Path]:
         """Write PNG heatmaps, an overlay grid, segmentations with legends, ``maps.npz`` and ``metadata.json``.
@@ -120,7 +132,7 @@ class ConceptMaps:
         out.mkdir(parents=True, exist_ok=True)
         written: list[Path] = []
         batch = self.maps.shape[0]
-        segmentation = self.segmentation()
+        segmentation = self.segmentation(self.display_size)
         for b in range(batch):
             prefix = f"b{b}_" if batch > 1 else ""
             for i, (concept, heat) in enumerate(self.heatmaps(b).items()):
@@ -130,7 +142,7 @@ class ConceptMaps:
             viz.segmentation_with_legend(segmentation[b], self.concepts).save(written[-1])
             if self.images is not None:
                 written.append(out / f"{prefix}image.png")
-                self.image_at(b).save(written[-1])
+                self.image_at(b).save(written[-1])  # at its true size
         written.append(out / "overlay_grid.png")
         viz.overlay_grid(self).save(written[-1])
         arrays = {"maps": self.maps.numpy(), "concepts": np.array(self.concepts)}

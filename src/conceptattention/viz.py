@@ -13,6 +13,11 @@ if TYPE_CHECKING:
     from conceptattention.outputs import ConceptMaps
 
 
+def display_factor(size: tuple[int, int], minimum: int = 256) -> int:
+    """Whole enlargement factor so that the shorter side of ``size`` reaches ``minimum`` pixels."""
+    return max(1, -(-minimum // max(1, min(size))))
+
+
 def display_range(maps: torch.Tensor, normalization: str) -> torch.Tensor:
     """Maps scaled to [0, 1] for display.
 
@@ -69,7 +74,7 @@ def segmentation_with_legend(labels: torch.Tensor, concepts: Sequence[str]) -> I
 
 def overlay_grid(maps: ConceptMaps, alpha: float = 0.5) -> Image.Image:
     """Rows = batch items; columns = the image (if any) and one overlay (or heatmap) per concept."""
-    height, width = maps.image_size
+    height, width = maps.display_size
     label_height = 14
     batch = maps.maps.shape[0]
     columns = len(maps.concepts) + (1 if maps.images is not None else 0)
@@ -77,7 +82,8 @@ def overlay_grid(maps: ConceptMaps, alpha: float = 0.5) -> Image.Image:
     draw = ImageDraw.Draw(grid)
     for b in range(batch):
         tiles = maps.overlays(b, alpha) if maps.images is not None else maps.heatmaps(b)
-        named = ([("image", maps.image_at(b))] if maps.images is not None else []) + list(tiles.items())
+        image = [("image", maps.image_at(b, maps.display_size))] if maps.images is not None else []
+        named = image + list(tiles.items())
         top = b * (height + label_height)
         for col, (name, tile) in enumerate(named):
             draw.text((col * width + 2, top), name, fill="black")

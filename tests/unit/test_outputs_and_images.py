@@ -39,12 +39,13 @@ def test_views_on_a_hand_made_map():
 
 def test_heatmaps_overlays_and_missing_images():
     m = _maps()
+    assert m.display_size == (256, 512)  # 4 x 8 enlarged by 64 to reach 256 px
     heat = m.heatmaps(0)
-    assert list(heat) == ["dog", "sky"] and heat["dog"].size == (8, 4)
-    top, bottom = np.asarray(heat["dog"])[0, 0], np.asarray(heat["dog"])[3, 0]
+    assert list(heat) == ["dog", "sky"] and heat["dog"].size == (512, 256)
+    top, bottom = np.asarray(heat["dog"])[0, 0], np.asarray(heat["dog"])[255, 0]
     assert top.sum() > bottom.sum()  # hot where the map is 1
     over = m.overlays(0, alpha=0.5)["dog"]
-    expected = (np.asarray(m.images[0], float) + np.asarray(heat["dog"], float)) / 2
+    expected = (np.full((256, 512, 3), (200, 10, 10), float) + np.asarray(heat["dog"], float)) / 2
     assert np.abs(np.asarray(over, float) - expected).max() <= 1
     with pytest.raises(ConceptAttentionError, match="carry no images"):
         _maps(images=False).overlays(0)
@@ -58,7 +59,8 @@ def test_save_and_load_round_trip(tmp_path):
     assert "b1_heatmap_01_sky.png" in names
     assert all(p.is_file() for p in written)
     grid = Image.open(tmp_path / "out" / "overlay_grid.png")
-    assert grid.size == (3 * 8, 2 * (4 + 14))
+    assert grid.size == (3 * 512, 2 * (256 + 14))
+    assert Image.open(tmp_path / "out" / "b1_image.png").size == (8, 4)  # the image itself at its true size
     back = ConceptMaps.load(tmp_path / "out")
     assert torch.equal(back.maps, m.maps) and back.concepts == m.concepts and back.image_size == (4, 8)
     assert json.loads((tmp_path / "out" / "metadata.json").read_text())["t"] == 0.5

@@ -267,6 +267,48 @@ def export(work: Path, out: Path, config: BundledModelConfig, seed: int = 0) -> 
     (out / "conceptattention.json").write_text(json.dumps(defaults, indent=2) + "\n")
 
 
+def write_report(work: Path, model: Path, out: Path) -> list[Path]:
+    """Training curves (loss, held-out grounding) and a grid of samples from the exported model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+    from PIL import Image, ImageDraw
+
+    from conceptattention.generate import generate
+    from conceptattention.loading import load_pipeline
+
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [json.loads(line) for line in (work / "log.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "step" in r]
+    figure = Figure(figsize=(8, 3))
+    left, right = figure.subplots(1, 2)
+    left.plot([r["step"] for r in rows], [r["loss"] for r in rows])
+    left.set(xlabel="step", ylabel="flow-matching loss", title="training loss")
+    right.plot([r["step"] for r in rows], [r["val_miou"] for r in rows], marker="o")
+    right.set(xlabel="step", ylabel="mIoU", title="held-out grounding (64 val scenes)")
+    figure.tight_layout()
+    figure.savefig(out / "training_curves.png", dpi=110)
+
+    pipe = load_pipeline(model)
+    scenes = [make_scene("test", i) for i in range(8)]
+    tiles = []
+    for i, scene in enumerate(scenes):
+        maps = generate(pipe, scene.caption, list(scene.concepts), seed=i)
+        row = [maps.images[0].resize((96, 96), Image.Resampling.NEAREST)]
+        row += [tile.resize((96, 96)) for tile in maps.heatmaps(0).values()]
+        tiles.append((scene.caption, list(scene.concepts), row))
+    width = 96 * max(len(r) for _, _, r in tiles)
+    grid = Image.new("RGB", (width, len(tiles) * 112), "white")
+    draw = ImageDraw.Draw(grid)
+    for k, (caption, concepts, row) in enumerate(tiles):
+        draw.text((2, k * 112), f"{caption}  | maps: {', '.join(concepts)}", fill="black")
+        for j, tile in enumerate(row):
+            grid.paste(tile, (96 * j, k * 112 + 14))
+    grid.save(out / "samples.png")
+    return [out / "training_curves.png", out / "samples.png"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="Train the bundled ConceptAttention demo model.")
     parser.add_argument("--work", type=Path, default=Path("runs/bundled"))
@@ -276,9 +318,13 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--export", type=Path, default=None, help="write the best checkpoint as a pipeline folder")
+    parser.add_argument("--report", type=Path, default=None, help="write curves and samples of --export's model")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     config = BundledModelConfig()
+    if args.report is not None:
+        write_report(args.work, args.export, args.report)
+        return
     if args.export is not None:
         export(args.work, args.export, config, seed=args.seed)
         return
