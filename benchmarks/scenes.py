@@ -30,7 +30,7 @@ from conceptattention.data.scenes import CLASSES, SyntheticScenes
 from conceptattention.eval.datasets import SceneDataset
 from conceptattention.eval.harness import METHODS, evaluate
 from conceptattention.eval.protocol import multiclass_stats
-from conceptattention.eval.report import summarize, summarize_stats
+from conceptattention.eval.report import summarize, summarize_stats, write_report
 from conceptattention.eval.run import PROTOCOLS
 
 
@@ -86,7 +86,9 @@ def main() -> None:
     protocol = PROTOCOLS["scenes"]
     evaluate(pipe, dataset, args.out / "trained", methods=list(METHODS), protocol=protocol, per_block=True,
              progress=_bar)  # fmt: skip
-    rows = {row["method"]: row for row in summarize(args.out / "trained", len(CLASSES))}
+    trained_rows = summarize(args.out / "trained", len(CLASSES), dataset.ids())
+    write_report(args.out / "trained", trained_rows, f"scenes ({args.scenes} test scenes), bundled model")
+    rows = {row["method"]: row for row in trained_rows}
 
     pipe.transformer = build_untrained(BundledModelConfig(), seed=0).transformer.to(pipe.transformer.dtype)
     evaluate(pipe, dataset, args.out / "untrained", protocol=protocol, progress=_bar)

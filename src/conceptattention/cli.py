@@ -201,7 +201,7 @@ def generate(
 def demo(
     out: OutOption = Path("outputs"),
     model: ModelOption = None,
-    scene: Annotated[int, typer.Option(help="Index of the held-out test scene to encode.")] = 2,
+    scene: Annotated[int, typer.Option(help="Index of the held-out test scene to encode.")] = 3,
     prompt: Annotated[str, typer.Option(help="Prompt of the generated example.")] = "a photo of lemon, brick and grass",
 ) -> None:
     """Offline demo on the bundled model: encode a test scene (with IoU) and generate one."""
@@ -231,12 +231,15 @@ def eval_command(
     seed: SeedOption = 0,
     limit: Annotated[int | None, typer.Option(help="Only the first N images.")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward (same concepts only).")] = 1,
+    words: Annotated[str, typer.Option(help="ImageNet class words: short (paper) | lemma (WordNet).")] = "short",
     dtype: DtypeOption = None,
 ) -> None:
     """Zero-shot segmentation benchmark; resumable (rerun the same command), shardable with accelerate launch."""
     from conceptattention.eval.harness import METHODS
     from conceptattention.eval.run import PROTOCOLS, run_eval
 
+    if words not in ("short", "lemma"):
+        raise ConceptAttentionError(f"`--words` must be short or lemma, got {words!r}")
     if dataset not in PROTOCOLS:
         raise ConceptAttentionError(f"unknown dataset {dataset!r}; choose one of {', '.join(PROTOCOLS)}")
     methods = method or ["concept_attention"]
@@ -251,7 +254,7 @@ def eval_command(
     _quiet_loading()
     written = run_eval(dataset, data, model, out, methods=methods, t_values=t or [0.5], overrides=overrides,
                        per_block=per_block, layers=tuple(parse_indices(layers, "layers") or ()) or None, seed=seed,
-                       limit=limit, batch_size=batch_size, dtype=dtype, console=console)  # fmt: skip
+                       limit=limit, batch_size=batch_size, dtype=dtype, console=console, words=words)  # fmt: skip
     if written:
         Console().print((out / "report.md").read_text())
         _summary(f"Wrote {out}", written)

@@ -35,7 +35,7 @@ def run_demo(out: Path, model: str | None, scene_index: int, prompt: str, consol
 
         Image.fromarray(scene.image).resize((256, 256), Image.Resampling.NEAREST).save(out / "encode" / "scene.png")
         progress.update(task, advance=1, description="Generating from a prompt")
-        concepts = [w for w in CLASSES if w in prompt.replace(",", " ").split()] or ["sky", "grass"]
+        concepts = [w for w in prompt.replace(",", " ").split() if w in CLASSES] or ["sky", "grass"]
         generated = generate(pipe, prompt, concepts, seed=0)
         generate_files = generated.save(out / "generate")
         progress.update(task, advance=1)

@@ -481,11 +481,11 @@ DATASETS: dict[str, Callable[[str | os.PathLike[str]], EvalDataset]] = {
 """Dataset name -> factory taking the user's path."""
 
 
-def open_dataset(name: str, path: str | os.PathLike[str] | None) -> EvalDataset:
+def open_dataset(name: str, path: str | os.PathLike[str] | None, **options: Any) -> EvalDataset:
     """Open a dataset by harness name ("imagenet-seg", "voc-single", "voc-multi", ...) from the user's files."""
     factory = DATASETS.get(name)
     if factory is None:
         raise DatasetError(f"unknown dataset {name!r}; valid names: {', '.join(sorted(DATASETS))}")
     if path is None and name != "scenes":
         raise DatasetError(f"dataset {name!r} needs `--data PATH` (the downloaded files)")
-    return factory(path)
+    return factory(path, **options)

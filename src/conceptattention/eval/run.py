@@ -37,6 +37,7 @@ def run_eval(
     batch_size: int,
     dtype: str | None,
     console: Console,
+    words: str = "short",
 ) -> list[Path]:
     """Evaluate this process's shard, wait for all processes, then (main process) write the report."""
     import torch
@@ -49,7 +50,7 @@ def run_eval(
 
     # Without CUDA, processes started by `accelerate launch --multi_gpu` join a gloo (multi-CPU) group.
     state = PartialState(cpu=not torch.cuda.is_available())
-    dataset = open_dataset(dataset_name, data)
+    dataset = open_dataset(dataset_name, data, **({"words": words} if dataset_name == "imagenet-seg" else {}))
     protocol = dataclasses.replace(PROTOCOLS[dataset_name], **{k: v for k, v in overrides.items() if v is not None})
     pipe = load_pipeline(model, dtype=dtype, device=state.device)
     pipe.set_progress_bar_config(disable=True)
