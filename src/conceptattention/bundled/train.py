@@ -19,6 +19,7 @@ import argparse
 import copy
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +48,17 @@ class TrainSettings:
     vae_steps: int = 800
     eval_every: int = 300
     minutes: float = 80.0
+    decay_minutes: float = 0.0  # cosine decay of the learning rate to 10 % over the last minutes of the budget
     max_steps: int | None = None
+
+
+def _decay(elapsed: float, settings: TrainSettings) -> float:
+    """Learning-rate factor: 1, then a cosine from 1 to 0.1 over the last ``decay_minutes``."""
+    start = (settings.minutes - settings.decay_minutes) * 60
+    if settings.decay_minutes <= 0 or elapsed <= start:
+        return 1.0
+    progress = min(1.0, (elapsed - start) / (settings.decay_minutes * 60))
+    return 0.1 + 0.45 * (1 + math.cos(math.pi * progress))
 
 
 def scene_batch(indices: np.ndarray, size: int) -> tuple[torch.Tensor, list[str]]:
@@ -209,7 +220,7 @@ def train(work: Path, settings: TrainSettings, config: BundledModelConfig) -> No
         latents, prompt_embeds, pooled, text_ids = encode_batch(pipe, pixels, captions, config.max_sequence_length)
         generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + step)
         loss = flow_matching_loss(pipe, transformer, latents, prompt_embeds, pooled, text_ids, generator)
-        lr = settings.lr * min(1.0, (step + 1) / settings.warmup)
+        lr = settings.lr * min(1.0, (step + 1) / settings.warmup) * _decay(elapsed, settings)
         for group in optimizer.param_groups:
             group["lr"] = lr
         optimizer.zero_grad(set_to_none=True)
@@ -314,6 +325,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("runs/bundled"))
     parser.add_argument("--minutes", type=float, default=80.0)
     parser.add_argument("--max-steps", type=int, default=None)
+    parser.add_argument("--decay-minutes", type=float, default=0.0, help="cosine LR decay over the last minutes")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--eval-every", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
