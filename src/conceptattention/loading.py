@@ -65,7 +65,7 @@ def _default_dtype(model: str | Path, dtype: str | torch.dtype | None, device: A
 
 
 def load_pipeline(
-    model: str | Path | Any,
+    model: str | Path | Any = None,
     *,
     dtype: str | torch.dtype | None = None,
     device: str | torch.device | None = None,
@@ -100,7 +100,7 @@ def load_pipeline(
         return model
     from diffusers import DiffusionPipeline
 
-    kwargs: dict[str, Any] = {"use_safetensors": True, "torch_dtype": _default_dtype(model, dtype, device)}
+    kwargs: dict[str, Any] = {"use_safetensors": True, "dtype": _default_dtype(model, dtype, device)}
     if local_files_only is not None:
         kwargs["local_files_only"] = local_files_only
     path = Path(model).expanduser()

@@ -16,10 +16,11 @@ from conceptattention.eval.run import PROTOCOLS
 from conceptattention.loading import bundled_model_path
 
 # Measured on the first 40 held-out test scenes with the shipped weights (see docs/bundled_model.md):
-# ConceptAttention mIoU MEASURED_MIOU; the thresholds leave a margin for numerical differences across machines.
-MIN_MIOU = 0.0
-MIN_MARGIN_OVER_UNTRAINED = 0.0
-MIN_DEMO_MEAN_IOU = 0.0
+# ConceptAttention mIoU 0.373 (untrained transformer: 0.154); demo scene 3 mean IoU 0.477. The thresholds
+# leave a margin for numerical differences across machines and library versions.
+MIN_MIOU = 0.30
+MIN_MARGIN_OVER_UNTRAINED = 0.12
+MIN_DEMO_MEAN_IOU = 0.35
 
 
 @pytest.fixture(scope="module")
