@@ -44,6 +44,7 @@ class TrainSettings:
     lr: float = 4e-4
     warmup: int = 200
     caption_dropout: float = 0.1
+    word_captions: float = 0.0  # probability of captioning with one visible concept word alone
     ema_decay: float = 0.995
     vae_steps: int = 800
     eval_every: int = 300
@@ -59,6 +60,17 @@ def _decay(elapsed: float, settings: TrainSettings) -> float:
         return 1.0
     progress = min(1.0, (elapsed - start) / (settings.decay_minutes * 60))
     return 0.1 + 0.45 * (1 + math.cos(math.pi * progress))
+
+
+def _caption_variant(caption: str, rng: np.random.Generator, settings: TrainSettings) -> str:
+    """Caption dropout, and optionally one concept word alone: concepts are encoded alone at inference."""
+    draw = rng.random()
+    if draw < settings.caption_dropout:
+        return ""
+    if draw < settings.caption_dropout + settings.word_captions:
+        words = caption.removeprefix("a photo of ").replace(" and ", ", ").split(", ")
+        return words[int(rng.integers(len(words)))]
+    return caption
 
 
 def scene_batch(indices: np.ndarray, size: int) -> tuple[torch.Tensor, list[str]]:
@@ -216,7 +228,7 @@ def train(work: Path, settings: TrainSettings, config: BundledModelConfig) -> No
     while elapsed < budget and (settings.max_steps is None or step < settings.max_steps):
         rng = np.random.default_rng([settings.seed, 1, step])
         pixels, captions = scene_batch(rng.integers(0, settings.train_scenes, settings.batch_size), config.image_size)
-        captions = ["" if rng.random() < settings.caption_dropout else c for c in captions]
+        captions = [_caption_variant(c, rng, settings) for c in captions]
         latents, prompt_embeds, pooled, text_ids = encode_batch(pipe, pixels, captions, config.max_sequence_length)
         generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + step)
         loss = flow_matching_loss(pipe, transformer, latents, prompt_embeds, pooled, text_ids, generator)
@@ -326,6 +338,7 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=80.0)
     parser.add_argument("--max-steps", type=int, default=None)
     parser.add_argument("--decay-minutes", type=float, default=0.0, help="cosine LR decay over the last minutes")
+    parser.add_argument("--word-captions", type=float, default=0.0, help="probability of one-word captions")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--eval-every", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
@@ -346,6 +359,8 @@ def main() -> None:
         max_steps=args.max_steps,
         batch_size=args.batch_size,
         eval_every=args.eval_every,
+        decay_minutes=args.decay_minutes,
+        word_captions=args.word_captions,
     )
     train(args.work, settings, config)
 
