@@ -22,6 +22,7 @@ def run_demo(out: Path, model: str | None, scene_index: int, prompt: str, consol
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("Loading model", total=3)
         pipe = load_pipeline(model)
+        pipe.set_progress_bar_config(disable=True)  # the demo's own progress bar is enough
         progress.update(task, advance=1, description="Encoding a test scene")
         scene = make_scene("test", scene_index)
         maps = encode_image(pipe, scene.image, scene.concepts, caption=scene.caption)

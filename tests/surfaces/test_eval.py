@@ -80,7 +80,10 @@ def test_imagenet_seg_binary_protocol_report(saved_scene_model, imagenet_mat, tm
     assert len(records) == 12 and {r["id"] for r in records} == {r["id"] for r in records[:6]}
     labelled = sum(n for r in records[:1] for _, _, n in r["stats"]["confusion"])
     assert labelled == 224 * 224  # GT compared at 224 x 224
-    assert (out / "per_block.png").is_file() and "miou_paper_compat" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert (out / "per_block.png").is_file() and "miou_paper_compat" in report
+    acc = float(rows[0]["acc"])
+    assert f"| concept_attention | 0.5 | 6 | {100 * acc:.2f} |" in report  # t as is, metrics in %
 
 
 def test_voc_single_and_multi(saved_scene_model, voc_root, tmp_path):

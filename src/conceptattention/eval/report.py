@@ -61,16 +61,23 @@ def summarize(folder: Path, num_classes: int, expected_ids: Sequence[str] | None
     return rows
 
 
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return "-" if np.isnan(value) else f"{100 * value:.2f}" if value <= 1 else f"{value:.3f}"
-    return str(value)
+PERCENT_COLUMNS = {"acc", "miou", "miou_paper_compat", "map", "acc_argmax", "miou_argmax"}
+
+
+def _fmt(column: str, value: Any) -> str:
+    if not isinstance(value, float):
+        return str(value)
+    if np.isnan(value):
+        return "-"
+    if column in PERCENT_COLUMNS:
+        return f"{100 * value:.2f}"
+    return f"{value:g}" if column == "t" else f"{value:.3f}"
 
 
 def write_report(folder: Path, rows: list[dict[str, Any]], title: str) -> list[Path]:
     """``report.md`` (percent), ``report.csv`` (fractions) and, with per-block rows, ``per_block.png``."""
     md = [f"# {title}", "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    md += ["| " + " | ".join(_fmt(row.get(c, float("nan"))) for c in COLUMNS) + " |" for row in rows]
+    md += ["| " + " | ".join(_fmt(c, row.get(c, float("nan"))) for c in COLUMNS) + " |" for row in rows]
     md += ["", "acc, mIoU, mAP in %; `miou_paper_compat` = acc/(2-acc), the quantity the reference code called mIoU."]
     missing = {f"{r['method']}@t={r['t']:g}": len(r.get("missing", [])) for r in rows if r.get("missing")}
     if missing:
