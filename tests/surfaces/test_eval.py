@@ -152,3 +152,14 @@ def test_two_processes_merge_without_duplicates_or_gaps(saved_scene_model, tmp_p
         assert got["method"] == want["method"] and got["images"] == want["images"] == "24"
         for column in ("acc", "miou", "map"):
             assert float(got[column]) == pytest.approx(float(want[column]), abs=1e-6)
+
+
+def test_timestep_sweep_gives_one_row_per_t(saved_scene_model, tmp_path):
+    result, output = _cli("eval", "scenes", "--model", saved_scene_model, "--out", tmp_path / "sweep", "--limit", "3",
+                          "--t", "0.3", "--t", "0.7", "--per-block", "--layers", "1")  # fmt: skip
+    assert result.exit_code == 0, output
+    rows = _rows(tmp_path / "sweep")
+    assert [(r["method"], r["t"], r["images"]) for r in rows] == [("concept_attention", "0.3", "3"),
+                                                                  ("concept_attention", "0.7", "3")]  # fmt: skip
+    assert rows[0]["miou"] != rows[1]["miou"]  # each noise level really ran
+    assert json.loads(rows[0]["blocks_miou"])[0] == pytest.approx(float(rows[0]["miou"]), abs=1e-5)  # 1 block = all
