@@ -199,3 +199,17 @@ def test_per_image_seeds_make_batched_encoding_match_single_encoding(tiny_pipe):
     assert both.metadata["seed"] == [3, 4]
     with pytest.raises(ca.ConceptAttentionError, match=r"one int per image \(2\)"):
         ca.encode_image(tiny_pipe, [a, b], ["dog", "sky"], seed=[3], **kwargs)
+
+
+def test_encode_with_a_guidance_distilled_model_passes_guidance(tiny_dev_pipe):
+    seen = []
+    hook = tiny_dev_pipe.transformer.register_forward_pre_hook(
+        lambda m, a, kw: seen.append(kw["guidance"]), with_kwargs=True
+    )
+    try:
+        maps = ca.encode_image(tiny_dev_pipe, torch.rand(3, 32, 32), ["dog", "sky"], height=32, width=32,
+                               guidance_scale=2.5)  # fmt: skip
+    finally:
+        hook.remove()
+    assert seen[0].tolist() == [2.5] and maps.metadata["guidance_scale"] == 2.5
+    torch.testing.assert_close(maps.maps.sum(1), torch.ones(1, 8, 8))
