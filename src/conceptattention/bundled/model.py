@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import torch
 from diffusers import FluxPipeline
 
 from conceptattention.bundled.components import (
@@ -36,9 +37,20 @@ class BundledModelConfig:
     num_attention_heads: int = 4
     attention_head_dim: int = 32
     max_sequence_length: int = 16
+    # False: the frozen text encoder's self-attention outputs are zeroed, so each token's state
+    # depends on that token alone and a concept encoded alone equals the same word in a caption.
+    text_context: bool = True
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _text_encoder(tokenizer, config: BundledModelConfig, seed: int):
+    encoder = make_t5_encoder(tokenizer, config.text_dim, seed=seed)
+    if not config.text_context:
+        for block in encoder.encoder.block:
+            torch.nn.init.zeros_(block.layer[0].SelfAttention.o.weight)
+    return encoder
 
 
 def build_untrained(config: BundledModelConfig, seed: int = 0) -> FluxPipeline:
@@ -60,7 +72,7 @@ def build_untrained(config: BundledModelConfig, seed: int = 0) -> FluxPipeline:
         vae=make_vae((config.vae_channels,), config.latent_channels, norm_num_groups=8, seed=seed + 1),
         text_encoder=make_clip_encoder(tokenizer, config.pooled_dim, seed=seed + 2),
         tokenizer=tokenizer,
-        text_encoder_2=make_t5_encoder(tokenizer_2, config.text_dim, seed=seed + 3),
+        text_encoder_2=_text_encoder(tokenizer_2, config, seed + 3),
         tokenizer_2=tokenizer_2,
         scheduler=make_scheduler(dynamic_shifting=False, shift=1.0),
     )

@@ -339,6 +339,7 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=None)
     parser.add_argument("--decay-minutes", type=float, default=0.0, help="cosine LR decay over the last minutes")
     parser.add_argument("--word-captions", type=float, default=0.0, help="probability of one-word captions")
+    parser.add_argument("--token-wise-text", action="store_true", help="text encoder without context mixing")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--eval-every", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
@@ -346,7 +347,7 @@ def main() -> None:
     parser.add_argument("--report", type=Path, default=None, help="write curves and samples of --export's model")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    config = BundledModelConfig()
+    config = BundledModelConfig(text_context=not args.token_wise_text)
     if args.report is not None:
         write_report(args.work, args.export, args.report)
         return
