@@ -11,7 +11,6 @@ import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel
 
 from conceptattention.bundled.components import (
-    BASE_WORDS,
     assemble_pipeline,
     make_clip_encoder,
     make_clip_tokenizer,
@@ -24,7 +23,6 @@ from conceptattention.bundled.components import (
 
 TEXT_HIDDEN = 32
 LATENT_CHANNELS = 4
-T5_WORDS = BASE_WORDS
 
 
 def _cast(model, dtype: torch.dtype):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -9,7 +10,7 @@ from typing import Any
 import torch
 
 from conceptattention.adapters import Adapter, adapter_for
-from conceptattention.adapters.base import Attachment, TraceState, bind_forward_arguments
+from conceptattention.adapters.base import Attachment, TraceState
 from conceptattention.concepts import ConceptEmbeddings, encode_concepts, validate_concepts
 from conceptattention.config import ConceptAttentionConfig
 from conceptattention.core import Normalization, ScoreAccumulator, finalize_maps, tokens_to_grid
@@ -75,14 +76,14 @@ class ConceptSession:
         )
         self.normalization = _normalization(softmax, len(self.concepts))
         self._attachment = Attachment(transformer, marker=self.adapter.processor_class)
+        # Inspected once: reading the signature on every forward is measurable on small models.
+        self._forward_signature = inspect.signature(transformer.forward)
         self._reset_run(run_token=None)
 
     # -- attach / detach -------------------------------------------------------------------
     def __enter__(self) -> ConceptSession:
         self._attachment.attach(
-            lambda stack: self.adapter.install(
-                self.transformer, self.state, self._attachment, stack, self._on_forward_start
-            )
+            lambda stack: self.adapter.install(self.transformer, self.state, stack, self._on_forward_start)
         )
         return self
 
@@ -121,7 +122,7 @@ class ConceptSession:
         state.concept_hidden = None
         if not selected:
             return
-        inputs = bind_forward_arguments(transformer.forward, args, kwargs)
+        inputs = dict(self._forward_signature.bind_partial(*args, **kwargs).arguments)
         state.forward_inputs = {k: inputs.get(k) for k in ("timestep", "guidance", "pooled_projections")}
         self._step_timesteps[step] = inputs["timestep"]
         if self._grid is None:

@@ -9,7 +9,6 @@ extra return values of the processors.
 from __future__ import annotations
 
 import contextlib
-import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -149,9 +148,6 @@ class Attachment:
             raise
         self._stack = stack
 
-    def register(self, stack: contextlib.ExitStack, handle: torch.utils.hooks.RemovableHandle) -> None:
-        stack.callback(handle.remove)
-
     def detach(self) -> None:
         if self._stack is None:
             raise ConceptAttentionError("This trace is not attached; nothing to detach.")
@@ -161,8 +157,3 @@ class Attachment:
     @property
     def attached(self) -> bool:
         return self._stack is not None
-
-
-def bind_forward_arguments(forward: Callable, args: tuple, kwargs: Mapping[str, Any]) -> dict[str, Any]:
-    """Map a forward call's positional and keyword arguments to parameter names."""
-    return dict(inspect.signature(forward).bind_partial(*args, **kwargs).arguments)

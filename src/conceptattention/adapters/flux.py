@@ -22,7 +22,7 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 
-from conceptattention.adapters.base import ArchitectureSpec, Attachment, StopForward, TraceState, argument
+from conceptattention.adapters.base import ArchitectureSpec, StopForward, TraceState, argument
 from conceptattention.core import block_saliency, concept_attention
 from conceptattention.errors import ConceptAttentionError
 
@@ -207,15 +207,12 @@ def _make_block_post_hook(state: TraceState, index: int):
     return post_hook
 
 
-def install_flux(
-    transformer, state: TraceState, attachment: Attachment, stack: contextlib.ExitStack, on_forward_start
-) -> None:
+def install_flux(transformer, state: TraceState, stack: contextlib.ExitStack, on_forward_start) -> None:
     """Install processors and hooks on the double blocks 0..last selected block.
 
     Args:
         transformer: a ``FluxTransformer2DModel``.
         state: the session's state.
-        attachment: records undo steps.
         stack: the undo stack of this attach.
         on_forward_start: ``callable(transformer, args, kwargs)`` run before each transformer forward.
     """
@@ -231,14 +228,14 @@ def install_flux(
             )
         processors[name] = FluxConceptAttnProcessor(index, state, originals[name])
     transformer.set_attn_processor(processors)
-    attachment.register(stack, transformer.register_forward_pre_hook(on_forward_start, with_kwargs=True, prepend=True))
+    stack.callback(transformer.register_forward_pre_hook(on_forward_start, with_kwargs=True, prepend=True).remove)
     blocks = getattr(transformer, FLUX_SPEC.double_blocks)
     for index in range(state.last_block + 1):
         block = blocks[index]
-        attachment.register(
-            stack, block.register_forward_pre_hook(_make_block_pre_hook(transformer, state, index), with_kwargs=True)
+        stack.callback(
+            block.register_forward_pre_hook(_make_block_pre_hook(transformer, state, index), with_kwargs=True).remove
         )
-        attachment.register(stack, block.register_forward_hook(_make_block_post_hook(state, index), with_kwargs=True))
+        stack.callback(block.register_forward_hook(_make_block_post_hook(state, index), with_kwargs=True).remove)
 
 
 # -- encode mode (real images) ------------------------------------------------------------------
