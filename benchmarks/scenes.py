@@ -32,6 +32,7 @@ from conceptattention.eval.harness import METHODS, evaluate
 from conceptattention.eval.protocol import multiclass_stats
 from conceptattention.eval.report import summarize, summarize_stats, write_report
 from conceptattention.eval.run import PROTOCOLS
+from conceptattention.loading import bundled_model_path
 
 
 def _bar(todo: int, planned: int):
@@ -90,7 +91,8 @@ def main() -> None:
     write_report(args.out / "trained", trained_rows, f"scenes ({args.scenes} test scenes), bundled model")
     rows = {row["method"]: row for row in trained_rows}
 
-    pipe.transformer = build_untrained(BundledModelConfig(), seed=0).transformer.to(pipe.transformer.dtype)
+    architecture = BundledModelConfig.of_model(args.model or bundled_model_path())
+    pipe.transformer = build_untrained(architecture, seed=0).transformer.to(pipe.transformer.dtype)
     evaluate(pipe, dataset, args.out / "untrained", protocol=protocol, progress=_bar)
     rows["untrained"] = summarize(args.out / "untrained", len(CLASSES))[0]
     rows["layout_prior"] = layout_prior(dataset, args.prior_scenes)

@@ -201,13 +201,15 @@ def generate(
 def demo(
     out: OutOption = Path("outputs"),
     model: ModelOption = None,
-    scene: Annotated[int, typer.Option(help="Index of the held-out test scene to encode.")] = 3,
+    scene: Annotated[
+        list[int] | None, typer.Option(help="Held-out test scene to encode; repeat for several (default: 0 1 2 3).")
+    ] = None,
     prompt: Annotated[str, typer.Option(help="Prompt of the generated example.")] = "a photo of lemon, brick and grass",
 ) -> None:
-    """Offline demo on the bundled model: encode a test scene (with IoU) and generate one."""
-    from conceptattention.demo import run_demo
+    """Offline demo on the bundled model: encode test scenes (with IoU) and generate one."""
+    from conceptattention.demo import DEFAULT_SCENES, run_demo
 
-    run_demo(out=out, model=model, scene_index=scene, prompt=prompt, console=Console())
+    run_demo(out=out, model=model, scenes=scene or DEFAULT_SCENES, prompt=prompt, console=Console())
 
 
 @app.command(name="eval")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from diffusers import FluxPipeline
@@ -39,10 +41,19 @@ class BundledModelConfig:
     max_sequence_length: int = 16
     # False: the frozen text encoder's self-attention outputs are zeroed, so each token's state
     # depends on that token alone and a concept encoded alone equals the same word in a caption.
-    text_context: bool = True
+    text_context: bool = False
+    # False: the transformer's pooled-text input weights are zero and frozen, so the caption reaches
+    # the image only through joint attention, and concept tokens are conditioned exactly as in
+    # training (ConceptAttention conditions them with a zero pooled input).
+    pooled_text: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def of_model(cls, folder: str | Path) -> BundledModelConfig:
+        """The architecture recorded in a pipeline folder's ``conceptattention.json``."""
+        return cls(**json.loads((Path(folder) / "conceptattention.json").read_text())["architecture"])
 
 
 def _text_encoder(tokenizer, config: BundledModelConfig, seed: int):
@@ -53,22 +64,31 @@ def _text_encoder(tokenizer, config: BundledModelConfig, seed: int):
     return encoder
 
 
+def _transformer(config: BundledModelConfig, seed: int):
+    transformer = make_transformer(
+        latent_channels=config.latent_channels,
+        text_dim=config.text_dim,
+        pooled_dim=config.pooled_dim,
+        num_layers=config.num_layers,
+        num_single_layers=config.num_single_layers,
+        num_attention_heads=config.num_attention_heads,
+        attention_head_dim=config.attention_head_dim,
+        seed=seed,
+    )
+    if not config.pooled_text:
+        pooled_input = transformer.time_text_embed.text_embedder.linear_1.weight
+        torch.nn.init.zeros_(pooled_input)
+        pooled_input.requires_grad_(False)
+    return transformer
+
+
 def build_untrained(config: BundledModelConfig, seed: int = 0) -> FluxPipeline:
     """All parts with seeded random weights; text encoders stay frozen at these weights."""
     words = (*SCENE_WORDS, *BASE_WORDS)
     tokenizer = make_clip_tokenizer(words)
     tokenizer_2 = make_t5_tokenizer(words, model_max_length=config.max_sequence_length)
     return assemble_pipeline(
-        transformer=make_transformer(
-            latent_channels=config.latent_channels,
-            text_dim=config.text_dim,
-            pooled_dim=config.pooled_dim,
-            num_layers=config.num_layers,
-            num_single_layers=config.num_single_layers,
-            num_attention_heads=config.num_attention_heads,
-            attention_head_dim=config.attention_head_dim,
-            seed=seed,
-        ),
+        transformer=_transformer(config, seed),
         vae=make_vae((config.vae_channels,), config.latent_channels, norm_num_groups=8, seed=seed + 1),
         text_encoder=make_clip_encoder(tokenizer, config.pooled_dim, seed=seed + 2),
         tokenizer=tokenizer,

@@ -3,8 +3,10 @@
 Stages: (1) train the pixel-space autoencoder; (2) fit the latent shift/scale;
 (3) train the Flux transformer with flow matching on latents and captions (caption
 dropout), evaluating held-out grounding (ConceptAttention mIoU on validation
-scenes) every ``eval_every`` steps and keeping the best checkpoint. Text encoders
-stay frozen at their seeded random weights.
+scenes, at the training resolution) every ``eval_every`` steps and keeping the best
+checkpoint. Text encoders stay frozen at their seeded random weights; by default the
+T5 encoder is token-wise and the transformer ignores the pooled CLIP vector (see
+:class:`~conceptattention.bundled.model.BundledModelConfig`).
 
 Usage:
     python -m conceptattention.bundled.train --work runs/bundled --minutes 80
@@ -21,8 +23,9 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,7 +42,7 @@ logger = logging.getLogger("conceptattention.train")
 class TrainSettings:
     seed: int = 0
     train_scenes: int = 40000
-    val_scenes: int = 64
+    val_scenes: int = 256
     batch_size: int = 32
     lr: float = 4e-4
     warmup: int = 200
@@ -49,7 +52,7 @@ class TrainSettings:
     vae_steps: int = 800
     eval_every: int = 300
     minutes: float = 80.0
-    decay_minutes: float = 0.0  # cosine decay of the learning rate to 10 % over the last minutes of the budget
+    decay_minutes: float = 15.0  # cosine decay of the learning rate to 10 % over the last minutes of the budget
     max_steps: int | None = None
 
 
@@ -140,27 +143,36 @@ def flow_matching_loss(pipe, transformer, latents, prompt_embeds, pooled, text_i
     return (pred - target).pow(2).mean()
 
 
-def grounding(pipe, ema_transformer, settings: TrainSettings, config: BundledModelConfig) -> float:
-    """Held-out ConceptAttention mIoU on validation scenes (the checkpoint criterion), via the eval harness."""
-    from dataclasses import asdict
+def grounding(pipe, ema_transformer, settings: TrainSettings, config: BundledModelConfig) -> dict[str, Any]:
+    """Held-out ConceptAttention mIoU on validation scenes (the checkpoint criterion), via the eval harness.
 
+    Evaluated at the training resolution: a freshly built FluxPipeline's default size is FLUX.1's
+    (128 latent pixels), not the scenes' size. Returns ``{"miou": ..., "blocks": [per-block mIoU]}``.
+    """
     from conceptattention.eval.datasets import SceneDataset
     from conceptattention.eval.protocol import evaluate_batch
     from conceptattention.eval.report import summarize_stats
     from conceptattention.eval.run import PROTOCOLS
 
     dataset = SceneDataset("val", settings.val_scenes)
+    protocol = replace(PROTOCOLS["scenes"], resolution=(config.image_size, config.image_size))
+    num_classes = len(dataset.class_names)
     trained = pipe.transformer
     pipe.transformer = ema_transformer
     try:
-        stats = [
-            evaluate_batch(pipe, [dataset[i]], "multiclass", len(dataset.class_names), PROTOCOLS["scenes"],
-                           ConceptAttentionConfig(), max_sequence_length=config.max_sequence_length)[0][0]
+        results = [
+            evaluate_batch(pipe, [dataset[i]], "multiclass", num_classes, protocol,
+                           ConceptAttentionConfig(per_block=True), max_sequence_length=config.max_sequence_length)[0]
             for i in range(len(dataset))
         ]  # fmt: skip
     finally:
         pipe.transformer = trained
-    return summarize_stats([asdict(s) for s in stats], len(dataset.class_names))["miou"]
+    overall = summarize_stats([asdict(overall) for overall, _ in results], num_classes)["miou"]
+    blocks = [
+        summarize_stats([asdict(per_block[b]) for _, per_block in results], num_classes)["miou"]
+        for b in range(len(results[0][1]))
+    ]
+    return {"miou": overall, "blocks": blocks}
 
 
 def save_checkpoint(path: Path, pipe, ema, optimizer, step: int, elapsed: float, best: float) -> None:
@@ -242,18 +254,20 @@ def train(work: Path, settings: TrainSettings, config: BundledModelConfig) -> No
         with torch.no_grad():
             for p_ema, p in zip(ema.parameters(), transformer.parameters()):
                 p_ema.lerp_(p, 1 - settings.ema_decay)
-        window.append(float(loss))
+        window.append(float(loss.detach()))
         step += 1
         elapsed = time.time() - started
         if step % settings.eval_every == 0 or elapsed >= budget:
             transformer.eval()
-            score = grounding(pipe, ema, settings, config)
+            val = grounding(pipe, ema, settings, config)
+            score = val["miou"]
             transformer.train()
             record = {
                 "step": step,
                 "minutes": round(elapsed / 60, 2),
                 "loss": round(float(np.mean(window)), 5),
                 "val_miou": round(score, 4),
+                "val_miou_blocks": [round(b, 4) for b in val["blocks"]],
                 "lr": lr,
             }
             window = []
@@ -266,6 +280,19 @@ def train(work: Path, settings: TrainSettings, config: BundledModelConfig) -> No
                 log.write(json.dumps(record) + "\n")
             save_checkpoint(ckpt, pipe, ema, optimizer, step, elapsed, best)
     logger.info("finished at step %d, best val mIoU %.4f", step, best)
+
+
+def work_config(work: Path, requested: BundledModelConfig) -> BundledModelConfig:
+    """The architecture recorded in ``work`` (a run resumes and exports as it started), else ``requested``."""
+    path = work / "config.json"
+    if path.is_file():
+        recorded = BundledModelConfig(**json.loads(path.read_text()))
+        if recorded != requested:
+            logger.info("using the architecture recorded in %s: %s", path, recorded)
+        return recorded
+    work.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(requested.to_dict(), indent=2) + "\n")
+    return requested
 
 
 def export(work: Path, out: Path, config: BundledModelConfig, seed: int = 0) -> None:
@@ -304,12 +331,19 @@ def write_report(work: Path, model: Path, out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     rows = [json.loads(line) for line in (work / "log.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "step" in r]
-    figure = Figure(figsize=(8, 3))
+    # Rows without per-block values come from before the criterion was measured at the training
+    # resolution (128 px instead of 32 px); they are not comparable and are left out.
+    scored = [r for r in rows if "val_miou_blocks" in r]
+    figure = Figure(figsize=(9, 3.2))
     left, right = figure.subplots(1, 2)
     left.plot([r["step"] for r in rows], [r["loss"] for r in rows])
     left.set(xlabel="step", ylabel="flow-matching loss", title="training loss")
-    right.plot([r["step"] for r in rows], [r["val_miou"] for r in rows], marker="o")
-    right.set(xlabel="step", ylabel="mIoU", title="held-out grounding (64 val scenes)")
+    steps = [r["step"] for r in scored]
+    right.plot(steps, [r["val_miou"] for r in scored], marker="o", color="black", label="all blocks (criterion)")
+    for b in range(len(scored[0]["val_miou_blocks"]) if scored else 0):
+        right.plot(steps, [r["val_miou_blocks"][b] for r in scored], linewidth=0.8, label=f"block {b}")
+    right.set(xlabel="step", ylabel="mIoU", title="held-out grounding (val scenes)")
+    right.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(out / "training_curves.png", dpi=110)
 
@@ -335,11 +369,16 @@ def write_report(work: Path, model: Path, out: Path) -> list[Path]:
 def main() -> None:
     parser = argparse.ArgumentParser(description="Train the bundled ConceptAttention demo model.")
     parser.add_argument("--work", type=Path, default=Path("runs/bundled"))
-    parser.add_argument("--minutes", type=float, default=80.0)
+    parser.add_argument("--minutes", type=float, default=TrainSettings.minutes)
     parser.add_argument("--max-steps", type=int, default=None)
-    parser.add_argument("--decay-minutes", type=float, default=0.0, help="cosine LR decay over the last minutes")
+    parser.add_argument(
+        "--decay-minutes", type=float, default=TrainSettings.decay_minutes, help="cosine LR decay over the last minutes"
+    )
     parser.add_argument("--word-captions", type=float, default=0.0, help="probability of one-word captions")
-    parser.add_argument("--token-wise-text", action="store_true", help="text encoder without context mixing")
+    parser.add_argument("--contextual-text", action="store_true", help="T5 self-attention mixes the caption's words")
+    parser.add_argument("--pooled-text", action="store_true", help="the transformer reads the pooled CLIP vector")
+    parser.add_argument("--lr", type=float, default=TrainSettings.lr)
+    parser.add_argument("--val-scenes", type=int, default=TrainSettings.val_scenes)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--eval-every", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
@@ -347,7 +386,7 @@ def main() -> None:
     parser.add_argument("--report", type=Path, default=None, help="write curves and samples of --export's model")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    config = BundledModelConfig(text_context=not args.token_wise_text)
+    config = work_config(args.work, BundledModelConfig(text_context=args.contextual_text, pooled_text=args.pooled_text))
     if args.report is not None:
         write_report(args.work, args.export, args.report)
         return
@@ -362,6 +401,8 @@ def main() -> None:
         eval_every=args.eval_every,
         decay_minutes=args.decay_minutes,
         word_captions=args.word_captions,
+        lr=args.lr,
+        val_scenes=args.val_scenes,
     )
     train(args.work, settings, config)
 
