@@ -18,7 +18,6 @@ from conceptattention.errors import ConceptAttentionError
 from conceptattention.generate import generate
 from conceptattention.loading import load_pipeline
 
-
 DEFAULT_SCENES = (0, 1, 2, 3)
 
 
