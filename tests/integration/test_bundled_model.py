@@ -53,7 +53,6 @@ def _miou(pipe, scenes: SceneDataset) -> float:
 
 def test_maps_localise_the_named_things(bundled):
     from conceptattention.bundled.model import BundledModelConfig, build_untrained
-    from conceptattention.loading import bundled_model_path
 
     scenes = SceneDataset("test", 40)
     trained = _miou(bundled, scenes)

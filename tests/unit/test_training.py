@@ -108,5 +108,6 @@ def test_held_out_grounding_is_measured_at_the_training_resolution():
 
     val = grounding(pipe, pipe.transformer, TrainSettings(val_scenes=3), config)
     assert val["miou"] == miou((32, 32))
-    assert val["miou"] != miou(None)  # a freshly built FluxPipeline defaults to 128 px
+    assert miou(None) == miou((32, 32))  # the built pipeline's default size is the scenes' size
+    assert val["miou"] != miou((128, 128))  # FluxPipeline's own default, which the criterion once used
     assert len(val["blocks"]) == config.num_layers

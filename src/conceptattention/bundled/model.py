@@ -87,7 +87,7 @@ def build_untrained(config: BundledModelConfig, seed: int = 0) -> FluxPipeline:
     words = (*SCENE_WORDS, *BASE_WORDS)
     tokenizer = make_clip_tokenizer(words)
     tokenizer_2 = make_t5_tokenizer(words, model_max_length=config.max_sequence_length)
-    return assemble_pipeline(
+    pipe = assemble_pipeline(
         transformer=_transformer(config, seed),
         vae=make_vae((config.vae_channels,), config.latent_channels, norm_num_groups=8, seed=seed + 1),
         text_encoder=make_clip_encoder(tokenizer, config.pooled_dim, seed=seed + 2),
@@ -96,3 +96,7 @@ def build_untrained(config: BundledModelConfig, seed: int = 0) -> FluxPipeline:
         tokenizer_2=tokenizer_2,
         scheduler=make_scheduler(dynamic_shifting=False, shift=1.0),
     )
+    # FluxPipeline defaults to FLUX.1's size; a saved model gets its size from conceptattention.json,
+    # a pipeline built here (training, references) from this.
+    pipe.default_sample_size = config.image_size // pipe.vae_scale_factor
+    return pipe

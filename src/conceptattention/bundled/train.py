@@ -23,7 +23,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -146,8 +146,8 @@ def flow_matching_loss(pipe, transformer, latents, prompt_embeds, pooled, text_i
 def grounding(pipe, ema_transformer, settings: TrainSettings, config: BundledModelConfig) -> dict[str, Any]:
     """Held-out ConceptAttention mIoU on validation scenes (the checkpoint criterion), via the eval harness.
 
-    Evaluated at the training resolution: a freshly built FluxPipeline's default size is FLUX.1's
-    (128 latent pixels), not the scenes' size. Returns ``{"miou": ..., "blocks": [per-block mIoU]}``.
+    Evaluated at the pipeline's default size, which :func:`build_untrained` sets to the training
+    resolution. Returns ``{"miou": ..., "blocks": [per-block mIoU]}``.
     """
     from conceptattention.eval.datasets import SceneDataset
     from conceptattention.eval.protocol import evaluate_batch
@@ -155,13 +155,12 @@ def grounding(pipe, ema_transformer, settings: TrainSettings, config: BundledMod
     from conceptattention.eval.run import PROTOCOLS
 
     dataset = SceneDataset("val", settings.val_scenes)
-    protocol = replace(PROTOCOLS["scenes"], resolution=(config.image_size, config.image_size))
     num_classes = len(dataset.class_names)
     trained = pipe.transformer
     pipe.transformer = ema_transformer
     try:
         results = [
-            evaluate_batch(pipe, [dataset[i]], "multiclass", num_classes, protocol,
+            evaluate_batch(pipe, [dataset[i]], "multiclass", num_classes, PROTOCOLS["scenes"],
                            ConceptAttentionConfig(per_block=True), max_sequence_length=config.max_sequence_length)[0]
             for i in range(len(dataset))
         ]  # fmt: skip
@@ -340,8 +339,8 @@ def write_report(work: Path, model: Path, out: Path) -> list[Path]:
     left.set(xlabel="step", ylabel="flow-matching loss", title="training loss")
     steps = [r["step"] for r in scored]
     right.plot(steps, [r["val_miou"] for r in scored], marker="o", color="black", label="all blocks (criterion)")
-    for b in range(len(scored[0]["val_miou_blocks"]) if scored else 0):
-        right.plot(steps, [r["val_miou_blocks"][b] for r in scored], linewidth=0.8, label=f"block {b}")
+    for b, block_curve in enumerate(zip(*(r["val_miou_blocks"] for r in scored))):
+        right.plot(steps, block_curve, linewidth=0.8, label=f"block {b}")
     right.set(xlabel="step", ylabel="mIoU", title="held-out grounding (val scenes)")
     right.legend(fontsize=7)
     figure.tight_layout()
