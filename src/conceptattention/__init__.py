@@ -9,7 +9,7 @@ Example:
     >>> maps.save("outputs/dog")  # doctest: +SKIP
 """
 
-from conceptattention.adapters import SUPPORTED_ARCHITECTURES
+from conceptattention.adapters import supported_architectures
 from conceptattention.config import ConceptAttentionConfig
 from conceptattention.encode import encode_image
 from conceptattention.errors import ConceptAttentionError, UnsupportedArchitectureError, WeightsNotFoundError
@@ -21,7 +21,6 @@ from conceptattention.tracing import trace
 __version__ = "0.1.0"
 
 __all__ = [
-    "SUPPORTED_ARCHITECTURES",
     "ConceptAttentionConfig",
     "ConceptAttentionError",
     "ConceptMaps",
@@ -30,5 +29,12 @@ __all__ = [
     "encode_image",
     "generate",
     "load_pipeline",
+    "supported_architectures",
     "trace",
 ]
+
+
+def __getattr__(name: str):
+    if name == "SUPPORTED_ARCHITECTURES":  # imports every backend (and diffusers) on first access
+        return supported_architectures()
+    raise AttributeError(name)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
@@ -61,11 +62,43 @@ class ConceptEmbeddings:
         states: (C, D_text) one vector per concept, on the encoder's output device and dtype.
         tokens: the sub-tokens of each concept (special tokens removed), for the record.
         pooling: how ``states`` was pooled from the sub-tokens.
+        encoder: which prompt encoder produced them, in words (for the record).
     """
 
     states: torch.Tensor
     tokens: tuple[tuple[str, ...], ...]
     pooling: Pooling
+    encoder: str = ""
+
+    def with_encoder(self, encoder: str) -> ConceptEmbeddings:
+        return replace(self, encoder=encoder)
+
+
+def pipeline_part(pipe: Any, name: str, why: str) -> Any:
+    """A pipeline component that concept encoding needs, or an error saying how to load it."""
+    part = getattr(pipe, name, None)
+    if part is None:
+        raise ConceptAttentionError(
+            f"{type(pipe).__name__} was loaded without `{name}`, but {why}; load the pipeline with it "
+            f"(do not pass `{name}=None` to `from_pretrained`)"
+        )
+    return part
+
+
+def locate_span(sequence: Sequence[int], word: Sequence[int]) -> int:
+    """Start of the first occurrence of the token ids ``word`` in ``sequence``.
+
+    Raises:
+        ConceptAttentionError: ``word`` does not occur (e.g. truncated away).
+    """
+    n = len(word)
+    for start in range(len(sequence) - n + 1):
+        if list(sequence[start : start + n]) == list(word):
+            return start
+    raise ConceptAttentionError(
+        f"The concept's tokens {list(word)} do not occur in its encoded sequence; the prompt budget "
+        "(`max_sequence_length`) may be too small for it"
+    )
 
 
 def pool_token_states(hidden: torch.Tensor, keep: torch.Tensor, pooling: Pooling) -> torch.Tensor:

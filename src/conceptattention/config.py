@@ -36,19 +36,22 @@ class ConceptAttentionConfig:
 
     Args:
         layers: double-stream (joint) block indices to score, e.g. ``(9, ..., 18)``. ``None``
-            uses the architecture's default (Flux.1: the last 10 double-stream blocks).
+            uses the backend's default (Flux.1: the last 10 double-stream blocks; SD3: the later
+            half of the joint blocks without the pre-only last one).
         steps: denoising step indices to score in generate/trace mode (``0`` is the first,
             noisiest step). ``None`` uses every step. Ignored by ``encode_image``.
         score_space: ``"output"`` (ConceptAttention), ``"cross_attention"`` (image queries
             against concept keys, softmax over concepts, mean over heads) or ``"value"``.
         concept_keys: keys the concept queries attend to: ``"both"`` (concepts and image,
-            default), ``"image"`` or ``"concepts"``. Ignored for ``score_space="value"``, where
-            the concept attention output is the concept value itself.
+            default), ``"image"`` or ``"concepts"``. It shapes the concept residual stream in
+            every score space (the value-space score itself is ``v_c . v_x``).
         softmax: softmax over concepts per block and timestep. ``None`` (default) means on
             when more than one concept is given; with one concept the map is min-max scaled.
         pooling: one vector per concept from its own sub-tokens: ``"first"`` sub-token
             (the paper's choice) or ``"mean"`` over the concept's non-special sub-tokens.
         per_block: also keep one map per selected block (for per-block sweeps).
+        concept_encoder: which of the model's prompt encoders encodes the concepts; ``None``
+            uses the backend's default (Flux.1: ``"t5"``; SD3: ``"t5"``, or ``"clip"``).
 
     Example:
         >>> ConceptAttentionConfig(layers=[15, 16, 17, 18], score_space="output").layers
@@ -62,6 +65,7 @@ class ConceptAttentionConfig:
     softmax: bool | None = None
     pooling: Pooling = "first"
     per_block: bool = False
+    concept_encoder: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", _index_tuple("layers", self.layers))
@@ -73,6 +77,8 @@ class ConceptAttentionConfig:
         ):
             if value not in allowed:
                 raise ConceptAttentionError(f"`{name}` must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+        if self.concept_encoder is not None and not isinstance(self.concept_encoder, str):
+            raise ConceptAttentionError(f"`concept_encoder` must be a string or None, got {self.concept_encoder!r}")
         if self.softmax is not None and not isinstance(self.softmax, bool):
             raise ConceptAttentionError(f"`softmax` must be True, False or None (auto), got {self.softmax!r}")
 

@@ -9,13 +9,13 @@ from typing import Any, cast
 
 import torch
 
-from conceptattention.adapters.base import StopForward
+from conceptattention.adapters.base import Backend, StopForward
 from conceptattention.concepts import validate_concepts
 from conceptattention.config import ConceptAttentionConfig
 from conceptattention.errors import ConceptAttentionError
 from conceptattention.images import ImageInput, load_images, resize_for_model, to_model_input
 from conceptattention.loading import model_defaults
-from conceptattention.outputs import ConceptMaps
+from conceptattention.outputs import ConceptMaps, EncodeDetails
 from conceptattention.tracing import (
     ConceptSession,
     config_with_overrides,
@@ -24,7 +24,9 @@ from conceptattention.tracing import (
 )
 
 
-def _model_size(pipe: Any, pixels: int, height: int | None, width: int | None) -> tuple[int, int]:
+def _model_size(pipe: Any, backend: Backend, height: int | None, width: int | None) -> tuple[int, int]:
+    pixels = backend.pixels_per_token(pipe)
+    largest = backend.max_pixels_per_side(pipe)
     defaults = model_defaults(pipe)
     default = int(getattr(pipe, "default_sample_size", 64)) * int(getattr(pipe, "vae_scale_factor", 1))
     size = (height or defaults.get("height", default), width or defaults.get("width", default))
@@ -33,7 +35,12 @@ def _model_size(pipe: Any, pixels: int, height: int | None, width: int | None) -
             lower = max(pixels, (value // pixels) * pixels) if isinstance(value, int) else pixels
             raise ConceptAttentionError(
                 f"`{name}`={value!r} cannot be taken by {type(pipe).__name__}: it must be a positive multiple of "
-                f"{pixels} (VAE scale x latent patch); try {lower} or {lower + pixels}"
+                f"{pixels} (VAE scale x patch size); try {lower} or {lower + pixels}"
+            )
+        if largest is not None and value > largest:
+            raise ConceptAttentionError(
+                f"`{name}`={value!r} is larger than {type(pipe).__name__} can take: its position table covers at "
+                f"most {largest} pixels per side; use {largest} or less (a multiple of {pixels})"
             )
     return size
 
@@ -63,7 +70,7 @@ def encode_image(
     seed: int | Sequence[int] = 0,
     height: int | None = None,
     width: int | None = None,
-    guidance_scale: float = 3.5,
+    guidance_scale: float | None = None,
     max_sequence_length: int | None = None,
     **overrides: Any,
 ) -> ConceptMaps:
@@ -74,7 +81,7 @@ def encode_image(
     block; repeated for ``num_samples`` seeded noise draws and averaged.
 
     Args:
-        pipe: a loaded pipeline of a supported architecture (``FluxPipeline``).
+        pipe: a loaded pipeline of a supported architecture (``FluxPipeline``, ``StableDiffusion3Pipeline``).
         image: a PIL image, path, numpy array or tensor, or a list of them (batch B).
         concepts: concept words (1-64, unique).
         caption: prompt for the forward pass (default: empty).
@@ -84,10 +91,11 @@ def encode_image(
         seed: seed of the noise draws (CPU generators, reproducible across devices); one seed per
             image makes each image's maps independent of how images are batched.
         height, width: model resolution; default: the model's recorded defaults, else the
-            pipeline's default sample size (1024 for FLUX.1).
-        guidance_scale: guidance embedding for guidance-distilled models (FLUX.1-dev).
+            pipeline's default sample size (1024 for FLUX.1 and SD3.5).
+        guidance_scale: guidance embedding of guidance-distilled models (FLUX.1-dev; default
+            3.5); models without one ignore it (no classifier-free guidance in encode mode).
         max_sequence_length: caption token budget of the prompt encoder (default: the
-            model's recorded default, else 512).
+            model's recorded default, else the pipeline's: 512 for Flux.1, 256 for SD3).
         **overrides: fields of :class:`ConceptAttentionConfig`.
 
     Returns:
@@ -103,39 +111,32 @@ def encode_image(
         raise ConceptAttentionError(f"`t` must be in (0, 1), got {t!r}; the paper uses t=0.5")
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ConceptAttentionError(f"`num_samples` must be a positive integer, got {num_samples!r}")
-    transformer, adapter = pipeline_components(pipe)
-    pixels_per_token = adapter.spec.pixels_per_token(pipe)
-    size = _model_size(pipe, pixels_per_token, height, width)
+    transformer, backend = pipeline_components(pipe)
+    backend.resolve_layers(transformer, config.layers)  # fail before any compute
+    size = _model_size(pipe, backend, height, width)
     images = [resize_for_model(im, size) for im in load_images(image)]
-    max_sequence_length = max_sequence_length or model_defaults(pipe).get("max_sequence_length", 512)
-    inputs = adapter.encode_inputs(pipe, to_model_input(images), caption, guidance_scale, max_sequence_length)
-    embeddings = encode_pipeline_concepts(pipe, adapter, concepts, config.pooling)
-    session = ConceptSession(transformer, embeddings, concepts, config, owner=pipe, adapter=adapter)
-    session.state.stop_after_last_block = True
-    clean = inputs["latents"]
+    max_sequence_length = (
+        max_sequence_length or model_defaults(pipe).get("max_sequence_length") or backend.spec.max_sequence_length
+    )
+    embeddings = encode_pipeline_concepts(pipe, backend, concepts, config)
+    inputs = backend.encode_inputs(pipe, to_model_input(images), caption, guidance_scale, max_sequence_length)
+    session = ConceptSession(
+        transformer, embeddings, concepts, config, backend=backend, owner=pipe, stop_after_last_block=True
+    )
+    clean = inputs.latents
     draw_noise = _noise_source(seed, clean.shape)
     with session:
         session.start_run()
         for _ in range(num_samples):
             noise = draw_noise().to(clean.device, clean.dtype)
             with contextlib.suppress(StopForward):  # raised after the last selected block
-                adapter.encode_forward(pipe, inputs, (1.0 - t) * clean + t * noise, t)
-        maps, block_maps, _ = session.token_maps()
-    metadata = session.metadata()
-    metadata.update(
-        mode="encode",
+                backend.encode_forward(pipe, inputs, backend.noised(clean, noise, t), t)
+    details = EncodeDetails(
         t=float(t),
         num_samples=num_samples,
         seed=seed if isinstance(seed, int) else list(seed),
         caption=caption,
         resolution=list(size),
-        guidance_scale=guidance_scale if getattr(transformer.config, "guidance_embeds", False) else None,
+        guidance_scale=inputs.guidance_scale,
     )
-    return ConceptMaps(
-        maps=maps.cpu(),
-        concepts=concepts,
-        image_size=size,
-        images=images,
-        block_maps=block_maps.cpu() if block_maps is not None else None,
-        metadata=metadata,
-    )
+    return session.concept_maps(details, images, image_size=size)

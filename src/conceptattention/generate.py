@@ -27,7 +27,7 @@ def generate(
     """Generate images and one map per concept per image.
 
     Args:
-        pipe: a pipeline of a supported architecture (``FluxPipeline``).
+        pipe: a pipeline of a supported architecture (``FluxPipeline``, ``StableDiffusion3Pipeline``, ...).
         prompt: one prompt or a list (batch); ``num_images_per_prompt`` etc. go in ``pipe_kwargs``.
         concepts: concept words (need not occur in the prompt).
         config: a :class:`ConceptAttentionConfig` (layers, steps, score space, ...).
@@ -59,10 +59,5 @@ def generate(
             pipe_kwargs.setdefault(key, value)
     with trace(pipe, concepts, config) as tracer:
         output = pipe(prompt, **pipe_kwargs)
-    maps = tracer.maps(images=output.images)
-    maps.metadata.update(
-        prompt=prompt,
-        seed=seed,
-        **{k: v for k, v in pipe_kwargs.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)},
-    )
-    return maps
+    scalars = {k: v for k, v in pipe_kwargs.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
+    return tracer.maps(images=output.images, prompt=prompt, seed=seed, call=scalars)

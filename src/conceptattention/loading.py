@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from conceptattention.adapters import adapter_for
+from conceptattention.adapters import backend_for
 from conceptattention.errors import ConceptAttentionError, WeightsNotFoundError
 
 logger = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ def load_pipeline(
                 "checkout keeps it), or pass `model=` a hub id or a local pipeline folder"
             )
     elif not isinstance(model, (str, Path)):
-        adapter_for(getattr(model, "transformer", None), model)
+        backend_for(getattr(model, "transformer", None), model)
         return model
     from diffusers import DiffusionPipeline
 
@@ -121,7 +121,7 @@ def load_pipeline(
             f"`hf download {model} --local-dir <folder>` (gated models such as FLUX.1-dev need "
             "`hf auth login` and accepting the licence), then pass the folder path."
         ) from None
-    adapter_for(getattr(pipe, "transformer", None), pipe)
+    backend_for(getattr(pipe, "transformer", None), pipe)
     if device is not None:
         pipe = pipe.to(device)
     return pipe

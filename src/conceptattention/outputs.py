@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,78 @@ def library_versions() -> dict[str, str | None]:
         except importlib_metadata.PackageNotFoundError:
             versions[name] = None
     return versions
+
+
+@dataclass(frozen=True)
+class GenerateDetails:
+    """What a traced pipeline call used (``mode="generate"``)."""
+
+    steps: list[int]
+    num_steps_run: int
+    timesteps: list[float]
+    prompt: str | list[str] | None = None
+    seed: int | None = None
+    call: dict[str, Any] = field(default_factory=dict)  # scalar pipeline arguments (height, steps, ...)
+
+    mode = "generate"
+
+
+@dataclass(frozen=True)
+class EncodeDetails:
+    """What an encode call used (``mode="encode"``)."""
+
+    t: float
+    num_samples: int
+    seed: int | list[int]
+    caption: str
+    resolution: list[int]
+    guidance_scale: float | None
+
+    mode = "encode"
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """Everything used to compute a set of maps; serialised to ``metadata.json``.
+
+    Attributes:
+        model: hub id or folder of the model (else the transformer class).
+        architecture: the backend's name (``"Flux.1"``, ``"SD3"``).
+        concept_tokens: each concept's sub-tokens, as the tokenizer split it.
+        concept_encoder: which prompt encoder encoded the concepts, in words.
+        layers: the scored blocks; excluded_blocks: blocks that can never be scored, with why.
+        grid: token grid (h, w) or (F, h, w).
+        cfg: which forwards/batch rows the maps describe.
+        details: mode-specific record (generate or encode).
+    """
+
+    model: str
+    architecture: str
+    transformer_class: str
+    dtype: str
+    concepts: list[str]
+    concept_tokens: dict[str, list[str]]
+    concept_encoder: str
+    layers: list[int]
+    num_double_blocks: int
+    excluded_blocks: dict[int, str]
+    default_layers: str
+    score_space: str
+    concept_keys: str
+    softmax: bool
+    normalization: str
+    pooling: str
+    grid: list[int]
+    cfg: str
+    versions: dict[str, str | None]
+    details: GenerateDetails | EncodeDetails
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON view: common fields, ``mode``, then the mode's fields (pipeline arguments inlined)."""
+        record = asdict(self)
+        details = record.pop("details")
+        call = details.pop("call", {})
+        return {**record, "mode": self.details.mode, **details, **call}
 
 
 def _safe_name(text: str) -> str:

@@ -1,4 +1,8 @@
-"""``trace``: attach ConceptAttention to a pipeline, run it as usual, read the maps."""
+"""``trace``: attach ConceptAttention to a pipeline, run it as usual, read the maps.
+
+Nothing here knows an architecture: every per-model fact comes from the backend
+(:mod:`conceptattention.adapters`).
+"""
 
 from __future__ import annotations
 
@@ -9,13 +13,14 @@ from typing import Any
 
 import torch
 
-from conceptattention.adapters import Adapter, adapter_for
-from conceptattention.adapters.base import Attachment, TraceState
-from conceptattention.concepts import ConceptEmbeddings, encode_concepts, validate_concepts
+from conceptattention.adapters import backend_for
+from conceptattention.adapters.base import Attachment, Backend, ConceptEncoding, RunState
+from conceptattention.concepts import ConceptEmbeddings, validate_concepts
 from conceptattention.config import ConceptAttentionConfig
-from conceptattention.core import Normalization, ScoreAccumulator, finalize_maps, tokens_to_grid
+from conceptattention.core import Normalization, ScoreAccumulator, TokenGrid, finalize_maps, tokens_to_grid
 from conceptattention.errors import ConceptAttentionError
-from conceptattention.outputs import ConceptMaps, library_versions
+from conceptattention.loading import model_defaults
+from conceptattention.outputs import ConceptMaps, EncodeDetails, GenerateDetails, RunRecord, library_versions
 
 logger = logging.getLogger(__name__)
 
@@ -33,14 +38,18 @@ class ConceptSession:
     selected (step, block) pairs of the latest run. Use as a context manager.
 
     Args:
-        transformer: a supported diffusers transformer (see ``SUPPORTED_ARCHITECTURES``).
+        transformer: a supported diffusers transformer (see ``supported_architectures()``).
         embeddings: the encoded concepts.
         concepts: the concept words, in the order of ``embeddings``.
         config: what to compute.
-        scheduler: when given, steps are read from ``scheduler.step_index`` and a new
-            ``scheduler.timesteps`` marks a new run; repeated forwards at one step (the
-            negative pass of true CFG) are not traced. Without it, every forward is the next step.
-        owner: the pipeline, for error messages and metadata.
+        backend: the transformer's backend (found from its class when omitted).
+        pipeline: the pipeline whose calls drive the forwards: steps are read from its
+            ``scheduler.step_index`` (a new ``scheduler.timesteps`` marks a new run; repeated
+            forwards at one step, such as a separate negative-prompt pass, are not traced) and
+            batched classifier-free guidance from its ``do_classifier_free_guidance``. Without
+            it, every forward is the next step and there is no guidance batch.
+        owner: the pipeline, for error messages and the record (defaults to ``pipeline``).
+        stop_after_last_block: abort each forward after the last selected block (encode mode).
     """
 
     def __init__(
@@ -50,41 +59,47 @@ class ConceptSession:
         concepts: Sequence[str],
         config: ConceptAttentionConfig,
         *,
-        scheduler: Any = None,
+        backend: Backend | None = None,
+        pipeline: Any = None,
         owner: Any = None,
-        adapter: Adapter | None = None,
+        stop_after_last_block: bool = False,
     ) -> None:
         self.transformer = transformer
-        self.adapter = adapter or adapter_for(transformer, owner)
+        self.owner = owner if owner is not None else pipeline
+        self.backend = backend or backend_for(transformer, self.owner)
         self.concepts = tuple(concepts)
         self.config = config
         self.embeddings = embeddings
-        self.scheduler = scheduler
-        self.owner = owner
-        self.layers = self.adapter.spec.resolve_layers(transformer, config.layers)
+        self.pipeline = pipeline
+        self.scheduler = getattr(pipeline, "scheduler", None)
+        self.layers = self.backend.resolve_layers(transformer, config.layers)
         softmax = config.use_softmax(len(self.concepts))
         if softmax and len(self.concepts) == 1:
             raise ConceptAttentionError(
                 "`softmax=True` with a single concept gives a constant map; add concepts or leave `softmax=None`"
             )
-        self.state = TraceState(
+        self.state = RunState(
             config=config,
             layers=self.layers,
             concept_states=embeddings.states,
             accumulator=ScoreAccumulator(self.layers, per_block=config.per_block),
             softmax=softmax,
+            stop_after_last_block=stop_after_last_block,
         )
         self.normalization = _normalization(softmax, len(self.concepts))
-        self._attachment = Attachment(transformer, marker=self.adapter.processor_class)
+        self._attachment = Attachment(transformer, marker=self.backend.processor_class)
         # Inspected once: reading the signature on every forward is measurable on small models.
         self._forward_signature = inspect.signature(transformer.forward)
         self._reset_run(run_token=None)
 
     # -- attach / detach -------------------------------------------------------------------
     def __enter__(self) -> ConceptSession:
-        self._attachment.attach(
-            lambda stack: self.adapter.install(self.transformer, self.state, stack, self._on_forward_start)
-        )
+        def install(stack) -> None:
+            hook = self.transformer.register_forward_pre_hook(self._on_forward_start, with_kwargs=True, prepend=True)
+            stack.callback(hook.remove)
+            self.backend.install(self.transformer, self.state, stack)
+
+        self._attachment.attach(install)
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -94,8 +109,9 @@ class ConceptSession:
     def _reset_run(self, run_token: object) -> None:
         self._run_token = run_token
         self._steps_seen: set[int] = set()
-        self._step_timesteps: dict[int, torch.Tensor] = {}
-        self._grid: tuple[int, int] | None = None
+        self._step_t: dict[int, float] = {}
+        self._grid: TokenGrid | None = None
+        self._conditional_half = False
         self.state.accumulator.reset()
 
     def _step_key(self) -> tuple[object, int]:
@@ -108,36 +124,35 @@ class ConceptSession:
         """Forget the current run's maps (a new pipeline call does this by itself)."""
         self._reset_run(run_token=object() if self.scheduler is None else None)
 
+    def _batched_cfg(self) -> bool:
+        if self.pipeline is None or self.backend.spec.cfg_layout != "batched":
+            return False
+        try:
+            return bool(self.pipeline.do_classifier_free_guidance)
+        except AttributeError:  # the property reads state set inside the pipeline's __call__
+            return False
+
     def _on_forward_start(self, transformer, args: tuple, kwargs: dict) -> None:
         state = self.state
         token, step = self._step_key()
         if token is not self._run_token:
             self._reset_run(token)
         if step in self._steps_seen:
-            state.active = False  # a second forward at this step: the negative branch of true CFG
+            state.active = False  # a second forward at this step: a separate guidance pass
             return
         self._steps_seen.add(step)
         selected = self.config.steps is None or step in self.config.steps
         state.active = selected
-        state.concept_hidden = None
         if not selected:
             return
-        inputs = dict(self._forward_signature.bind_partial(*args, **kwargs).arguments)
-        state.forward_inputs = {k: inputs.get(k) for k in ("timestep", "guidance", "pooled_projections")}
-        self._step_timesteps[step] = inputs["timestep"]
+        inputs = self._forward_signature.bind_partial(*args, **kwargs).arguments
+        batched_cfg = self._batched_cfg()
+        record = self.backend.read_forward(transformer, inputs, batched_cfg)
+        state.forward = record
+        self._conditional_half = self._conditional_half or batched_cfg
+        self._step_t[step] = record.t
         if self._grid is None:
-            self._grid = self._grid_from_ids(inputs["img_ids"], inputs["hidden_states"].shape[1])
-
-    @staticmethod
-    def _grid_from_ids(img_ids: torch.Tensor, num_tokens: int) -> tuple[int, int]:
-        ids = img_ids[0] if img_ids.ndim == 3 else img_ids  # (N, 3): (unused, row, column)
-        h, w = (int(v) + 1 for v in ids[-1, 1:3].tolist())  # once per run, not per layer
-        if h * w != num_tokens:
-            raise ConceptAttentionError(
-                f"The image position ids describe a {h}x{w} grid but there are {num_tokens} image tokens; "
-                "image-conditioned variants with extra tokens are not supported"
-            )
-        return h, w
+            self._grid = record.grid
 
     # -- results -----------------------------------------------------------------------------
     @property
@@ -147,11 +162,11 @@ class ConceptSession:
 
     def used_steps(self) -> list[int]:
         """Indices of the traced steps of the current run."""
-        return sorted(self._step_timesteps)
+        return sorted(self._step_t)
 
     def used_timesteps(self) -> list[float]:
-        """Timestep values (as the transformer received them, in [0, 1]) of the traced steps."""
-        return [float(self._step_timesteps[s].flatten()[0]) for s in self.used_steps()]
+        """Flow-matching times in [0, 1] (1 = pure noise) of the traced steps."""
+        return [self._step_t[s] for s in self.used_steps()]
 
     def check_steps(self) -> None:
         steps = self.config.steps
@@ -161,8 +176,8 @@ class ConceptSession:
                 f"(valid indices: 0-{self.steps_run - 1})"
             )
 
-    def token_maps(self) -> tuple[torch.Tensor, torch.Tensor | None, tuple[int, int]]:
-        """(B, C, h, w) maps, optional (L, B, C, h, w) per-block maps, and the grid (h, w)."""
+    def token_maps(self) -> tuple[torch.Tensor, torch.Tensor | None, TokenGrid]:
+        """(B, C, h, w) maps, optional (L, B, C, h, w) per-block maps, and the grid ((F, h, w) for video)."""
         self.check_steps()
         accumulator = self.state.accumulator
         if accumulator.count == 0 or self._grid is None:
@@ -176,52 +191,90 @@ class ConceptSession:
             block_maps = tokens_to_grid(finalize_maps(accumulator.block_means(), self.normalization), self._grid)
         return maps, block_maps, self._grid
 
-    def metadata(self) -> dict[str, Any]:
-        """What was used, for the record (JSON-serialisable)."""
+    def record(self, details: GenerateDetails | EncodeDetails) -> RunRecord:
+        """What was used, as a typed record."""
         transformer = self.transformer
+        backend = self.backend
         name = getattr(getattr(self.owner, "config", None), "_name_or_path", None) or getattr(
             transformer.config, "_name_or_path", None
         )
-        return {
-            "model": name or type(transformer).__name__,
-            "architecture": self.adapter.spec.name,
-            "transformer_class": type(transformer).__name__,
-            "dtype": str(next(transformer.parameters()).dtype).replace("torch.", ""),
-            "concepts": list(self.concepts),
-            "concept_tokens": {c: list(t) for c, t in zip(self.concepts, self.embeddings.tokens)},
-            "layers": list(self.layers),
-            "num_double_blocks": self.adapter.spec.num_double_blocks(transformer),
-            "score_space": self.config.score_space,
-            "concept_keys": None if self.config.score_space == "value" else self.config.concept_keys,
-            "softmax": self.state.softmax,
-            "normalization": self.normalization,
-            "pooling": self.config.pooling,
-            "grid": list(self._grid) if self._grid else None,
-            "versions": library_versions(),
-        }
+        if self._conditional_half:
+            cfg = "batched classifier-free guidance: maps from the conditional half"
+        elif backend.spec.cfg_layout == "separate":
+            cfg = "first forward of each step (a separate negative-prompt forward is not traced)"
+        else:
+            cfg = "no guidance batch"
+        return RunRecord(
+            model=name or type(transformer).__name__,
+            architecture=backend.spec.name,
+            transformer_class=type(transformer).__name__,
+            dtype=str(next(transformer.parameters()).dtype).replace("torch.", ""),
+            concepts=list(self.concepts),
+            concept_tokens={c: list(t) for c, t in zip(self.concepts, self.embeddings.tokens)},
+            concept_encoder=self.embeddings.encoder,
+            layers=list(self.layers),
+            num_double_blocks=backend.num_blocks(transformer),
+            excluded_blocks=backend.excluded_blocks(transformer),
+            default_layers=backend.spec.default_layers,
+            score_space=self.config.score_space,
+            concept_keys=self.config.concept_keys,
+            softmax=self.state.softmax,
+            normalization=self.normalization,
+            pooling=self.config.pooling,
+            grid=list(self._grid.shape) if self._grid else [],
+            cfg=cfg,
+            versions=library_versions(),
+            details=details,
+        )
+
+    def concept_maps(
+        self,
+        details: GenerateDetails | EncodeDetails,
+        images: Sequence[Any] | None,
+        *,
+        image_size: tuple[int, int] | None = None,
+        pixels_per_token: int = 1,
+    ) -> ConceptMaps:
+        """The one result path of trace, generate and encode: maps of the current run plus its record.
+
+        Args:
+            details: the mode's record.
+            images: PIL images the maps describe (optional).
+            image_size: (height, width) of those images; default: the token grid times ``pixels_per_token``.
+        """
+        maps, block_maps, grid = self.token_maps()
+        return ConceptMaps(
+            maps=maps.cpu(),
+            concepts=self.concepts,
+            image_size=image_size or (grid.height * pixels_per_token, grid.width * pixels_per_token),
+            images=list(images) if images is not None else None,
+            block_maps=block_maps.cpu() if block_maps is not None else None,
+            metadata=self.record(details).to_dict(),
+        )
 
 
-def pipeline_components(pipe: Any) -> tuple[torch.nn.Module, Adapter]:
-    """The transformer of a pipeline and its adapter, or a clear error."""
+def pipeline_components(pipe: Any) -> tuple[torch.nn.Module, Backend]:
+    """The transformer of a pipeline and its backend, or a clear error."""
     transformer = getattr(pipe, "transformer", None)
     if transformer is None:
         raise ConceptAttentionError(
-            f"{type(pipe).__name__} has no `transformer`; pass a diffusers pipeline of an MM-DiT such as FluxPipeline"
+            f"{type(pipe).__name__} has no `transformer`; pass a diffusers pipeline of a joint-attention MM-DiT "
+            "(see `conceptattention.supported_architectures()`)"
         )
-    return transformer, adapter_for(transformer, pipe)
+    return transformer, backend_for(transformer, pipe)
 
 
-def encode_pipeline_concepts(pipe: Any, adapter: Adapter, concepts: Sequence[str], pooling) -> ConceptEmbeddings:
-    """Encode concepts with the pipeline's prompt encoder named by the adapter's spec."""
-    spec = adapter.spec
-    tokenizer = getattr(pipe, spec.concept_tokenizer, None)
-    encoder = getattr(pipe, spec.concept_encoder, None)
-    if tokenizer is None or encoder is None:
-        raise ConceptAttentionError(
-            f"The pipeline has no `{spec.concept_encoder}`/`{spec.concept_tokenizer}`; {spec.name} concepts are "
-            "encoded with the prompt text encoder, so load the pipeline with its text encoders"
-        )
-    return encode_concepts(concepts, tokenizer, encoder, pipe._execution_device, pooling)
+def encode_pipeline_concepts(
+    pipe: Any, backend: Backend, concepts: Sequence[str], config: ConceptAttentionConfig
+) -> ConceptEmbeddings:
+    """Encode concepts with the pipeline's own prompt encoder, as the backend prescribes."""
+    backend.concept_encoder(config.concept_encoder)  # a bad choice fails before any compute
+    encoding = ConceptEncoding(
+        pooling=config.pooling,
+        encoder=config.concept_encoder,
+        max_sequence_length=model_defaults(pipe).get("max_sequence_length"),
+    )
+    return backend.encode_concepts(pipe, concepts, encoding)
 
 
 class trace:  # noqa: N801 - a context manager used like a function, as DAAM's `trace`
@@ -232,7 +285,7 @@ class trace:  # noqa: N801 - a context manager used like a function, as DAAM's `
     restored: same processor objects, no hooks left.
 
     Args:
-        pipe: a diffusers pipeline of a supported MM-DiT (``FluxPipeline``).
+        pipe: a diffusers pipeline of a supported MM-DiT (``FluxPipeline``, ``StableDiffusion3Pipeline``, ...).
         concepts: concept words, e.g. ``["dog", "tree", "sky"]`` (1-64, unique, non-blank).
         config: a :class:`ConceptAttentionConfig`; keyword overrides are applied on top.
         **overrides: fields of :class:`ConceptAttentionConfig`, e.g. ``layers=[15, 16, 17, 18]``.
@@ -254,23 +307,18 @@ class trace:  # noqa: N801 - a context manager used like a function, as DAAM's `
         self.pipe = pipe
         self.concepts = validate_concepts(concepts)
         self.config = config_with_overrides(config, overrides)
-        self.transformer, self.adapter = pipeline_components(pipe)
-        self.adapter.spec.resolve_layers(self.transformer, self.config.layers)  # fail before encoding
+        self.transformer, self.backend = pipeline_components(pipe)
+        self.backend.resolve_layers(self.transformer, self.config.layers)  # fail before encoding
+        self.backend.concept_encoder(self.config.concept_encoder)
         self._session: ConceptSession | None = None
         self._finished: ConceptSession | None = None  # kept after exit so maps stay readable
 
     def __enter__(self) -> trace:
         if self._session is not None:
             raise ConceptAttentionError("This trace is already entered; exit it before entering it again.")
-        embeddings = encode_pipeline_concepts(self.pipe, self.adapter, self.concepts, self.config.pooling)
+        embeddings = encode_pipeline_concepts(self.pipe, self.backend, self.concepts, self.config)
         session = ConceptSession(
-            self.transformer,
-            embeddings,
-            self.concepts,
-            self.config,
-            scheduler=getattr(self.pipe, "scheduler", None),
-            owner=self.pipe,
-            adapter=self.adapter,
+            self.transformer, embeddings, self.concepts, self.config, backend=self.backend, pipeline=self.pipe
         )
         session.__enter__()
         self._session = session
@@ -282,11 +330,19 @@ class trace:  # noqa: N801 - a context manager used like a function, as DAAM's `
             session.__exit__(*exc_info)
             self._finished = session
 
-    def maps(self, images: Sequence[Any] | None = None) -> ConceptMaps:
+    def maps(
+        self,
+        images: Sequence[Any] | None = None,
+        *,
+        prompt: str | list[str] | None = None,
+        seed: int | None = None,
+        call: dict[str, Any] | None = None,
+    ) -> ConceptMaps:
         """Maps of the latest pipeline call (inside or after the ``with`` block).
 
         Args:
             images: the pipeline's output images (PIL), attached for overlays and saving.
+            prompt, seed, call: what the call used, for the record (``generate`` fills them).
 
         Returns:
             :class:`ConceptMaps` with ``maps`` of shape (B, C, h, w).
@@ -296,23 +352,15 @@ class trace:  # noqa: N801 - a context manager used like a function, as DAAM's `
             raise ConceptAttentionError(
                 "No concept maps recorded: run the pipeline inside `with trace(pipe, concepts) as tc:`"
             )
-        maps, block_maps, grid = session.token_maps()
-        pixels = self.adapter.spec.pixels_per_token(self.pipe)
-        metadata = session.metadata()
-        metadata.update(
-            mode="generate",
+        details = GenerateDetails(
             steps=session.used_steps(),
             num_steps_run=session.steps_run,
             timesteps=session.used_timesteps(),
+            prompt=prompt,
+            seed=seed,
+            call=dict(call or {}),
         )
-        return ConceptMaps(
-            maps=maps.cpu(),
-            concepts=self.concepts,
-            image_size=(grid[0] * pixels, grid[1] * pixels),
-            images=list(images) if images is not None else None,
-            block_maps=block_maps.cpu() if block_maps is not None else None,
-            metadata=metadata,
-        )
+        return session.concept_maps(details, images, pixels_per_token=self.backend.pixels_per_token(self.pipe))
 
 
 def config_with_overrides(config: ConceptAttentionConfig | None, overrides: dict[str, Any]) -> ConceptAttentionConfig:

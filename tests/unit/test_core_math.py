@@ -19,6 +19,7 @@ from conceptattention.core import (
     gaussian_blur3x3,
     output_space_scores,
     segment,
+    TokenGrid,
     tokens_to_grid,
     upsample,
     value_space_scores,
@@ -117,10 +118,14 @@ def test_finalize_minmax_and_passthrough():
 
 def test_grid_upsample_segment_and_mask():
     scores = torch.arange(6.0).view(1, 1, 6)
-    grid = tokens_to_grid(scores, (2, 3))
+    grid = tokens_to_grid(scores, TokenGrid(2, 3))
     assert grid.tolist() == [[[[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]]]
     with pytest.raises(ValueError, match="do not fill a 4x2 grid"):
-        tokens_to_grid(scores, (4, 2))
+        tokens_to_grid(scores, TokenGrid(4, 2))
+    # videos: frame-major, then row-major
+    video = tokens_to_grid(torch.arange(12.0).view(1, 1, 12), TokenGrid(2, 3, frames=2))
+    assert video.shape == (1, 1, 2, 2, 3) and video[0, 0, 1, 0].tolist() == [6.0, 7.0, 8.0]
+    assert TokenGrid(2, 3, frames=2).num_tokens == 12 and str(TokenGrid(2, 3, frames=2)) == "2x2x3"
     const = upsample(torch.full((1, 2, 2, 3), 0.25), (4, 6))
     assert const.shape == (1, 2, 4, 6) and torch.allclose(const, torch.tensor(0.25))
     maps = torch.tensor([[[[0.9, 0.1], [0.2, 0.6]], [[0.1, 0.8], [0.7, 0.3]]]])  # (1, 2, 2, 2)

@@ -1,57 +1,83 @@
-"""Architecture adapters: where the hooks go for each supported MM-DiT.
+"""Architecture backends: where the hooks go for each supported MM-DiT.
 
-Each adapter is described by an :class:`~conceptattention.adapters.base.ArchitectureSpec`
-and an ``install`` function; :func:`adapter_for` picks one from a transformer's class.
+Each backend module defines ``BACKEND``, an instance of a
+:class:`~conceptattention.adapters.base.Backend` subclass whose ``spec`` lists the
+transformer classes it serves. The registry below is built from those specs: adding a
+backend is adding its module name to ``BACKEND_MODULES``. Modules are imported on first
+use, so importing the package (or ``conceptattention.core``) does not import diffusers.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import importlib
+from functools import cache
+from typing import Any
 
 import torch
 
-from conceptattention.adapters.base import ArchitectureSpec
+from conceptattention.adapters.base import Backend
 from conceptattention.errors import UnsupportedArchitectureError
 
+BACKEND_MODULES = ("conceptattention.adapters.flux", "conceptattention.adapters.sd3")
 
-@dataclass(frozen=True)
-class Adapter:
-    """An architecture's facts, install function, processor class (to detect double attach) and encode-mode steps."""
-
-    spec: ArchitectureSpec
-    install: Callable
-    processor_class: type
-    encode_inputs: Callable
-    encode_forward: Callable
-
-
-def _flux() -> Adapter:
-    from conceptattention.adapters import flux
-
-    return Adapter(
-        flux.FLUX_SPEC,
-        flux.install_flux,
-        flux.FluxConceptAttnProcessor,
-        flux.flux_encode_inputs,
-        flux.flux_encode_forward,
-    )
-
-
-# Transformer class name -> adapter factory (imports are deferred so core stays diffusers-free).
-_ADAPTERS: dict[str, Callable[[], Adapter]] = {"FluxTransformer2DModel": _flux}
-
-SUPPORTED_ARCHITECTURES = ("FluxTransformer2DModel (FluxPipeline: FLUX.1-schnell, FLUX.1-dev)",)
+# Transformers whose text enters only through cross-attention (or that have no text queries at all):
+# ConceptAttention needs a joint-attention MM-DiT, where text tokens are queries in the same attention.
+CROSS_ATTENTION_ONLY = {
+    "WanTransformer3DModel": "Wan 2.1/2.2",
+    "WanVACETransformer3DModel": "Wan VACE",
+    "SkyReelsV2Transformer3DModel": "SkyReels-V2",
+    "SanaTransformer2DModel": "Sana",
+    "SanaVideoTransformer3DModel": "Sana-Video",
+    "PixArtTransformer2DModel": "PixArt-alpha/Sigma",
+    "Transformer2DModel": "PixArt / DiT",
+    "HunyuanDiT2DModel": "HunyuanDiT",
+    "LuminaNextDiT2DModel": "Lumina-Next",
+    "LTXVideoTransformer3DModel": "LTX-Video",
+    "LTX2VideoTransformer3DModel": "LTX-2",
+    "CosmosTransformer3DModel": "Cosmos",
+    "LatteTransformer3DModel": "Latte",
+    "AllegroTransformer3DModel": "Allegro",
+    "UNet2DConditionModel": "a UNet (SD 1.x/2.x/XL; use DAAM for cross-attention maps)",
+}
 
 
-def adapter_for(transformer: torch.nn.Module | None, owner: object = None) -> Adapter:
-    """The adapter for a transformer, or a clear error listing what is supported."""
+@cache
+def registry() -> dict[str, Backend]:
+    """Transformer class name -> backend, built from every backend's spec."""
+    table: dict[str, Backend] = {}
+    for module_name in BACKEND_MODULES:
+        backend: Backend = importlib.import_module(module_name).BACKEND
+        for class_name in backend.spec.transformer_classes:
+            table[class_name] = backend
+    return table
+
+
+def supported_architectures() -> tuple[str, ...]:
+    """One line per supported backend: transformer class and pipelines."""
+    return tuple(dict.fromkeys(f"{b.spec.name}: {b.spec.describe()}" for b in registry().values()))
+
+
+def backend_for(transformer: torch.nn.Module | None, owner: object = None) -> Backend:
+    """The backend for a transformer, or a clear error listing what is supported."""
+    table = registry()
     for cls in type(transformer).__mro__:
-        factory = _ADAPTERS.get(cls.__name__)
-        if factory is not None:
-            return factory()
-    what = type(owner).__name__ if owner is not None else type(transformer).__name__
-    raise UnsupportedArchitectureError(
-        f"{what} with transformer {type(transformer).__name__} is not supported. Supported: "
-        + "; ".join(SUPPORTED_ARCHITECTURES)
-    )
+        backend = table.get(cls.__name__)
+        if backend is not None:
+            return backend
+    name = type(transformer).__name__
+    what = type(owner).__name__ if owner is not None else name
+    supported = "; ".join(supported_architectures())
+    for cls in type(transformer).__mro__:
+        if cls.__name__ in CROSS_ATTENTION_ONLY:
+            raise UnsupportedArchitectureError(
+                f"{what} uses {name} ({CROSS_ATTENTION_ONLY[cls.__name__]}), whose text enters through "
+                "cross-attention only. ConceptAttention needs a joint-attention MM-DiT, where text tokens are "
+                f"queries in the same attention as the image. Supported: {supported}"
+            )
+    raise UnsupportedArchitectureError(f"{what} with transformer {name} is not supported. Supported: {supported}")
+
+
+def __getattr__(name: str) -> Any:
+    if name == "SUPPORTED_ARCHITECTURES":  # computed on first access: it imports the backends
+        return supported_architectures()
+    raise AttributeError(name)

@@ -1,23 +1,31 @@
-"""What every architecture adapter shares: the run state, argument access, attach/detach.
+"""The backend interface: what every architecture adapter provides, and the run state it shares.
 
-An adapter installs attention processors and block hooks on a stock diffusers
-transformer. It never copies model code and never subclasses the model. Concept
-data travels through a :class:`TraceState` owned by the session, never through
-extra return values of the processors.
+A backend installs attention processors and block hooks on a stock diffusers
+transformer; it never copies model code and never subclasses the model. Everything
+that differs between architectures (forward arguments, position ids, concept
+encoding, encode-mode recipe, default layers, CFG layout) lives in a backend: the
+API modules above (``tracing``, ``encode``, ``generate``) only call this interface.
+
+Adding a backend = one module in this package that defines a :class:`Backend`
+subclass with its :class:`BackendSpec`, plus its name in ``adapters/__init__.py``.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Mapping
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar, Generic, Literal, TypeVar
 
 import torch
 
 from conceptattention.config import ConceptAttentionConfig
-from conceptattention.core import ScoreAccumulator
+from conceptattention.core import ScoreAccumulator, TokenGrid
 from conceptattention.errors import ConceptAttentionError
+
+CfgLayout = Literal["separate", "batched"]
+Conditioning = TypeVar("Conditioning")
 
 
 class StopForward(Exception):
@@ -31,21 +39,78 @@ def argument(args: tuple, kwargs: Mapping[str, Any], name: str, position: int) -
     return args[position] if position < len(args) else None
 
 
+@dataclass(frozen=True)
+class BackendSpec:
+    """Per-architecture facts, as data (what a user or a record needs to know about a backend).
+
+    Attributes:
+        name: human-readable architecture name, e.g. ``"Flux.1"``.
+        transformer_classes: diffusers transformer class names served.
+        pipeline_classes: diffusers pipeline class names known to work (for docs and errors).
+        processor_classes: stock attention processor class names replaced on traced blocks;
+            any other processor there (IP-Adapter, fused, custom) is refused.
+        double_blocks: attribute of the transformer holding the dual-stream (joint) blocks.
+        joint_order: order of the joint attention sequence, e.g. ``("text", "image")``.
+        layout: attention tensor layout of the stock processor, ``"BSHD"`` or ``"BHSD"``.
+        concept_encoders: names of the prompt encoders concepts can be encoded with; the first
+            is the default.
+        default_layers: the default-layer rule in words (recorded and documented).
+        cfg_layout: ``"separate"`` (the negative prompt is its own forward, skipped) or
+            ``"batched"`` ([uncond; cond] in one forward: maps from the conditional half).
+        concept_positions: how concept tokens are placed for RoPE (``"none"``: no RoPE on text).
+        max_sequence_length: the pipeline's default prompt token budget.
+    """
+
+    name: str
+    transformer_classes: tuple[str, ...]
+    pipeline_classes: tuple[str, ...]
+    processor_classes: tuple[str, ...]
+    double_blocks: str
+    joint_order: tuple[str, str]
+    layout: Literal["BSHD", "BHSD"]
+    concept_encoders: tuple[str, ...]
+    default_layers: str
+    cfg_layout: CfgLayout
+    concept_positions: str
+    max_sequence_length: int
+
+    def describe(self) -> str:
+        """One line for lists of supported models."""
+        return f"{'/'.join(self.transformer_classes)} ({', '.join(self.pipeline_classes)})"
+
+
+@dataclass(frozen=True)
+class ForwardRecord(Generic[Conditioning]):
+    """What one traced transformer forward tells the concept stream, read by the backend.
+
+    Attributes:
+        t: flow-matching time of the forward in [0, 1] (1 = pure noise), for the record.
+        grid: layout of the image tokens.
+        rows: batch rows whose maps are kept: all, or the conditional half under batched CFG.
+        conditioning: the backend's typed record of what the concept conditioning needs.
+    """
+
+    t: float
+    grid: TokenGrid
+    rows: slice
+    conditioning: Conditioning
+
+
 @dataclass
-class TraceState:
-    """Everything one session carries between hooks and processors.
+class RunState:
+    """What one session shares with the hooks and processors it installs.
+
+    The session owns it; processors and hooks read it and add to ``accumulator``.
 
     Attributes:
         config: the validated configuration.
-        layers: selected double-stream block indices (sorted).
+        layers: selected block indices (sorted).
         concept_states: (C, D_text) pooled concept states before the context embedder.
         accumulator: running sums of saliency over (step, block).
         softmax: whether the softmax over concepts is applied.
         stop_after_last_block: abort the forward after the last selected block (encode mode).
         active: the concept stream runs in the current forward.
-        concept_hidden: (B, C, D_model) concept residual stream of the current forward.
-        concept_temb: (B, D_model) concept conditioning of the current forward.
-        block_cache: per-block values handed from the pre-hook to the processor to the post-hook.
+        forward: the current forward's record (None outside a traced forward).
     """
 
     config: ConceptAttentionConfig
@@ -53,67 +118,181 @@ class TraceState:
     concept_states: torch.Tensor
     accumulator: ScoreAccumulator
     softmax: bool
-    stop_after_last_block: bool = False
+    stop_after_last_block: bool
     active: bool = False
-    forward_inputs: dict[str, Any] = field(default_factory=dict)
-    concept_hidden: torch.Tensor | None = None
-    concept_temb: torch.Tensor | None = None
-    block_cache: dict[str, Any] = field(default_factory=dict)
+    forward: ForwardRecord | None = None
 
     @property
     def last_block(self) -> int:
         return self.layers[-1]
 
     def runs_block(self, index: int) -> bool:
-        """The concept stream passes through every double block up to the last selected one."""
+        """The concept stream passes through every block up to the last selected one."""
         return self.active and index <= self.last_block
 
 
 @dataclass(frozen=True)
-class ArchitectureSpec:
-    """Per-architecture facts, as data.
+class ConceptEncoding:
+    """Concept-encoding choices for one session (passed to :meth:`Backend.encode_concepts`).
 
     Attributes:
-        name: human-readable architecture name.
-        transformer_class: the diffusers transformer class name it applies to.
-        double_blocks: attribute of the transformer holding the dual-stream (joint) blocks.
-        concept_tokenizer: pipeline attribute of the tokenizer used for concepts.
-        concept_encoder: pipeline attribute of the text encoder used for concepts.
-        default_num_layers: how many of the last double blocks are used by default.
-        joint_order: order of the joint sequence in attention, e.g. ``("text", "image")``.
-        layout: attention tensor layout, ``"BSHD"`` or ``"BHSD"``.
-        latent_patch: latent pixels per token side (Flux packs 2x2 latent patches).
+        pooling: ``"first"`` or ``"mean"`` sub-token.
+        encoder: one of the backend's ``concept_encoders`` (None: its default).
+        max_sequence_length: the prompt token budget (encoders run without a mask see padding).
     """
 
-    name: str
-    transformer_class: str
-    double_blocks: str
-    concept_tokenizer: str
-    concept_encoder: str
-    default_num_layers: int
-    joint_order: tuple[str, str]
-    layout: str
-    latent_patch: int
+    pooling: str
+    encoder: str | None = None
+    max_sequence_length: int | None = None
 
-    def pixels_per_token(self, pipe: Any) -> int:
-        """Image pixels per token side: the VAE's scale factor times the latent patch."""
-        return int(getattr(pipe, "vae_scale_factor", 1)) * self.latent_patch
 
-    def num_double_blocks(self, transformer: torch.nn.Module) -> int:
-        return len(getattr(transformer, self.double_blocks))
+@dataclass
+class EncodeInputs:
+    """Everything an encode-mode forward needs besides the noisy latents.
 
-    def resolve_layers(self, transformer: torch.nn.Module, layers: tuple[int, ...] | None) -> tuple[int, ...]:
-        """Default or validated block indices."""
-        count = self.num_double_blocks(transformer)
+    Attributes:
+        latents: clean, normalised latents in the layout the backend noises (B, c, H', W').
+        forward_kwargs: the transformer's conditioning arguments (prompt embeddings, ids, ...).
+        guidance_scale: guidance embedded in the forward (guidance-distilled models), else None.
+    """
+
+    latents: torch.Tensor
+    forward_kwargs: dict[str, Any] = field(default_factory=dict)
+    guidance_scale: float | None = None
+
+
+class Backend(ABC):
+    """One architecture: its facts (:attr:`spec`) and the operations the API needs.
+
+    Subclasses implement the abstract methods; everything else has a shared default.
+    """
+
+    spec: ClassVar[BackendSpec]
+    processor_class: ClassVar[type]  # the installed processor, to detect a double attach
+
+    # -- blocks and layers ---------------------------------------------------------------------
+    def blocks(self, transformer: torch.nn.Module) -> torch.nn.ModuleList:
+        return getattr(transformer, self.spec.double_blocks)
+
+    def num_blocks(self, transformer: torch.nn.Module) -> int:
+        return len(self.blocks(transformer))
+
+    def excluded_blocks(self, transformer: torch.nn.Module) -> dict[int, str]:
+        """Blocks that must never be scored, with the reason (their text queries are untrained)."""
+        return {}
+
+    @abstractmethod
+    def default_layers(self, transformer: torch.nn.Module) -> tuple[int, ...]:
+        """The default block selection (the rule is ``spec.default_layers``)."""
+
+    def resolve_layers(self, transformer: torch.nn.Module, layers: Sequence[int] | None) -> tuple[int, ...]:
+        """Default or validated block indices, with errors naming the valid range."""
         if layers is None:
-            return tuple(range(max(0, count - self.default_num_layers), count))
+            return self.default_layers(transformer)
+        count = self.num_blocks(transformer)
         bad = [i for i in layers if i >= count]
         if bad:
             raise ConceptAttentionError(
                 f"`layers` contains {bad[0]}, but {type(transformer).__name__} has {count} double-stream blocks "
                 f"(valid indices: 0-{count - 1})"
             )
-        return layers
+        excluded = self.excluded_blocks(transformer)
+        for index in layers:
+            if index in excluded:
+                usable = [i for i in range(count) if i not in excluded]
+                raise ConceptAttentionError(
+                    f"`layers` contains {index}, which cannot be used: {excluded[index]}. Choose among "
+                    f"{_ranges(usable)} (default: {_ranges(self.default_layers(transformer))})"
+                )
+        return tuple(layers)
+
+    # -- concepts ------------------------------------------------------------------------------
+    def concept_encoder(self, choice: str | None) -> str:
+        """The concept encoder to use, validated against the backend's choices."""
+        encoders = self.spec.concept_encoders
+        if choice is None:
+            return encoders[0]
+        if choice not in encoders:
+            raise ConceptAttentionError(
+                f"`concept_encoder`={choice!r} is not available for {self.spec.name}; choose one of "
+                f"{', '.join(map(repr, encoders))}"
+            )
+        return choice
+
+    @abstractmethod
+    def encode_concepts(self, pipe: Any, concepts: Sequence[str], encoding: ConceptEncoding) -> Any:
+        """Encode each concept on its own with the pipeline's prompt encoder.
+
+        Returns:
+            :class:`~conceptattention.concepts.ConceptEmbeddings` with (C, D_text) states.
+        """
+
+    # -- forwards ------------------------------------------------------------------------------
+    @abstractmethod
+    def read_forward(
+        self, transformer: torch.nn.Module, inputs: Mapping[str, Any], batched_cfg: bool
+    ) -> ForwardRecord:
+        """The record of one transformer forward from its bound arguments."""
+
+    @abstractmethod
+    def install(self, transformer: torch.nn.Module, state: RunState, stack: contextlib.ExitStack) -> None:
+        """Install processors and block hooks on the blocks 0..last selected, pushing undo steps."""
+
+    # -- encode mode ---------------------------------------------------------------------------
+    @abstractmethod
+    def pixels_per_token(self, pipe: Any) -> int:
+        """Image pixels per token side (VAE scale factor x patch size)."""
+
+    def max_pixels_per_side(self, pipe: Any) -> int | None:
+        """The largest image side the model can take, if it has one (learned position tables)."""
+        return None
+
+    @abstractmethod
+    def encode_inputs(
+        self, pipe: Any, pixels: torch.Tensor, caption: str, guidance_scale: float | None, max_sequence_length: int
+    ) -> EncodeInputs:
+        """Clean latents and conditioning of real images (B, 3, height, width) in [-1, 1]."""
+
+    @abstractmethod
+    def encode_forward(self, pipe: Any, inputs: EncodeInputs, noisy_latents: torch.Tensor, t: float) -> None:
+        """One transformer forward on noisy latents at flow-matching time ``t``."""
+
+    def noised(self, clean: torch.Tensor, noise: torch.Tensor, t: float) -> torch.Tensor:
+        """x_t of clean latents at time ``t``: rectified flow, ``(1 - t) x0 + t eps``."""
+        return (1.0 - t) * clean + t * noise
+
+    def check_processors(self, transformer: torch.nn.Module, indices: Sequence[int]) -> dict[str, Any]:
+        """The processors of the blocks to trace, after checking each is a stock one we replace."""
+        originals = transformer.attn_processors
+        found = {}
+        for index in indices:
+            name = f"{self.spec.double_blocks}.{index}.attn.processor"
+            processor = originals[name]
+            if type(processor).__name__ not in self.spec.processor_classes:
+                stock = " or ".join(self.spec.processor_classes)
+                raise ConceptAttentionError(
+                    f"`{name}` is a {type(processor).__name__}; ConceptAttention replaces only the stock {stock} "
+                    "(IP-Adapter, fused-projection and custom processors are not supported). Restore it with "
+                    f"`transformer.set_attn_processor({self.spec.processor_classes[0]}())`, unload the adapter or "
+                    "call `unfuse_qkv_projections()` first."
+                )
+            found[name] = processor
+        return found
+
+
+def _ranges(indices: Sequence[int]) -> str:
+    """``[0, 1, 2, 5]`` -> ``"0-2, 5"``."""
+    parts: list[str] = []
+    items = sorted(indices)
+    start = prev = items[0] if items else 0
+    for index in [*items[1:], None]:
+        if index is not None and index == prev + 1:
+            prev = index
+            continue
+        parts.append(str(start) if start == prev else f"{start}-{prev}")
+        if index is not None:
+            start = prev = index
+    return ", ".join(parts) if items else "none"
 
 
 class Attachment:

@@ -1,52 +1,45 @@
-"""Flux.1 adapter: concept stream through the text-stream weights of each double block.
+"""Flux.1 backend (``FluxTransformer2DModel``; FLUX.1-schnell, FLUX.1-dev).
 
-Hooks installed on a stock ``FluxTransformer2DModel`` (no model code copied):
-
-- a forward pre-hook on the transformer: decides whether this forward is traced and
-  records its conditioning inputs;
-- a forward pre-hook on each double block up to the last selected one: builds the concept
-  stream (first block) and modulates it with ``norm1_context``;
-- :class:`FluxConceptAttnProcessor` on those blocks: the stock joint attention, unchanged,
-  plus the C concept query rows and the block's saliency;
-- a forward post-hook on those blocks: the concept residual update (``to_add_out``, gates,
-  ``norm2_context``, ``ff_context``), exactly as the text stream is updated.
+Joint sequence [text, image] in (B, S, H, D) layout; RMS QK-norm per stream; RoPE on the
+whole sequence with text position ids 0 (the identity on text, hence on concepts).
+Concepts: T5 (``text_encoder_2``), each concept alone. Concept conditioning: the timestep
+(+ guidance) embedding with a zero pooled-CLIP input.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
-from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 
-from conceptattention.adapters.base import ArchitectureSpec, StopForward, TraceState, argument
-from conceptattention.core import block_saliency, concept_attention
+from conceptattention.adapters.base import (
+    Backend,
+    BackendSpec,
+    ConceptEncoding,
+    EncodeInputs,
+    ForwardRecord,
+    RunState,
+)
+from conceptattention.adapters.joint import JointConceptStream, projections
+from conceptattention.concepts import ConceptEmbeddings, encode_concepts, pipeline_part
+from conceptattention.core import TokenGrid
 from conceptattention.errors import ConceptAttentionError
 
-FLUX_SPEC = ArchitectureSpec(
-    name="Flux.1",
-    transformer_class="FluxTransformer2DModel",
-    double_blocks="transformer_blocks",
-    concept_tokenizer="tokenizer_2",
-    concept_encoder="text_encoder_2",
-    default_num_layers=10,
-    joint_order=("text", "image"),
-    layout="BSHD",
-    latent_patch=2,
-)
+DEFAULT_NUM_LAYERS = 10
 
 
-def _projections(attn, hidden_states: torch.Tensor, added: bool) -> tuple[torch.Tensor, ...]:
-    """q, k, v of the image stream (``added=False``) or the text stream (``added=True``)."""
-    if getattr(attn, "fused_projections", False):
-        fused = attn.to_added_qkv if added else attn.to_qkv
-        return tuple(fused(hidden_states).chunk(3, dim=-1))
-    if added:
-        return attn.add_q_proj(hidden_states), attn.add_k_proj(hidden_states), attn.add_v_proj(hidden_states)
-    return attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+@dataclass(frozen=True)
+class FluxConditioning:
+    """Forward inputs the concept conditioning needs: (B,) timestep in [0, 1], (B,) guidance, (B, P) pooled."""
+
+    timestep: torch.Tensor
+    guidance: torch.Tensor | None
+    pooled: torch.Tensor
 
 
 class FluxConceptAttnProcessor:
@@ -57,9 +50,9 @@ class FluxConceptAttnProcessor:
     Returns exactly the two tensors the stock processor returns.
     """
 
-    def __init__(self, block_index: int, state: TraceState, original: Any) -> None:
+    def __init__(self, block_index: int, stream: JointConceptStream, original: Any) -> None:
         self.block_index = block_index
-        self.state = state
+        self.stream = stream
         # Keep whatever attention backend / parallel config the user selected on the original.
         self._attention_backend = getattr(original, "_attention_backend", None)
         self._parallel_config = getattr(original, "_parallel_config", None)
@@ -72,12 +65,13 @@ class FluxConceptAttnProcessor:
         attention_mask: torch.Tensor | None = None,
         image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        query, key, value = _projections(attn, hidden_states, added=False)
+        assert encoder_hidden_states is not None  # double blocks always pass the text stream
+        query, key, value = projections(attn, hidden_states, added=False)
         query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))  # (B, N, H, D)
         key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
         value = value.unflatten(-1, (-1, attn.head_dim))
 
-        text_query, text_key, text_value = _projections(attn, encoder_hidden_states, added=True)
+        text_query, text_key, text_value = projections(attn, encoder_hidden_states, added=True)
         text_query = attn.norm_added_q(text_query.unflatten(-1, (-1, attn.head_dim)))  # (B, T, H, D)
         text_key = attn.norm_added_k(text_key.unflatten(-1, (-1, attn.head_dim)))
         text_value = text_value.unflatten(-1, (-1, attn.head_dim))
@@ -101,187 +95,124 @@ class FluxConceptAttnProcessor:
         text_len = encoder_hidden_states.shape[1]
         text_out, image_out = joint.split_with_sizes([text_len, joint.shape[1] - text_len], dim=1)
 
-        if self.state.runs_block(self.block_index):
+        if self.stream.runs(self.block_index):
             # Image q/k/v are reused from the real pass (after QK-norm and RoPE): no second projection.
-            self._concept_attention(attn, query[:, text_len:], key[:, text_len:], value[:, text_len:], image_out)
+            image_qkv = (t[:, text_len:].transpose(1, 2) for t in (query, key, value))  # (B, H, N, D)
+            self.stream.concept_rows(self.block_index, attn, *image_qkv, image_out)
 
         image_out = attn.to_out[0](image_out.contiguous())
         image_out = attn.to_out[1](image_out)
         text_out = attn.to_add_out(text_out.contiguous())
         return image_out, text_out
 
-    def _concept_attention(
-        self,
-        attn,
-        q_x: torch.Tensor,
-        k_x: torch.Tensor,
-        v_x: torch.Tensor,
-        o_x: torch.Tensor,
-    ) -> None:
-        """Concept rows of the block; stores o_c for the post-hook and adds the block's saliency.
 
-        Args:
-            q_x, k_x, v_x: (B, N, H, D) image queries, keys, values of the real pass.
-            o_x: (B, N, H * D) image attention output before ``to_out``.
-        """
-        state = self.state
-        config = state.config
-        normed = state.block_cache["normed_concepts"]  # (B, C, D_model)
-        q_c, k_c, v_c = _projections(attn, normed, added=True)
-        q_c = attn.norm_added_q(q_c.unflatten(-1, (-1, attn.head_dim))).transpose(1, 2)  # (B, H, C, D)
-        k_c = attn.norm_added_k(k_c.unflatten(-1, (-1, attn.head_dim))).transpose(1, 2)
-        v_c = v_c.unflatten(-1, (-1, attn.head_dim)).transpose(1, 2)
-        # Flux gives text (and so concept) tokens position id 0: RoPE is the identity on them.
-        q_x, k_x, v_x = (t.transpose(1, 2) for t in (q_x, k_x, v_x))  # (B, H, N, D)
-        if config.score_space == "value":
-            o_c = v_c  # value-space ablation: the concept "attention output" is its value
-        else:
-            o_c = concept_attention(q_c, k_c, v_c, k_x, v_x, keys=config.concept_keys)  # (B, H, C, D)
-        o_c = o_c.transpose(1, 2).flatten(2).to(o_x.dtype)  # (B, C, H * D)
-        state.block_cache["concept_attn_out"] = o_c
-        if self.block_index in state.accumulator.blocks:
-            saliency = block_saliency(
-                config.score_space, o_c=o_c, o_x=o_x, q_x=q_x, k_c=k_c, v_c=v_c, v_x=v_x, softmax=state.softmax
-            )  # (B, C, N)
-            state.accumulator.add(saliency, self.block_index)
+def _concept_conditioning(transformer, record: ForwardRecord[FluxConditioning], dtype: torch.dtype) -> torch.Tensor:
+    """Timestep (+ guidance) embedding with a zero pooled-text input: nothing from the prompt."""
+    inputs = record.conditioning
+    rows = record.rows
+    timestep = inputs.timestep[rows].to(dtype) * 1000
+    zeros = torch.zeros_like(inputs.pooled[rows])
+    if inputs.guidance is None:
+        return transformer.time_text_embed(timestep, zeros)
+    return transformer.time_text_embed(timestep, inputs.guidance[rows].to(dtype) * 1000, zeros)
 
 
-def _start_concept_stream(transformer, state: TraceState, hidden_states: torch.Tensor) -> None:
-    """Concept tokens and their conditioning for the current forward (run at the first block).
-
-    Done here rather than in the transformer pre-hook so that offloading hooks have already
-    moved the weights to the execution device.
-    """
-    inputs = state.forward_inputs
-    batch = hidden_states.shape[0]
-    dtype = hidden_states.dtype
-    concepts = transformer.context_embedder(state.concept_states.to(hidden_states.device, dtype))  # (C, D_model)
-    state.concept_hidden = concepts.unsqueeze(0).expand(batch, -1, -1)  # (B, C, D_model)
-    timestep = inputs["timestep"].to(dtype) * 1000
-    pooled = inputs["pooled_projections"]
-    # Concept conditioning: timestep (+ guidance) embedding with a zero pooled-text input.
-    zeros = torch.zeros_like(pooled)
-    guidance = inputs.get("guidance")
-    if guidance is None:
-        temb = transformer.time_text_embed(timestep, zeros)
-    else:
-        temb = transformer.time_text_embed(timestep, guidance.to(dtype) * 1000, zeros)
-    state.concept_temb = temb  # (B, D_model)
-
-
-def _make_block_pre_hook(transformer, state: TraceState, index: int):
-    def pre_hook(block, args, kwargs):
-        if not state.runs_block(index):
-            return None
-        if index == 0 or state.concept_hidden is None:
-            _start_concept_stream(transformer, state, argument(args, kwargs, "hidden_states", 0))
-        normed, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.norm1_context(
-            state.concept_hidden, emb=state.concept_temb
-        )
-        state.block_cache.update(
-            normed_concepts=normed, gate_msa=gate_msa, shift_mlp=shift_mlp, scale_mlp=scale_mlp, gate_mlp=gate_mlp
-        )
-        return None
-
-    return pre_hook
-
-
-def _make_block_post_hook(state: TraceState, index: int):
-    def post_hook(block, args, kwargs, output):
-        if not state.runs_block(index):
-            return None
-        cache = state.block_cache
-        concepts = state.concept_hidden
-        attn_update = block.attn.to_add_out(cache.pop("concept_attn_out"))  # (B, C, D_model)
-        concepts = concepts + cache["gate_msa"].unsqueeze(1) * attn_update
-        normed = block.norm2_context(concepts) * (1 + cache["scale_mlp"][:, None]) + cache["shift_mlp"][:, None]
-        concepts = concepts + cache["gate_mlp"].unsqueeze(1) * block.ff_context(normed)
-        if concepts.dtype == torch.float16:
-            concepts = concepts.clip(-65504, 65504)
-        state.concept_hidden = concepts
-        cache.clear()
-        if index == state.last_block and state.stop_after_last_block:
-            raise StopForward
-        return None
-
-    return post_hook
-
-
-def install_flux(transformer, state: TraceState, stack: contextlib.ExitStack, on_forward_start) -> None:
-    """Install processors and hooks on the double blocks 0..last selected block.
-
-    Args:
-        transformer: a ``FluxTransformer2DModel``.
-        state: the session's state.
-        stack: the undo stack of this attach.
-        on_forward_start: ``callable(transformer, args, kwargs)`` run before each transformer forward.
-    """
-    originals = transformer.attn_processors
-    processors = dict(originals)
-    for index in range(state.last_block + 1):
-        name = f"{FLUX_SPEC.double_blocks}.{index}.attn.processor"
-        if not isinstance(originals[name], FluxAttnProcessor):
-            raise ConceptAttentionError(
-                f"`{name}` is a {type(originals[name]).__name__}; ConceptAttention replaces only the stock "
-                "FluxAttnProcessor (IP-Adapter and custom processors are not supported). Restore it with "
-                "`transformer.set_attn_processor(FluxAttnProcessor())` or unload the adapter first."
-            )
-        processors[name] = FluxConceptAttnProcessor(index, state, originals[name])
-    transformer.set_attn_processor(processors)
-    stack.callback(transformer.register_forward_pre_hook(on_forward_start, with_kwargs=True, prepend=True).remove)
-    blocks = getattr(transformer, FLUX_SPEC.double_blocks)
-    for index in range(state.last_block + 1):
-        block = blocks[index]
-        stack.callback(
-            block.register_forward_pre_hook(_make_block_pre_hook(transformer, state, index), with_kwargs=True).remove
-        )
-        stack.callback(block.register_forward_hook(_make_block_post_hook(state, index), with_kwargs=True).remove)
-
-
-# -- encode mode (real images) ------------------------------------------------------------------
-
-
-def flux_encode_inputs(
-    pipe, pixels: torch.Tensor, caption: str, guidance_scale: float, max_sequence_length: int
-) -> dict[str, Any]:
-    """Clean latents and conditioning for encoding real images with a Flux pipeline.
-
-    Args:
-        pipe: a ``FluxPipeline``.
-        pixels: (B, 3, height, width) float in [-1, 1].
-
-    Returns:
-        ``latents`` (B, c, 2h, 2w) scaled clean latents, and the transformer kwargs
-        (prompt embeddings, pooled projections, ids, guidance).
-    """
-    device = pipe._execution_device
-    vae = pipe.vae
-    batch = pixels.shape[0]
-    latents = vae.encode(pixels.to(device, vae.dtype)).latent_dist.mode()  # (B, c, 2h, 2w)
-    latents = (latents - vae.config.shift_factor) * vae.config.scaling_factor
-    prompt_embeds, pooled, text_ids = pipe.encode_prompt(
-        prompt=[caption] * batch, prompt_2=None, device=device, max_sequence_length=max_sequence_length
+class FluxBackend(Backend):
+    spec = BackendSpec(
+        name="Flux.1",
+        transformer_classes=("FluxTransformer2DModel",),
+        pipeline_classes=("FluxPipeline", "FluxImg2ImgPipeline"),
+        processor_classes=("FluxAttnProcessor", "FluxAttnProcessor2_0"),
+        double_blocks="transformer_blocks",
+        joint_order=("text", "image"),
+        layout="BSHD",
+        concept_encoders=("t5",),
+        default_layers=f"the last {DEFAULT_NUM_LAYERS} double-stream blocks (all of them when there are fewer)",
+        cfg_layout="separate",
+        concept_positions="text position ids 0 (RoPE is the identity on concepts)",
+        max_sequence_length=512,
     )
-    dtype = pipe.transformer.dtype
-    height, width = latents.shape[-2:]
-    guidance = None
-    if pipe.transformer.config.guidance_embeds:
-        guidance = torch.full((batch,), float(guidance_scale), device=device, dtype=torch.float32)
-    return {
-        "latents": latents.to(dtype),
-        "forward": {
+    processor_class = FluxConceptAttnProcessor
+
+    def excluded_blocks(self, transformer) -> dict[int, str]:
+        if transformer.config.num_single_layers > 0:
+            return {}
+        last = self.num_blocks(transformer) - 1
+        return {last: "with no single-stream blocks after it, its text output feeds nothing, so its text-query "
+                      "weights were never trained"}  # fmt: skip
+
+    def default_layers(self, transformer) -> tuple[int, ...]:
+        usable = [i for i in range(self.num_blocks(transformer)) if i not in self.excluded_blocks(transformer)]
+        return tuple(usable[-DEFAULT_NUM_LAYERS:])
+
+    def encode_concepts(self, pipe: Any, concepts: Sequence[str], encoding: ConceptEncoding) -> ConceptEmbeddings:
+        self.concept_encoder(encoding.encoder)
+        tokenizer = pipeline_part(pipe, "tokenizer_2", "concepts are encoded with the T5 prompt encoder")
+        encoder = pipeline_part(pipe, "text_encoder_2", "concepts are encoded with the T5 prompt encoder")
+        embeddings = encode_concepts(concepts, tokenizer, encoder, pipe._execution_device, encoding.pooling)
+        return embeddings.with_encoder("t5 (text_encoder_2), each concept alone with an attention mask")
+
+    def read_forward(self, transformer, inputs: Mapping[str, Any], batched_cfg: bool) -> ForwardRecord:
+        timestep = inputs["timestep"]
+        img_ids = inputs["img_ids"]
+        ids = img_ids[0] if img_ids.ndim == 3 else img_ids  # (N, 3): (unused, row, column)
+        h, w = (int(v) + 1 for v in ids[-1, 1:3].tolist())  # once per forward, not per layer
+        num_tokens = inputs["hidden_states"].shape[1]
+        if h * w != num_tokens:
+            raise ConceptAttentionError(
+                f"The image position ids describe a {h}x{w} grid but there are {num_tokens} image tokens; "
+                "image-conditioned variants with extra tokens (Kontext, reference images) are not supported"
+            )
+        conditioning = FluxConditioning(timestep, inputs.get("guidance"), inputs["pooled_projections"])
+        return ForwardRecord(float(timestep.flatten()[0]), TokenGrid(h, w), slice(None), conditioning)
+
+    def install(self, transformer, state: RunState, stack: contextlib.ExitStack) -> None:
+        indices = range(state.last_block + 1)
+        originals = self.check_processors(transformer, indices)
+        stream = JointConceptStream(transformer, state, _concept_conditioning)
+        stream.install(
+            stack,
+            self.blocks(transformer),
+            list(originals),
+            lambda index, original: FluxConceptAttnProcessor(index, stream, original),
+            originals,
+        )
+
+    # -- encode mode ---------------------------------------------------------------------------
+    def pixels_per_token(self, pipe: Any) -> int:
+        return int(getattr(pipe, "vae_scale_factor", 1)) * 2  # Flux packs 2x2 latent patches
+
+    def encode_inputs(
+        self, pipe: Any, pixels: torch.Tensor, caption: str, guidance_scale: float | None, max_sequence_length: int
+    ) -> EncodeInputs:
+        device = pipe._execution_device
+        vae = pipe.vae
+        batch = pixels.shape[0]
+        latents = vae.encode(pixels.to(device, vae.dtype)).latent_dist.mode()  # (B, c, 2h, 2w)
+        latents = (latents - vae.config.shift_factor) * vae.config.scaling_factor
+        prompt_embeds, pooled, text_ids = pipe.encode_prompt(
+            prompt=[caption] * batch, prompt_2=None, device=device, max_sequence_length=max_sequence_length
+        )
+        dtype = pipe.transformer.dtype
+        height, width = latents.shape[-2:]
+        guidance = None
+        if pipe.transformer.config.guidance_embeds:
+            guidance_scale = 3.5 if guidance_scale is None else guidance_scale  # FLUX.1-dev's default
+            guidance = torch.full((batch,), float(guidance_scale), device=device, dtype=torch.float32)
+        forward = {
             "encoder_hidden_states": prompt_embeds.to(dtype),
             "pooled_projections": pooled.to(dtype),
             "txt_ids": text_ids,
             "img_ids": pipe._prepare_latent_image_ids(batch, height // 2, width // 2, device, dtype),
             "guidance": guidance,
-        },
-    }
+        }
+        return EncodeInputs(latents.to(dtype), forward, guidance_scale if guidance is not None else None)
+
+    def encode_forward(self, pipe: Any, inputs: EncodeInputs, noisy_latents: torch.Tensor, t: float) -> None:
+        batch, channels, height, width = noisy_latents.shape
+        packed = pipe._pack_latents(noisy_latents, batch, channels, height, width)  # (B, N, 4c)
+        timestep = torch.full((batch,), float(t), device=packed.device, dtype=packed.dtype)
+        pipe.transformer(hidden_states=packed, timestep=timestep, return_dict=False, **inputs.forward_kwargs)
 
 
-def flux_encode_forward(pipe, inputs: dict[str, Any], noisy_latents: torch.Tensor, t: float) -> None:
-    """One transformer forward on noisy latents (B, c, 2h, 2w) at flow-matching time ``t``."""
-    batch, channels, height, width = noisy_latents.shape
-    packed = pipe._pack_latents(noisy_latents, batch, channels, height, width)  # (B, N, 4c)
-    timestep = torch.full((batch,), float(t), device=packed.device, dtype=packed.dtype)
-    pipe.transformer(hidden_states=packed, timestep=timestep, return_dict=False, **inputs["forward"])
+BACKEND = FluxBackend()

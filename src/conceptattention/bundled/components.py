@@ -13,7 +13,15 @@ from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5TokenizerFast
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+    T5TokenizerFast,
+)
 
 # General English words that get one piece each; projects add their own on top.
 BASE_WORDS: tuple[str, ...] = (
@@ -111,7 +119,10 @@ def make_t5_encoder(tokenizer, d_model: int, num_layers: int = 2, num_heads: int
     return seeded(seed, lambda: T5EncoderModel(config)).eval()
 
 
-def make_clip_encoder(tokenizer, hidden: int, num_layers: int = 2, seed: int = 0) -> CLIPTextModel:
+def make_clip_encoder(
+    tokenizer, hidden: int, num_layers: int = 2, seed: int = 0, projection_dim: int | None = None
+) -> CLIPTextModel | CLIPTextModelWithProjection:
+    """A CLIP text encoder; with ``projection_dim`` the variant with a text projection (SD3's)."""
     config = CLIPTextConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden,
@@ -119,14 +130,15 @@ def make_clip_encoder(tokenizer, hidden: int, num_layers: int = 2, seed: int = 0
         num_hidden_layers=num_layers,
         num_attention_heads=2,
         max_position_embeddings=77,
-        projection_dim=hidden,
+        projection_dim=projection_dim or hidden,
         hidden_act="gelu",
         bos_token_id=tokenizer.bos_token_id,
         # The pooler reads the first eos position: it must know the tokenizer's real eos id.
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    return seeded(seed, lambda: CLIPTextModel(config)).eval()
+    model_class = CLIPTextModel if projection_dim is None else CLIPTextModelWithProjection
+    return seeded(seed, lambda: model_class(config)).eval()
 
 
 def make_vae(

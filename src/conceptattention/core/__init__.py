@@ -14,6 +14,7 @@ from conceptattention.core.accumulate import ScoreAccumulator
 from conceptattention.core.attention import ConceptKeys, concept_attention
 from conceptattention.core.maps import (
     Normalization,
+    TokenGrid,
     binary_mask,
     finalize_maps,
     gaussian_blur3x3,
@@ -45,6 +46,7 @@ __all__ = [
     "ScoreAccumulator",
     "ScoreSpace",
     "SegmentationCounts",
+    "TokenGrid",
     "average_precision",
     "binary_map_ap",
     "binary_mask",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -31,12 +32,36 @@ def finalize_maps(mean_scores: torch.Tensor, normalization: Normalization) -> to
     return ((mean_scores - low) / (high - low).clamp(min=torch.finfo(torch.float32).tiny)).float()
 
 
-def tokens_to_grid(scores: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """(B, C, N) token scores -> (B, C, h, w), tokens in row-major order."""
-    h, w = grid
-    if scores.shape[-1] != h * w:
-        raise ValueError(f"{scores.shape[-1]} image tokens do not fill a {h}x{w} grid")
-    return scores.unflatten(-1, (h, w))  # (B, C, h, w)
+@dataclass(frozen=True)
+class TokenGrid:
+    """Layout of the image (or video) tokens of one forward: ``frames`` x ``height`` x ``width``.
+
+    Tokens are flattened frame-major, then row-major (every diffusers MM-DiT does this), so
+    ``N = frames * height * width``. Images have ``frames == 1``.
+    """
+
+    height: int
+    width: int
+    frames: int = 1
+
+    @property
+    def num_tokens(self) -> int:
+        return self.frames * self.height * self.width
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """``(h, w)`` for images, ``(F, h, w)`` for videos: the trailing shape of the maps."""
+        return (self.height, self.width) if self.frames == 1 else (self.frames, self.height, self.width)
+
+    def __str__(self) -> str:
+        return "x".join(str(n) for n in self.shape)
+
+
+def tokens_to_grid(scores: torch.Tensor, grid: TokenGrid) -> torch.Tensor:
+    """(B, C, N) token scores -> (B, C, h, w), or (B, C, F, h, w) for videos."""
+    if scores.shape[-1] != grid.num_tokens:
+        raise ValueError(f"{scores.shape[-1]} image tokens do not fill a {grid} grid")
+    return scores.unflatten(-1, grid.shape)
 
 
 def upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

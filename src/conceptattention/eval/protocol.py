@@ -131,8 +131,8 @@ def layers_used(pipe: Any, config: ConceptAttentionConfig) -> list[int]:
     """The double-block indices ``config`` selects on this pipeline's transformer."""
     from conceptattention.tracing import pipeline_components
 
-    transformer, adapter = pipeline_components(pipe)
-    return list(adapter.spec.resolve_layers(transformer, config.layers))
+    transformer, backend = pipeline_components(pipe)
+    return list(backend.resolve_layers(transformer, config.layers))
 
 
 def evaluate_batch(

@@ -1,0 +1,208 @@
+"""The concept stream through dual-stream (MM-DiT) blocks that use diffusers' text-stream names.
+
+Flux.1 and SD3 blocks share the text-stream modules ConceptAttention runs concepts
+through: ``norm1_context`` (AdaLayerNormZero), ``attn.add_{q,k,v}_proj`` (+ optional
+``norm_added_{q,k}``), ``attn.to_add_out``, ``norm2_context`` and ``ff_context``. This module
+holds that path once; a backend adds only its processor (the stock joint attention,
+mirrored op for op), its forward reading and its concept conditioning.
+
+Per block and traced forward, data flows one way through a :class:`BlockPass`:
+pre-hook (modulate concepts) -> processor (concept rows, saliency) -> post-hook
+(residual update).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from conceptattention.adapters.base import RunState, StopForward, argument
+from conceptattention.core import block_saliency, concept_attention
+
+
+@dataclass
+class TextModulation:
+    """``norm1_context`` of the concept tokens in one block (AdaLayerNormZero outputs).
+
+    Attributes:
+        normed: (B, C, D_model) modulated concept tokens.
+        gate_msa, shift_mlp, scale_mlp, gate_mlp: (B, D_model) gates, shifts and scales.
+    """
+
+    normed: torch.Tensor
+    gate_msa: torch.Tensor
+    shift_mlp: torch.Tensor
+    scale_mlp: torch.Tensor
+    gate_mlp: torch.Tensor
+
+
+@dataclass
+class BlockPass:
+    """One block's concept data, handed from the pre-hook to the processor to the post-hook.
+
+    Attributes:
+        index: the block.
+        modulation: the concepts' text-stream modulation.
+        attn_out: (B, C, H * D) concept attention output before ``to_add_out`` (set by the processor).
+    """
+
+    index: int
+    modulation: TextModulation
+    attn_out: torch.Tensor | None = None
+
+
+def projections(attn: Any, hidden_states: torch.Tensor, added: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v of the image stream (``added=False``) or the text stream (``added=True``), (B, S, H * D)."""
+    if getattr(attn, "fused_projections", False):
+        fused = attn.to_added_qkv if added else attn.to_qkv
+        q, k, v = fused(hidden_states).chunk(3, dim=-1)
+        return q, k, v
+    if added:
+        return attn.add_q_proj(hidden_states), attn.add_k_proj(hidden_states), attn.add_v_proj(hidden_states)
+    return attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+
+
+def _norm(module: Any, x: torch.Tensor) -> torch.Tensor:
+    return x if module is None else module(x)
+
+
+class JointConceptStream:
+    """The concept residual stream of one attachment, through the text-stream weights.
+
+    Args:
+        transformer: the traced transformer (its ``context_embedder`` embeds the concepts).
+        state: the session's run state.
+        conditioning: ``(transformer, record, dtype) -> (B_rows, D_model)`` concept conditioning
+            (the timestep embedding without anything from the prompt).
+    """
+
+    def __init__(
+        self,
+        transformer: torch.nn.Module,
+        state: RunState,
+        conditioning: Callable[[torch.nn.Module, Any, torch.dtype], torch.Tensor],
+    ) -> None:
+        self.transformer = transformer
+        self.state = state
+        self._conditioning = conditioning
+        self.hidden: torch.Tensor | None = None  # (B_rows, C, D_model)
+        self.temb: torch.Tensor | None = None  # (B_rows, D_model)
+        self.current: BlockPass | None = None
+
+    def install(
+        self,
+        stack: contextlib.ExitStack,
+        blocks: torch.nn.ModuleList,
+        processor_names: list[str],
+        make_processor: Callable[[int, Any], Any],
+        originals: dict[str, Any],
+    ) -> None:
+        """Replace the processors of blocks 0..last selected and hook those blocks."""
+        processors = dict(self.transformer.attn_processors)
+        for index, name in enumerate(processor_names):
+            processors[name] = make_processor(index, originals[name])
+        self.transformer.set_attn_processor(processors)
+        for index in range(len(processor_names)):
+            block = blocks[index]
+            stack.callback(block.register_forward_pre_hook(self._pre_hook(index), with_kwargs=True).remove)
+            stack.callback(block.register_forward_hook(self._post_hook(index), with_kwargs=True).remove)
+
+    def runs(self, index: int) -> bool:
+        return self.state.runs_block(index)
+
+    # -- hooks -----------------------------------------------------------------------------------
+    def _start(self, hidden_states: torch.Tensor) -> None:
+        """Concept tokens and conditioning of this forward, at its first block.
+
+        Done here rather than in the transformer pre-hook so that offloading hooks have
+        already moved the weights to the execution device.
+        """
+        record = self.state.forward
+        assert record is not None
+        dtype, device = hidden_states.dtype, hidden_states.device
+        rows = len(range(*record.rows.indices(hidden_states.shape[0])))
+        states = self.state.concept_states.to(device, dtype)
+        concepts = self.transformer.context_embedder(states)  # (C, D_model)
+        self.hidden = concepts.unsqueeze(0).expand(rows, -1, -1)  # (B_rows, C, D_model)
+        self.temb = self._conditioning(self.transformer, record, dtype)  # (B_rows, D_model)
+
+    def _pre_hook(self, index: int):
+        def pre_hook(block, args, kwargs):
+            if not self.runs(index):
+                return None
+            if index == 0 or self.hidden is None:
+                self._start(argument(args, kwargs, "hidden_states", 0))
+            normed, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.norm1_context(self.hidden, emb=self.temb)
+            self.current = BlockPass(index, TextModulation(normed, gate_msa, shift_mlp, scale_mlp, gate_mlp))
+            return None
+
+        return pre_hook
+
+    def _post_hook(self, index: int):
+        def post_hook(block, args, kwargs, output):
+            if not self.runs(index):
+                return None
+            step, self.current = self.current, None
+            assert step is not None and step.index == index and step.attn_out is not None and self.hidden is not None
+            mod = step.modulation
+            concepts = self.hidden + mod.gate_msa.unsqueeze(1) * block.attn.to_add_out(step.attn_out)
+            normed = block.norm2_context(concepts) * (1 + mod.scale_mlp[:, None]) + mod.shift_mlp[:, None]
+            concepts = concepts + mod.gate_mlp.unsqueeze(1) * block.ff_context(normed)
+            if concepts.dtype == torch.float16:
+                concepts = concepts.clip(-65504, 65504)
+            self.hidden = concepts
+            if index == self.state.last_block and self.state.stop_after_last_block:
+                raise StopForward
+            return None
+
+        return post_hook
+
+    # -- called by the processors ------------------------------------------------------------------
+    def concept_rows(
+        self,
+        index: int,
+        attn: Any,
+        q_x: torch.Tensor,
+        k_x: torch.Tensor,
+        v_x: torch.Tensor,
+        o_x: torch.Tensor,
+    ) -> None:
+        """The concept query rows of a block and its saliency, from the real pass's image tensors.
+
+        Args:
+            index: the block.
+            attn: the block's attention module (its text-stream projections are used).
+            q_x, k_x, v_x: (B, H, N, D) image queries, keys, values exactly as the real attention
+                used them (after QK-norm and RoPE).
+            o_x: (B, N, H * D) image attention output before the output projection.
+        """
+        state = self.state
+        config = state.config
+        step = self.current
+        assert step is not None and step.index == index and state.forward is not None
+        rows = state.forward.rows  # the conditional half under batched CFG
+        q_x, k_x, v_x, o_x = q_x[rows], k_x[rows], v_x[rows], o_x[rows]
+        q_c, k_c, v_c = projections(attn, step.modulation.normed, added=True)
+        heads = (q_x.shape[1], q_x.shape[-1])  # (H, D)
+        q_c = _norm(attn.norm_added_q, q_c.unflatten(-1, heads)).transpose(1, 2)  # (B, H, C, D)
+        k_c = _norm(attn.norm_added_k, k_c.unflatten(-1, heads)).transpose(1, 2)
+        v_c = v_c.unflatten(-1, heads).transpose(1, 2)
+        # Concept tokens carry no RoPE rotation in these backends (Flux.1: text position 0; SD3: none).
+        o_c = concept_attention(q_c, k_c, v_c, k_x, v_x, keys=config.concept_keys)  # (B, H, C, D)
+        step.attn_out = o_c.transpose(1, 2).flatten(2).to(o_x.dtype)  # (B, C, H * D)
+        if index in state.accumulator.blocks:
+            saliency = block_saliency(
+                config.score_space,
+                o_c=step.attn_out,
+                o_x=o_x,
+                q_x=q_x,
+                k_c=k_c,
+                v_c=v_c,
+                v_x=v_x,
+                softmax=state.softmax,
+            )  # (B, C, N)
+            state.accumulator.add(saliency, index)

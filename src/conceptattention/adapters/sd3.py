@@ -1,0 +1,239 @@
+"""SD3 / SD3.5 backend (``SD3Transformer2DModel``; StableDiffusion3 text-to-image and img2img).
+
+Joint sequence [image, text] in (B, H, S, D) layout; optional RMS QK-norm (SD3.5); no RoPE
+(positions are added in ``PatchEmbed``), so concepts need no position. The last block is
+``context_pre_only``: its text output is discarded and its text-query weights were never
+trained, so it is never scored. SD3.5's extra image self-attention (``attn2``) is left alone.
+Concepts: the T5 part of SD3's joint prompt embedding (default) or the CLIP-L+G part, each
+concept encoded alone by the pipeline's own prompt helpers. Concept conditioning: the
+timestep embedding with a zero pooled-CLIP input. Classifier-free guidance is batched
+([uncond; cond] in one forward): maps describe the conditional half.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from conceptattention.adapters.base import (
+    Backend,
+    BackendSpec,
+    ConceptEncoding,
+    EncodeInputs,
+    ForwardRecord,
+    RunState,
+)
+from conceptattention.adapters.joint import JointConceptStream
+from conceptattention.concepts import ConceptEmbeddings, locate_span, pipeline_part, pool_token_states
+from conceptattention.core import TokenGrid
+from conceptattention.errors import ConceptAttentionError
+
+
+@dataclass(frozen=True)
+class SD3Conditioning:
+    """Forward inputs the concept conditioning needs: (B,) timestep in [0, 1000], (B, P) pooled CLIP."""
+
+    timestep: torch.Tensor
+    pooled: torch.Tensor
+
+
+class SD3ConceptAttnProcessor:
+    """Stock SD3 joint attention (``JointAttnProcessor2_0``) plus the concept rows of one block.
+
+    Mirrors the stock processor op for op, so image and text outputs are bit-identical;
+    returns exactly the two tensors it returns.
+    """
+
+    def __init__(self, block_index: int, stream: JointConceptStream, original: Any = None) -> None:
+        self.block_index = block_index
+        self.stream = stream
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        *args: Any,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        assert encoder_hidden_states is not None  # installed on the joint `attn` only, never on `attn2`
+        batch_size, num_image = hidden_states.shape[:2]
+        query = attn.to_q(hidden_states)
+        key = attn.to_k(hidden_states)
+        value = attn.to_v(hidden_states)
+        head_dim = key.shape[-1] // attn.heads
+        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)  # (B, H, N, D)
+        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        text_query = attn.add_q_proj(encoder_hidden_states)
+        text_key = attn.add_k_proj(encoder_hidden_states)
+        text_value = attn.add_v_proj(encoder_hidden_states)
+        text_query = text_query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)  # (B, H, T, D)
+        text_key = text_key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        text_value = text_value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_added_q is not None:
+            text_query = attn.norm_added_q(text_query)
+        if attn.norm_added_k is not None:
+            text_key = attn.norm_added_k(text_key)
+
+        joint_query = torch.cat([query, text_query], dim=2)  # (B, H, N + T, D)
+        joint_key = torch.cat([key, text_key], dim=2)
+        joint_value = torch.cat([value, text_value], dim=2)
+        joint = F.scaled_dot_product_attention(joint_query, joint_key, joint_value, dropout_p=0.0, is_causal=False)
+        joint = joint.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+        joint = joint.to(joint_query.dtype)  # (B, N + T, H * D)
+        image_out, text_out = joint[:, :num_image], joint[:, num_image:]
+
+        if self.stream.runs(self.block_index):
+            # Image q/k/v are the real pass's (after QK-norm); SD3 has no RoPE.
+            self.stream.concept_rows(self.block_index, attn, query, key, value, image_out)
+
+        if not attn.context_pre_only:
+            text_out = attn.to_add_out(text_out)
+        image_out = attn.to_out[0](image_out)
+        image_out = attn.to_out[1](image_out)
+        return image_out, text_out
+
+
+def _concept_conditioning(transformer, record: ForwardRecord[SD3Conditioning], dtype: torch.dtype) -> torch.Tensor:
+    """Timestep embedding with a zero pooled-text input: nothing from the prompt."""
+    inputs = record.conditioning
+    rows = record.rows
+    return transformer.time_text_embed(inputs.timestep[rows], torch.zeros_like(inputs.pooled[rows]))
+
+
+class SD3Backend(Backend):
+    spec = BackendSpec(
+        name="SD3",
+        transformer_classes=("SD3Transformer2DModel",),
+        pipeline_classes=("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline"),
+        processor_classes=("JointAttnProcessor2_0",),
+        double_blocks="transformer_blocks",
+        joint_order=("image", "text"),
+        layout="BHSD",
+        concept_encoders=("t5", "clip"),
+        default_layers="the later half of the joint blocks, without the context-pre-only last block",
+        cfg_layout="batched",
+        concept_positions="none (SD3 has no RoPE on text)",
+        max_sequence_length=256,
+    )
+    processor_class = SD3ConceptAttnProcessor
+
+    def excluded_blocks(self, transformer) -> dict[int, str]:
+        return {
+            i: "it is the `context_pre_only` block, whose text output is discarded, so its text-query weights "
+            "were never trained"
+            for i, block in enumerate(self.blocks(transformer))
+            if block.context_pre_only
+        }
+
+    def default_layers(self, transformer) -> tuple[int, ...]:
+        usable = [i for i in range(self.num_blocks(transformer)) if i not in self.excluded_blocks(transformer)]
+        return tuple(usable[len(usable) // 2 :])
+
+    # -- concepts ------------------------------------------------------------------------------
+    def encode_concepts(self, pipe: Any, concepts: Sequence[str], encoding: ConceptEncoding) -> ConceptEmbeddings:
+        choice = self.concept_encoder(encoding.encoder)
+        device = pipe._execution_device
+        prompts = list(concepts)
+        if choice == "t5":
+            why = "concepts are encoded with T5 by default (`concept_encoder='t5'`); pass `concept_encoder='clip'` to use the CLIP encoders"  # noqa: E501
+            tokenizer = pipeline_part(pipe, "tokenizer_3", why)
+            pipeline_part(pipe, "text_encoder_3", why)
+            length = encoding.max_sequence_length or self.spec.max_sequence_length
+            hidden = pipe._get_t5_prompt_embeds(prompt=prompts, max_sequence_length=length, device=device)
+            ids = tokenizer(prompts, padding="max_length", max_length=length, truncation=True).input_ids
+            described = f"t5 (text_encoder_3), each concept alone, padded to {length} tokens as the pipeline does"
+        else:
+            why = "`concept_encoder='clip'` encodes concepts with both CLIP encoders"
+            tokenizer = pipeline_part(pipe, "tokenizer", why)
+            for name in ("text_encoder", "tokenizer_2", "text_encoder_2"):
+                pipeline_part(pipe, name, why)
+            parts = [pipe._get_clip_prompt_embeds(prompt=prompts, device=device, clip_model_index=i)[0] for i in (0, 1)]
+            hidden = torch.cat(parts, dim=-1)  # (C, 77, D_L + D_G), as the pipeline concatenates them
+            hidden = F.pad(hidden, (0, pipe.transformer.config.joint_attention_dim - hidden.shape[-1]))
+            length = hidden.shape[1]
+            ids = tokenizer(prompts, padding="max_length", max_length=length, truncation=True).input_ids
+            described = "clip (CLIP-L + CLIP-G penultimate states, zero-padded to the T5 width), each concept alone"
+        keep = torch.zeros(hidden.shape[:2], dtype=torch.bool)
+        tokens = []
+        for row, concept in enumerate(prompts):
+            word = tokenizer(concept, add_special_tokens=False).input_ids
+            if not word:
+                raise ConceptAttentionError(f"The tokenizer produced no tokens for concept {concept!r}; use other words")
+            start = locate_span(ids[row], word)
+            keep[row, start : start + len(word)] = True
+            tokens.append(tuple(tokenizer.convert_ids_to_tokens(word)))
+        states = pool_token_states(hidden, keep.to(hidden.device), encoding.pooling)  # type: ignore[arg-type]
+        return ConceptEmbeddings(states, tuple(tokens), encoding.pooling, described)  # type: ignore[arg-type]
+
+    # -- forwards ------------------------------------------------------------------------------
+    def read_forward(self, transformer, inputs: Mapping[str, Any], batched_cfg: bool) -> ForwardRecord:
+        latents = inputs["hidden_states"]  # (B, c, H', W'), patchified inside the transformer
+        patch = transformer.config.patch_size
+        grid = TokenGrid(latents.shape[-2] // patch, latents.shape[-1] // patch)
+        timestep = inputs["timestep"]
+        batch = latents.shape[0]
+        rows = slice(batch // 2, None) if batched_cfg else slice(None)
+        conditioning = SD3Conditioning(timestep, inputs["pooled_projections"])
+        return ForwardRecord(float(timestep.flatten()[0]) / 1000, grid, rows, conditioning)
+
+    def install(self, transformer, state: RunState, stack: contextlib.ExitStack) -> None:
+        indices = range(state.last_block + 1)
+        originals = self.check_processors(transformer, indices)
+        stream = JointConceptStream(transformer, state, _concept_conditioning)
+        stream.install(
+            stack,
+            self.blocks(transformer),
+            list(originals),
+            lambda index, original: SD3ConceptAttnProcessor(index, stream, original),
+            originals,
+        )
+
+    # -- encode mode ---------------------------------------------------------------------------
+    def pixels_per_token(self, pipe: Any) -> int:
+        return int(getattr(pipe, "vae_scale_factor", 8)) * int(pipe.transformer.config.patch_size)
+
+    def max_pixels_per_side(self, pipe: Any) -> int | None:
+        limit = pipe.transformer.config.pos_embed_max_size
+        return None if limit is None else int(limit) * self.pixels_per_token(pipe)
+
+    def encode_inputs(
+        self, pipe: Any, pixels: torch.Tensor, caption: str, guidance_scale: float | None, max_sequence_length: int
+    ) -> EncodeInputs:
+        device = pipe._execution_device
+        vae = pipe.vae
+        batch = pixels.shape[0]
+        latents = vae.encode(pixels.to(device, vae.dtype)).latent_dist.mode()  # (B, c, H', W')
+        latents = (latents - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
+        prompt_embeds, _, pooled, _ = pipe.encode_prompt(
+            prompt=[caption] * batch,
+            prompt_2=None,
+            prompt_3=None,
+            device=device,
+            do_classifier_free_guidance=False,
+            max_sequence_length=max_sequence_length,
+        )
+        dtype = pipe.transformer.dtype
+        forward = {"encoder_hidden_states": prompt_embeds.to(dtype), "pooled_projections": pooled.to(dtype)}
+        return EncodeInputs(latents.to(dtype), forward, None)
+
+    def encode_forward(self, pipe: Any, inputs: EncodeInputs, noisy_latents: torch.Tensor, t: float) -> None:
+        batch = noisy_latents.shape[0]
+        # SD3 takes the timestep unscaled: the scheduler's t * 1000.
+        timestep = torch.full((batch,), float(t) * 1000, device=noisy_latents.device, dtype=torch.float32)
+        pipe.transformer(hidden_states=noisy_latents, timestep=timestep, return_dict=False, **inputs.forward_kwargs)
+
+
+BACKEND = SD3Backend()
