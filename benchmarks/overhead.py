@@ -1,11 +1,16 @@
 """Overhead of ConceptAttention on one transformer forward (time and peak memory).
 
-A random mid-size Flux transformer (hidden 512, 4 double + 4 single blocks, 1024 image
-tokens, 5 concepts) runs interleaved repeats of a plain forward and a forward with
-concept attention on every double block. Reported ratios are medians of paired runs.
+A random mid-size transformer (hidden 512, 1024 image tokens, 5 concepts) runs interleaved
+repeats of a plain forward and a forward with concept attention. Reported ratios are medians
+of paired runs.
+
+- ``--arch flux`` (default): ``FluxTransformer2DModel``, 4 double + 4 single blocks; every
+  double block is traced.
+- ``--arch sd3``: ``SD3Transformer2DModel``, 5 joint blocks with RMS QK-norm (SD3.5 style);
+  every block but the last is traced (the last is ``context_pre_only`` and is never scored).
 
 Usage:
-    python benchmarks/overhead.py [--device cuda] [--repeats 21]
+    python benchmarks/overhead.py [--arch {flux,sd3}] [--device cuda] [--repeats 21]
 
 The last line of output is one JSON object.
 """
@@ -18,29 +23,30 @@ import statistics
 import time
 
 import torch
-from diffusers import FluxTransformer2DModel
+from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
 from torch.profiler import ProfilerActivity, profile
 
 from conceptattention import ConceptAttentionConfig
 from conceptattention.concepts import ConceptEmbeddings
 from conceptattention.tracing import ConceptSession
 
+DEFAULT_DOUBLE = {"flux": 4, "sd3": 5}
+POOLED_DIM = 256
 
-def build(args):
-    torch.manual_seed(0)
+
+def build_flux(args):
+    """Random Flux transformer, its forward inputs (CPU, fp32) and its config (with the blocks to trace)."""
+    head_dim = args.hidden // args.heads
     transformer = FluxTransformer2DModel(
         in_channels=64,
         num_layers=args.double,
         num_single_layers=args.single,
-        attention_head_dim=args.hidden // args.heads,
+        attention_head_dim=head_dim,
         num_attention_heads=args.heads,
         joint_attention_dim=args.text_dim,
-        pooled_projection_dim=256,
-        axes_dims_rope=(16, 56, 56) if args.hidden // args.heads == 128 else (8, 28, 28),
-    ).to(args.device)
-    if args.dtype != torch.float32:
-        transformer = transformer.to(dtype=args.dtype)
-    transformer.eval()
+        pooled_projection_dim=POOLED_DIM,
+        axes_dims_rope=(16, 56, 56) if head_dim == 128 else (8, 28, 28),
+    )
     n = args.grid * args.grid
     ids = torch.zeros(args.grid, args.grid, 3)
     ids[..., 1] += torch.arange(args.grid)[:, None]
@@ -48,11 +54,53 @@ def build(args):
     inputs = {
         "hidden_states": torch.randn(1, n, 64),
         "encoder_hidden_states": torch.randn(1, args.text_tokens, args.text_dim),
-        "pooled_projections": torch.randn(1, 256),
-        "timestep": torch.tensor([0.5]),
+        "pooled_projections": torch.randn(1, POOLED_DIM),
+        "timestep": torch.tensor([0.5]),  # Flux takes t in [0, 1]
         "img_ids": ids.view(n, 3),
         "txt_ids": torch.zeros(args.text_tokens, 3),
     }
+    model = {"double_blocks": args.double, "single_blocks": args.single, "traced_blocks": list(range(args.double))}
+    return transformer, inputs, model
+
+
+def build_sd3(args):
+    """Random SD3 transformer, its forward inputs (CPU, fp32) and its config (with the blocks to trace)."""
+    latent = 2 * args.grid  # patch size 2: grid x grid image tokens
+    qk_norm = None if args.qk_norm == "none" else args.qk_norm
+    transformer = SD3Transformer2DModel(
+        sample_size=latent,
+        patch_size=2,
+        in_channels=16,
+        out_channels=16,
+        num_layers=args.double,
+        attention_head_dim=args.hidden // args.heads,
+        num_attention_heads=args.heads,
+        joint_attention_dim=args.text_dim,
+        caption_projection_dim=args.hidden,
+        pooled_projection_dim=POOLED_DIM,
+        pos_embed_max_size=latent,
+        qk_norm=qk_norm,
+    )
+    inputs = {
+        "hidden_states": torch.randn(1, 16, latent, latent),
+        "encoder_hidden_states": torch.randn(1, args.text_tokens, args.text_dim),
+        "pooled_projections": torch.randn(1, POOLED_DIM),
+        "timestep": torch.tensor([500.0]),  # SD3 takes t in [0, 1000], unscaled
+    }
+    # The last block is `context_pre_only`: its text queries were never trained, so it cannot be traced.
+    traced = [i for i, block in enumerate(transformer.transformer_blocks) if not block.context_pre_only]
+    model = {"double_blocks": args.double, "qk_norm": args.qk_norm, "traced_blocks": traced}
+    return transformer, inputs, model
+
+
+BUILDERS = {"flux": build_flux, "sd3": build_sd3}
+
+
+def build(args):
+    """The transformer (on device, eval), its inputs, a session tracing the model's traced blocks, the config."""
+    torch.manual_seed(0)
+    transformer, inputs, model = BUILDERS[args.arch](args)
+    transformer = transformer.to(args.device, args.dtype).eval()
     inputs = {k: v.to(args.device, args.dtype if v.is_floating_point() else v.dtype) for k, v in inputs.items()}
     concepts = [f"concept{i}" for i in range(args.concepts)]
     embeddings = ConceptEmbeddings(
@@ -60,9 +108,9 @@ def build(args):
         tokens=tuple((c,) for c in concepts),
         pooling="first",
     )
-    config = ConceptAttentionConfig(layers=tuple(range(args.double)))
+    config = ConceptAttentionConfig(layers=tuple(model["traced_blocks"]))
     session = ConceptSession(transformer, embeddings, concepts, config)
-    return transformer, inputs, session
+    return transformer, inputs, session, model
 
 
 def sync(device: str) -> None:
@@ -111,22 +159,26 @@ def peak_bytes(transformer, inputs, device, session=None) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default="flux", choices=sorted(BUILDERS))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--repeats", type=int, default=21)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--double", type=int, default=4)
-    parser.add_argument("--single", type=int, default=4)
+    parser.add_argument("--double", type=int, help="double-stream (Flux) / joint (SD3) blocks; default 4 / 5")
+    parser.add_argument("--single", type=int, default=4, help="single-stream blocks (Flux only)")
     parser.add_argument("--grid", type=int, default=32, help="image tokens = grid * grid")
     parser.add_argument("--text-tokens", type=int, default=128)
     parser.add_argument("--text-dim", type=int, default=512)
     parser.add_argument("--concepts", type=int, default=5)
+    parser.add_argument("--qk-norm", default="rms_norm", choices=["rms_norm", "none"], help="SD3 only")
     args = parser.parse_args()
     args.dtype = getattr(torch, args.dtype)
+    if args.double is None:
+        args.double = DEFAULT_DOUBLE[args.arch]
 
-    transformer, inputs, session = build(args)
+    transformer, inputs, session, model = build(args)
     with torch.inference_mode():
         for _ in range(args.warmup):
             timed_forward(transformer, inputs, args.device)
@@ -155,14 +207,13 @@ def main() -> None:
         "device": args.device,
         "dtype": str(args.dtype).replace("torch.", ""),
         "config": {
+            "arch": args.arch,
             "hidden": args.hidden,
             "heads": args.heads,
-            "double_blocks": args.double,
-            "single_blocks": args.single,
             "image_tokens": args.grid**2,
             "text_tokens": args.text_tokens,
             "concepts": args.concepts,
-            "traced_blocks": list(range(args.double)),
+            **model,
         },
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),

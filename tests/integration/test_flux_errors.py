@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import types
 
 import numpy as np
@@ -113,31 +114,55 @@ def test_unreadable_or_malformed_images(tiny_pipe, tmp_path):
 
 
 def test_unsupported_architecture_lists_supported(tiny_pipe):
-    from diffusers import SD3Transformer2DModel
+    from diffusers import CogVideoXTransformer3DModel
 
+    # a joint-attention model without a backend yet
     fake = types.SimpleNamespace(
-        transformer=SD3Transformer2DModel(
-            sample_size=8,
-            patch_size=2,
-            in_channels=4,
-            num_layers=1,
-            attention_head_dim=8,
-            num_attention_heads=2,
-            joint_attention_dim=16,
-            caption_projection_dim=16,
-            pooled_projection_dim=16,
-            out_channels=4,
-        )
+        transformer=CogVideoXTransformer3DModel(
+            num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, time_embed_dim=8,
+            text_embed_dim=16, num_layers=1, sample_width=8, sample_height=8, sample_frames=9, patch_size=2,
+            temporal_compression_ratio=4, max_text_seq_length=8,
+        )  # fmt: skip
     )
-    with pytest.raises(
-        UnsupportedArchitectureError,
-        match=r"SD3Transformer2DModel is not supported\. Supported: FluxTransformer2DModel",
-    ):
+    supported = r"Supported: Flux\.1: FluxTransformer2DModel \(FluxPipeline.*SD3: SD3Transformer2DModel"
+    with pytest.raises(UnsupportedArchitectureError, match=r"CogVideoXTransformer3DModel is not supported\. " + supported):
         ca.trace(fake, ["dog"])
     with pytest.raises(UnsupportedArchitectureError, match="not supported"):
         ca.load_pipeline(fake)
     with pytest.raises(ca.ConceptAttentionError, match="has no `transformer`"):
         ca.trace(object(), ["dog"])
+
+
+@pytest.mark.parametrize("family", ["pixart", "wan"])
+def test_cross_attention_only_models_are_refused_with_the_reason(family):
+    from diffusers import PixArtTransformer2DModel, WanTransformer3DModel
+
+    if family == "pixart":
+        transformer = PixArtTransformer2DModel(sample_size=8, num_layers=1, attention_head_dim=8, num_attention_heads=2,
+                                               in_channels=4, out_channels=8, cross_attention_dim=16,
+                                               caption_channels=16, norm_num_groups=2)  # fmt: skip
+        name = "PixArtTransformer2DModel"
+    else:
+        transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+                                            in_channels=4, out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32,
+                                            num_layers=1, rope_max_seq_len=32)  # fmt: skip
+        name = "WanTransformer3DModel"
+    with pytest.raises(
+        UnsupportedArchitectureError,
+        match=rf"uses {name} .*cross-attention only\. ConceptAttention needs a joint-attention MM-DiT.*Supported: Flux",
+    ):
+        ca.trace(types.SimpleNamespace(transformer=transformer), ["dog"])
+
+
+def test_dead_last_block_of_a_flux_model_without_single_blocks():
+    from tiny_flux import make_tiny_flux_pipeline
+
+    pipe = make_tiny_flux_pipeline(seed=0, num_layers=2, num_single_layers=0)
+    with pytest.raises(ca.ConceptAttentionError, match=r"`layers` contains 1, which cannot be used: .*feeds nothing"):
+        ca.trace(pipe, ["dog"], layers=[0, 1])
+    with ca.trace(pipe, ["dog", "sky"]) as tc:
+        pipe("a dog", height=32, width=32, num_inference_steps=1, max_sequence_length=16, output_type="pt")
+    assert tc.maps().metadata["layers"] == [0] and "1" in json.loads(json.dumps(tc.maps().metadata))["excluded_blocks"]
 
 
 def test_weights_that_cannot_be_found_offline(tmp_path, monkeypatch):
@@ -149,23 +174,3 @@ def test_weights_that_cannot_be_found_offline(tmp_path, monkeypatch):
         ca.load_pipeline(tmp_path / "nowhere")
     with pytest.raises(ca.ConceptAttentionError, match="`dtype` must be one of"):
         ca.load_pipeline(tmp_path, dtype="float8")
-
-
-def test_custom_processor_is_refused_and_left_in_place(tiny_pipe):
-    from diffusers.models.attention_processor import AttnProcessor2_0
-
-    block = tiny_pipe.transformer.transformer_blocks[1]
-    original = block.attn.processor
-    custom = AttnProcessor2_0()
-    block.attn.processor = custom
-    try:
-        with (
-            pytest.raises(ca.ConceptAttentionError, match="IP-Adapter and custom processors are not supported"),
-            ca.trace(tiny_pipe, ["dog"]),
-        ):
-            pass
-        assert block.attn.processor is custom
-        assert tiny_pipe.transformer.transformer_blocks[0].attn.processor is not None
-        assert not any(m._forward_pre_hooks for m in tiny_pipe.transformer.modules())
-    finally:
-        block.attn.processor = original

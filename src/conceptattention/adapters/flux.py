@@ -122,7 +122,7 @@ class FluxBackend(Backend):
         name="Flux.1",
         transformer_classes=("FluxTransformer2DModel",),
         pipeline_classes=("FluxPipeline", "FluxImg2ImgPipeline"),
-        processor_classes=("FluxAttnProcessor", "FluxAttnProcessor2_0"),
+        processor_classes=("FluxAttnProcessor",),
         double_blocks="transformer_blocks",
         joint_order=("text", "image"),
         layout="BSHD",

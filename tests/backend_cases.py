@@ -1,0 +1,114 @@
+"""The backends under the contract suite: one :class:`BackendCase` each.
+
+A new backend joins the suite by adding one case: a tiny pipeline factory, the naive
+reference's per-architecture parts, and how its pipeline is run in the tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cache
+from typing import Any
+
+import torch
+from naive_reference import FLUX, SD3, ReferenceArch
+
+
+@dataclass(frozen=True)
+class BackendCase:
+    """How the contract suite builds, runs and checks one backend.
+
+    Attributes:
+        name: test id.
+        factory: ``(seed, dtype) -> pipeline`` of tiny random parts.
+        arch: the naive reference's per-architecture parts.
+        run: pipeline call arguments of the tests (non-square size, few steps).
+        layers: every traceable block of the tiny model.
+        conditional_half: ``run`` makes batched [uncond; cond] forwards.
+        encoded_latents: ``(pipe, x_t (B, c, H', W')) -> hidden_states`` as an encode forward passes them.
+        encoded_timestep: ``t -> timestep`` as an encode forward passes it.
+        blocks: every block whose outputs must stay bit-identical.
+    """
+
+    name: str
+    factory: Callable[..., Any]
+    arch: ReferenceArch
+    run: dict[str, Any]
+    layers: tuple[int, ...]
+    conditional_half: bool
+    encoded_latents: Callable[[Any, torch.Tensor], torch.Tensor]
+    encoded_timestep: Callable[[float], float]
+    blocks: Callable[[Any], list] = field(default=lambda tr: list(tr.transformer_blocks))
+
+    def pipeline(self, dtype: torch.dtype = torch.float32):
+        return _cached_pipeline(self.name, dtype)
+
+    def fresh_pipeline(self, dtype: torch.dtype = torch.float32):
+        return self.factory(dtype=dtype)
+
+
+def _flux_factory(dtype=torch.float32):
+    from tiny_flux import make_tiny_flux_pipeline
+
+    return make_tiny_flux_pipeline(seed=0, dtype=dtype, num_layers=3, num_single_layers=1)
+
+
+def _sd3_factory(dtype=torch.float32):
+    from tiny_sd3 import make_tiny_sd3_pipeline
+
+    return make_tiny_sd3_pipeline(seed=0, dtype=dtype, num_layers=4)
+
+
+def _sd35_factory(dtype=torch.float32):
+    from tiny_sd3 import make_tiny_sd3_pipeline
+
+    return make_tiny_sd3_pipeline(seed=5, dtype=dtype, num_layers=4, sd35=True)
+
+
+def _packed(pipe, latents):
+    b, c, h, w = latents.shape
+    return pipe._pack_latents(latents, b, c, h, w)
+
+
+RUN = {"height": 32, "width": 48, "num_inference_steps": 2, "max_sequence_length": 16}
+
+CASES = [
+    BackendCase(
+        name="flux",
+        factory=_flux_factory,
+        arch=FLUX,
+        run=RUN,
+        layers=(0, 1, 2),
+        conditional_half=False,
+        encoded_latents=_packed,
+        encoded_timestep=lambda t: t,
+        blocks=lambda tr: [*tr.transformer_blocks, *tr.single_transformer_blocks],
+    ),
+    BackendCase(
+        name="sd3",
+        factory=_sd3_factory,
+        arch=SD3,
+        run={**RUN, "guidance_scale": 4.0},
+        layers=(0, 1, 2),
+        conditional_half=True,
+        encoded_latents=lambda pipe, latents: latents,
+        encoded_timestep=lambda t: t * 1000,
+    ),
+    BackendCase(
+        name="sd3.5",
+        factory=_sd35_factory,
+        arch=SD3,
+        run={**RUN, "guidance_scale": 4.0},
+        layers=(0, 1, 2),
+        conditional_half=True,
+        encoded_latents=lambda pipe, latents: latents,
+        encoded_timestep=lambda t: t * 1000,
+    ),
+]
+CASES_BY_NAME = {case.name: case for case in CASES}
+
+
+@cache
+def _cached_pipeline(name: str, dtype: torch.dtype):
+    return CASES_BY_NAME[name].factory(dtype=dtype)

@@ -1,0 +1,286 @@
+"""The contract every backend meets, written once and run for each :class:`BackendCase`.
+
+Streams untouched (bit-identical), maps equal to a naive reference for every variant,
+exact detach, encode/generate/trace, and a saved tiny pipeline through the eval CLI.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from backend_cases import CASES, BackendCase
+from naive_reference import capture_forward_inputs, reference_maps
+from typer.testing import CliRunner
+
+import conceptattention as ca
+from conceptattention.adapters import backend_for
+from conceptattention.cli import app
+
+
+@pytest.fixture(params=CASES, ids=[case.name for case in CASES])
+def case(request) -> BackendCase:
+    return request.param
+
+
+def _run(case: BackendCase, pipe, prompt="a dog on the grass near a tree", **extra):
+    args = {**case.run, "output_type": "pt", **extra}
+    return pipe(prompt, generator=torch.Generator().manual_seed(3), **args).images
+
+
+def _capture_block_outputs(blocks):
+    records, handles = [], []
+    for block in blocks:
+        hook = block.register_forward_hook(
+            lambda m, a, out: records.append([o.clone() for o in (out if isinstance(out, tuple) else (out,))
+                                              if o is not None])  # fmt: skip
+        )
+        handles.append(hook)
+    return records, handles
+
+
+@pytest.mark.parametrize(
+    ("prompt", "extra"),
+    [
+        pytest.param(["a dog", "a cat under the sky"], {}, id="batch2"),
+        pytest.param("a dog", {"height": 48, "width": 16, "num_images_per_prompt": 2}, id="nonsquare-per-prompt"),
+    ],
+)
+def test_image_and_text_streams_are_bit_identical(case, prompt, extra):
+    pipe = case.pipeline()
+    blocks = case.blocks(pipe.transformer)
+    records, handles = _capture_block_outputs(blocks)
+    try:
+        plain = _run(case, pipe, prompt, **extra)
+        plain_blocks = list(records)
+        records.clear()
+        with ca.trace(pipe, ["dog", "grass", "sky"], layers=list(case.layers)) as tc:
+            traced = _run(case, pipe, prompt, **extra)
+        traced_blocks = list(records)
+    finally:
+        for h in handles:
+            h.remove()
+    assert torch.equal(plain, traced)
+    assert len(plain_blocks) == len(traced_blocks) == case.run["num_inference_steps"] * len(blocks)
+    for a, b in zip(plain_blocks, traced_blocks):
+        assert len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+    maps = tc.maps()
+    assert maps.maps.shape[0] == plain.shape[0]  # one map set per image (conditional half under batched CFG)
+    assert maps.image_size == tuple(plain.shape[-2:])
+
+
+VARIANTS = [
+    pytest.param({}, ["dog", "grass", "tree"], id="default"),
+    pytest.param({"concept_keys": "image"}, ["dog", "grass", "tree"], id="keys-image"),
+    pytest.param({"concept_keys": "concepts"}, ["dog", "grass", "tree"], id="keys-concepts"),
+    pytest.param({"softmax": False}, ["dog", "grass", "tree"], id="no-softmax"),
+    pytest.param({"score_space": "cross_attention"}, ["dog", "grass", "tree"], id="cross-attention"),
+    pytest.param({"score_space": "cross_attention", "softmax": False}, ["dog", "sky"], id="cross-no-softmax"),
+    pytest.param({"score_space": "value"}, ["dog", "grass", "tree"], id="value"),
+    pytest.param({"score_space": "value", "concept_keys": "image"}, ["dog", "sky"], id="value-keys-image"),
+    pytest.param({"pooling": "mean"}, ["skyscraper", "dog"], id="pooling-mean"),
+    pytest.param({"pooling": "first"}, ["skyscraper", "dog"], id="pooling-first-multitoken"),
+    pytest.param({}, ["dog"], id="single-concept-minmax"),
+    pytest.param({"layers": [1], "steps": [1]}, ["dog", "sky"], id="one-layer-one-step"),
+    pytest.param({"layers": [0, 2]}, ["dog", "sky", "cat", "tree"], id="layers-0-2"),
+]
+
+
+@pytest.mark.parametrize(("options", "concepts"), VARIANTS)
+def test_generate_maps_match_naive_reference(case, options, concepts):
+    pipe = case.pipeline()
+    layers = options.get("layers", list(case.layers))
+    records, _ = capture_forward_inputs(pipe.transformer, lambda: _run(case, pipe))
+    expected = reference_maps(
+        case.arch, pipe, records, concepts, **{**options, "layers": layers}, conditional_half=case.conditional_half
+    )
+    with ca.trace(pipe, concepts, **{**options, "layers": layers}) as tc:
+        _run(case, pipe)
+    maps = tc.maps()
+    got = maps.maps.flatten(2)  # (B, C, N)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    assert maps.metadata["layers"] == layers
+    assert maps.metadata["steps"] == list(options.get("steps", [0, 1]))
+    # the reference is not trivially constant: maps differ between concepts and patches
+    assert got.std() > 1e-3
+
+
+def test_score_space_changes_only_the_score_not_the_concept_tokens(case):
+    pipe = case.pipeline()
+    streams = {}
+    for space in ("output", "value", "cross_attention"):
+        with ca.trace(pipe, ["dog", "sky"], layers=list(case.layers), score_space=space):
+            _run(case, pipe)
+            streams[space] = pipe.transformer.transformer_blocks[0].attn.processor.stream.hidden.clone()
+    assert torch.equal(streams["output"], streams["value"]) and torch.equal(streams["output"], streams["cross_attention"])
+
+
+def test_concept_conditioning_uses_a_zero_pooled_text_input(case):
+    pipe = case.pipeline()
+    calls = []
+    hook = pipe.transformer.time_text_embed.register_forward_hook(lambda m, args, out: calls.append(args[-1]))
+    try:
+        _run(case, pipe, num_inference_steps=1)
+        plain_calls = len(calls)
+        calls.clear()
+        with ca.trace(pipe, ["dog", "sky"], layers=list(case.layers)):
+            _run(case, pipe, num_inference_steps=1)
+    finally:
+        hook.remove()
+    assert len(calls) == plain_calls + 1  # the real conditioning, then the concepts' own
+    real_pooled, concept_pooled = calls[0], calls[-1]
+    assert real_pooled.abs().sum() > 0 and torch.equal(concept_pooled, torch.zeros_like(concept_pooled))
+
+
+def test_detach_restores_processors_and_hooks_even_after_an_exception(case):
+    pipe = case.pipeline()
+    transformer = pipe.transformer
+    backend = backend_for(transformer)
+    before = dict(transformer.attn_processors)
+    with pytest.raises(KeyboardInterrupt), ca.trace(pipe, ["dog", "sky"], layers=list(case.layers)):
+        assert isinstance(transformer.transformer_blocks[0].attn.processor, backend.processor_class)
+        _run(case, pipe, num_inference_steps=1)
+        raise KeyboardInterrupt
+    after = transformer.attn_processors
+    assert before.keys() == after.keys()
+    assert all(after[k] is v for k, v in before.items())
+    modules = [transformer, *transformer.modules()]
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in modules)
+
+
+def test_nested_trace_is_refused(case):
+    pipe = case.pipeline()
+    backend = backend_for(pipe.transformer)
+    with ca.trace(pipe, ["dog"]), pytest.raises(ca.ConceptAttentionError, match="already attached"):
+        with ca.trace(pipe, ["sky"]):
+            pass
+    assert not any(isinstance(p, backend.processor_class) for p in pipe.transformer.attn_processors.values())
+
+
+class _DelegatingProcessor:
+    """A user's custom processor (here: it only calls the stock one)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        extra = {} if image_rotary_emb is None else {"image_rotary_emb": image_rotary_emb}
+        return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, **extra)
+
+
+def test_custom_processor_on_a_traced_block_is_refused_and_left_in_place(case):
+    pipe = case.fresh_pipeline()
+    block = pipe.transformer.transformer_blocks[1]
+    custom = _DelegatingProcessor(block.attn.processor)
+    block.attn.processor = custom
+    with (
+        pytest.raises(ca.ConceptAttentionError, match="IP-Adapter, fused-projection and custom processors"),
+        ca.trace(pipe, ["dog"], layers=[1]),
+    ):
+        pass
+    assert block.attn.processor is custom
+    assert not any(m._forward_pre_hooks for m in pipe.transformer.modules())
+    with ca.trace(pipe, ["dog", "sky"], layers=[0]) as tc:  # blocks after the last traced one are not touched
+        _run(case, pipe, num_inference_steps=1)
+    assert tc.maps().metadata["layers"] == [0]
+
+
+def test_encode_averages_every_noise_sample_and_matches_reference(case):
+    pipe = case.pipeline()
+    image = torch.rand(3, 32, 48)
+    concepts = ["dog", "grass", "sky"]
+    captured = []
+    handle = pipe.transformer.register_forward_pre_hook(lambda m, a, kw: captured.append(dict(kw)), with_kwargs=True)
+    try:
+        maps = ca.encode_image(pipe, image, concepts, height=32, width=48, num_samples=3, seed=7, t=0.5, layers=[1, 2])
+    finally:
+        handle.remove()
+    assert len(captured) == 3
+    # each draw really is x_t = (1 - t) z + t eps with a fresh eps from the seeded generator
+    pixels = (image.permute(1, 2, 0).numpy() * 255).round() / 127.5 - 1
+    with torch.no_grad():
+        z = pipe.vae.encode(torch.from_numpy(pixels).permute(2, 0, 1)[None].float()).latent_dist.mode()
+    z = (z - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor
+    generator = torch.Generator().manual_seed(7)
+    for record in captured:
+        eps = torch.randn(z.shape, generator=generator)
+        expected = case.encoded_latents(pipe, 0.5 * z + 0.5 * eps)
+        torch.testing.assert_close(record["hidden_states"], expected, rtol=0, atol=1e-5)
+        assert float(record["timestep"][0]) == case.encoded_timestep(0.5)
+    # maps = mean over samples of the reference on each captured (untraced) forward
+    per_sample = []
+    with torch.inference_mode():  # captured tensors are inference tensors
+        for record in captured:
+            recs, _ = capture_forward_inputs(pipe.transformer, lambda r=record: pipe.transformer(**r))
+            per_sample.append(reference_maps(case.arch, pipe, recs, concepts, layers=[1, 2]))
+    torch.testing.assert_close(maps.maps.flatten(2), torch.stack(per_sample).mean(0), rtol=0, atol=1e-5)
+    meta = maps.metadata
+    assert meta["num_samples"] == 3 and meta["t"] == 0.5 and meta["mode"] == "encode"
+    assert maps.image_size == (32, 48) and maps.images[0].size == (48, 32)
+
+
+def test_encode_stops_after_the_last_selected_block(case):
+    pipe = case.pipeline()
+    blocks = case.blocks(pipe.transformer)
+    calls = []
+    handles = [b.register_forward_pre_hook(lambda m, a, i=i: calls.append(i)) for i, b in enumerate(blocks)]
+    try:
+        ca.encode_image(pipe, torch.rand(3, 32, 32), ["dog", "sky"], height=32, width=32, layers=[1])
+    finally:
+        for h in handles:
+            h.remove()
+    assert calls == [0, 1]
+
+
+def test_generate_returns_images_maps_and_record(case):
+    pipe = case.pipeline()
+    run = {k: v for k, v in case.run.items() if k not in ("height", "width", "num_inference_steps")}
+    maps = ca.generate(pipe, "a dog on the grass", ["dog", "grass", "sky"], num_inference_steps=3, height=32,
+                       width=64, seed=5, config=ca.ConceptAttentionConfig(steps=[1, 2], layers=list(case.layers)),
+                       **run)  # fmt: skip
+    assert len(maps.images) == 1 and maps.images[0].size == (64, 32)
+    meta = maps.metadata
+    backend = backend_for(pipe.transformer)
+    assert meta["architecture"] == backend.spec.name and meta["mode"] == "generate"
+    assert meta["steps"] == [1, 2] and len(meta["timesteps"]) == 2 and 1 >= meta["timesteps"][0] > meta["timesteps"][1]
+    assert meta["seed"] == 5 and meta["prompt"] == "a dog on the grass" and meta["num_inference_steps"] == 3
+    assert meta["normalization"] == "softmax" and meta["pooling"] == "first" and meta["score_space"] == "output"
+    assert meta["concept_tokens"]["dog"] and meta["concept_encoder"].startswith(backend.spec.concept_encoders[0])
+    assert ("conditional half" in meta["cfg"]) == case.conditional_half
+    assert meta["versions"]["diffusers"] and meta["versions"]["torch"]
+    torch.testing.assert_close(maps.maps.sum(1), torch.ones(1, 8, 16))  # softmax over concepts, then mean
+
+
+def test_default_layers_are_valid_and_recorded(case):
+    pipe = case.pipeline()
+    backend = backend_for(pipe.transformer)
+    defaults = backend.default_layers(pipe.transformer)
+    assert defaults and not set(defaults) & set(backend.excluded_blocks(pipe.transformer))
+    with ca.trace(pipe, ["dog", "sky"]) as tc:
+        _run(case, pipe, num_inference_steps=1)
+    assert tc.maps().metadata["layers"] == list(defaults)
+    assert tc.maps().metadata["default_layers"] == backend.spec.default_layers
+
+
+def test_saved_pipeline_loads_and_runs_the_eval_cli(case, tmp_path):
+    pipe = case.pipeline()
+    pipe.save_pretrained(tmp_path / "model")
+    loaded = ca.load_pipeline(tmp_path / "model")
+    assert type(loaded) is type(pipe)
+    image = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0))
+    from_disk = ca.encode_image(loaded, image, ["dog", "sky"], height=32, width=32)
+    in_memory = ca.encode_image(pipe, image, ["dog", "sky"], height=32, width=32)
+    torch.testing.assert_close(from_disk.maps, in_memory.maps, rtol=0, atol=1e-6)
+    assert from_disk.metadata["model"] == str(tmp_path / "model")
+    out = tmp_path / "eval"
+    result = CliRunner().invoke(
+        app, ["eval", "scenes", "--model", str(tmp_path / "model"), "--limit", "4", "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in (out / "records.rank0.jsonl").read_text().splitlines()]
+    assert len(records) == 4 and all(r["layers"] == list(backend_for(pipe.transformer).default_layers(
+        pipe.transformer)) for r in records)  # fmt: skip
+    report = (out / "report.md").read_text()
+    assert "concept_attention" in report
