@@ -166,10 +166,12 @@ def reference_maps(
     pooling="first",
     concept_encoder=None,
     conditional_half=False,
+    rows=None,
 ):
     """(B, C, N) reference maps from captured forwards (one record per denoising step).
 
     ``conditional_half``: the forwards batch [uncond; cond]; maps describe the cond half.
+    ``rows``: an explicit batch slice instead (e.g. the unconditional half, for contrast).
     """
     tr = pipe.transformer
     num_concepts = len(concepts)
@@ -181,13 +183,13 @@ def reference_maps(
             continue
         fwd = record["forward"]
         batch = fwd["hidden_states"].shape[0]
-        rows = slice(batch // 2, None) if conditional_half else slice(None)
-        temb_c = arch.concept_temb(tr, fwd)[rows]
+        keep = rows or (slice(batch // 2, None) if conditional_half else slice(None))
+        temb_c = arch.concept_temb(tr, fwd)[keep]
         c = tr.context_embedder(text_states).unsqueeze(0).expand(temb_c.shape[0], -1, -1)
         for index in range(max(layers) + 1):
             block = tr.transformer_blocks[index]
             attn = block.attn
-            qx, kx, vx, o_x = (t[rows] for t in arch.image_attention(block, record["blocks"][index]))
+            qx, kx, vx, o_x = (t[keep] for t in arch.image_attention(block, record["blocks"][index]))
             hd = qx.shape[-1]
             nc, c_gate, c_shift, c_scale, c_gate_mlp = block.norm1_context(c, emb=temb_c)
             qc, kc, vc = (heads(f(nc), hd) for f in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))

@@ -117,8 +117,10 @@ class ConceptSession:
     def _step_key(self) -> tuple[object, int]:
         if self.scheduler is None:
             return self._run_token, len(self._steps_seen)
+        # img2img pipelines start at `begin_index` (set by strength); count steps from the first one run.
+        begin = getattr(self.scheduler, "begin_index", None) or 0
         step = self.scheduler.step_index
-        return self.scheduler.timesteps, 0 if step is None else int(step)
+        return self.scheduler.timesteps, 0 if step is None else int(step) - begin
 
     def start_run(self) -> None:
         """Forget the current run's maps (a new pipeline call does this by itself)."""
