@@ -110,8 +110,10 @@ def sd3_concept_states(pipe, concepts, pooling, encoder, t5_length=256):
             own = hidden[:end]
         else:
             ids = pipe.tokenizer(concept, padding="max_length", max_length=77, return_tensors="pt").input_ids
-            parts = [enc(ids, output_hidden_states=True).hidden_states[-2][0] for enc in (pipe.text_encoder,
-                                                                                         pipe.text_encoder_2)]
+            parts = [
+                enc(ids, output_hidden_states=True).hidden_states[-2][0]
+                for enc in (pipe.text_encoder, pipe.text_encoder_2)
+            ]
             hidden = torch.cat(parts, -1)
             hidden = F.pad(hidden, (0, pipe.transformer.config.joint_attention_dim - hidden.shape[-1]))
             end = ids[0].tolist().index(pipe.tokenizer.eos_token_id)

@@ -67,7 +67,9 @@ def make_tiny_sd3_pipeline(
     transformer = make_tiny_sd3_transformer(seed=seed, dtype=dtype, **transformer_sizes)
     vae = _cast(make_vae((8, 16), LATENT_CHANNELS, scaling_factor=1.5305, shift_factor=0.0609, seed=seed + 1), dtype)
     tokenizer, tokenizer_2, tokenizer_3 = make_clip_tokenizer(), make_clip_tokenizer(), make_t5_tokenizer()
-    text_encoder = _cast(make_clip_encoder(tokenizer, CLIP_HIDDEN, seed=seed + 2, projection_dim=CLIP_PROJECTION), dtype)
+    text_encoder = _cast(
+        make_clip_encoder(tokenizer, CLIP_HIDDEN, seed=seed + 2, projection_dim=CLIP_PROJECTION), dtype
+    )
     text_encoder_2 = _cast(
         make_clip_encoder(tokenizer_2, CLIP_HIDDEN, seed=seed + 3, projection_dim=CLIP_PROJECTION), dtype
     )

@@ -60,4 +60,5 @@ def generate(
     with trace(pipe, concepts, config) as tracer:
         output = pipe(prompt, **pipe_kwargs)
     scalars = {k: v for k, v in pipe_kwargs.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
-    return tracer.maps(images=output.images, prompt=prompt, seed=seed, call=scalars)
+    prompts = prompt if isinstance(prompt, str) else list(prompt)
+    return tracer.maps(images=output.images, prompt=prompts, seed=seed, call=scalars)

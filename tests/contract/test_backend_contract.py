@@ -32,11 +32,12 @@ def _run(case: BackendCase, pipe, prompt="a dog on the grass near a tree", **ext
 def _capture_block_outputs(blocks):
     records, handles = [], []
     for block in blocks:
-        hook = block.register_forward_hook(
-            lambda m, a, out: records.append([o.clone() for o in (out if isinstance(out, tuple) else (out,))
-                                              if o is not None])  # fmt: skip
-        )
-        handles.append(hook)
+
+        def keep(module, args, out):
+            outputs = out if isinstance(out, tuple) else (out,)
+            records.append([o.clone() for o in outputs if o is not None])  # SD3's last block returns no text
+
+        handles.append(block.register_forward_hook(keep))
     return records, handles
 
 
@@ -114,7 +115,9 @@ def test_score_space_changes_only_the_score_not_the_concept_tokens(case):
         with ca.trace(pipe, ["dog", "sky"], layers=list(case.layers), score_space=space):
             _run(case, pipe)
             streams[space] = pipe.transformer.transformer_blocks[0].attn.processor.stream.hidden.clone()
-    assert torch.equal(streams["output"], streams["value"]) and torch.equal(streams["output"], streams["cross_attention"])
+    assert torch.equal(streams["output"], streams["value"]) and torch.equal(
+        streams["output"], streams["cross_attention"]
+    )
 
 
 def test_concept_conditioning_uses_a_zero_pooled_text_input(case):
@@ -153,9 +156,12 @@ def test_detach_restores_processors_and_hooks_even_after_an_exception(case):
 def test_nested_trace_is_refused(case):
     pipe = case.pipeline()
     backend = backend_for(pipe.transformer)
-    with ca.trace(pipe, ["dog"]), pytest.raises(ca.ConceptAttentionError, match="already attached"):
-        with ca.trace(pipe, ["sky"]):
-            pass
+    with (
+        ca.trace(pipe, ["dog"]),
+        pytest.raises(ca.ConceptAttentionError, match="already attached"),
+        ca.trace(pipe, ["sky"]),
+    ):
+        pass
     assert not any(isinstance(p, backend.processor_class) for p in pipe.transformer.attn_processors.values())
 
 

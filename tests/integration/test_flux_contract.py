@@ -8,7 +8,6 @@ import torch
 import conceptattention as ca
 
 
-
 def _run(pipe, prompt, **kw):
     args = {"height": 32, "width": 48, "num_inference_steps": 2, "max_sequence_length": 16, "output_type": "pt"}
     return pipe(prompt, generator=torch.Generator().manual_seed(3), **{**args, **kw}).images

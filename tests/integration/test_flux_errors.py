@@ -122,10 +122,11 @@ def test_unsupported_architecture_lists_supported(tiny_pipe):
             num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, time_embed_dim=8,
             text_embed_dim=16, num_layers=1, sample_width=8, sample_height=8, sample_frames=9, patch_size=2,
             temporal_compression_ratio=4, max_text_seq_length=8,
-        )  # fmt: skip
-    )
+        )
+    )  # fmt: skip
     supported = r"Supported: Flux\.1: FluxTransformer2DModel \(FluxPipeline.*SD3: SD3Transformer2DModel"
-    with pytest.raises(UnsupportedArchitectureError, match=r"CogVideoXTransformer3DModel is not supported\. " + supported):
+    unsupported = r"CogVideoXTransformer3DModel is not supported\. "
+    with pytest.raises(UnsupportedArchitectureError, match=unsupported + supported):
         ca.trace(fake, ["dog"])
     with pytest.raises(UnsupportedArchitectureError, match="not supported"):
         ca.load_pipeline(fake)

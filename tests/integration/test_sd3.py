@@ -36,8 +36,9 @@ def test_guidance_on_and_off_give_maps_of_the_conditional_images(sd3_pipe, guida
         lambda m, a, kw: forwards.append(kw["hidden_states"].shape[0]), with_kwargs=True
     )
     try:
-        records, _ = capture_forward_inputs(sd3_pipe.transformer, lambda: _run(sd3_pipe, prompts,
-                                                                               guidance_scale=guidance))
+        records, _ = capture_forward_inputs(
+            sd3_pipe.transformer, lambda: _run(sd3_pipe, prompts, guidance_scale=guidance)
+        )
     finally:
         hook.remove()
     assert forwards == [4 if batched else 2] * 2  # [uncond; cond] in one forward when guidance is on

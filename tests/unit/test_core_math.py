@@ -11,6 +11,7 @@ import torch
 
 from conceptattention.core import (
     ScoreAccumulator,
+    TokenGrid,
     binary_mask,
     block_saliency,
     concept_attention,
@@ -19,7 +20,6 @@ from conceptattention.core import (
     gaussian_blur3x3,
     output_space_scores,
     segment,
-    TokenGrid,
     tokens_to_grid,
     upsample,
     value_space_scores,

@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Generic, Literal, TypeVar
 
 import torch
 
-from conceptattention.config import ConceptAttentionConfig
+from conceptattention.config import ConceptAttentionConfig, Pooling
 from conceptattention.core import ScoreAccumulator, TokenGrid
 from conceptattention.errors import ConceptAttentionError
 
@@ -141,7 +141,7 @@ class ConceptEncoding:
         max_sequence_length: the prompt token budget (encoders run without a mask see padding).
     """
 
-    pooling: str
+    pooling: Pooling
     encoder: str | None = None
     max_sequence_length: int | None = None
 
@@ -261,7 +261,7 @@ class Backend(ABC):
         """x_t of clean latents at time ``t``: rectified flow, ``(1 - t) x0 + t eps``."""
         return (1.0 - t) * clean + t * noise
 
-    def check_processors(self, transformer: torch.nn.Module, indices: Sequence[int]) -> dict[str, Any]:
+    def check_processors(self, transformer: Any, indices: Sequence[int]) -> dict[str, Any]:
         """The processors of the blocks to trace, after checking each is a stock one we replace."""
         originals = transformer.attn_processors
         found = {}

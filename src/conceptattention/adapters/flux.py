@@ -80,8 +80,8 @@ class FluxConceptAttnProcessor:
         key = torch.cat([text_key, key], dim=1)
         value = torch.cat([text_value, value], dim=1)
         if image_rotary_emb is not None:
-            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)  # type: ignore[arg-type,assignment]
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)  # type: ignore[arg-type,assignment]
 
         joint = dispatch_attention_fn(
             query,
@@ -97,8 +97,8 @@ class FluxConceptAttnProcessor:
 
         if self.stream.runs(self.block_index):
             # Image q/k/v are reused from the real pass (after QK-norm and RoPE): no second projection.
-            image_qkv = (t[:, text_len:].transpose(1, 2) for t in (query, key, value))  # (B, H, N, D)
-            self.stream.concept_rows(self.block_index, attn, *image_qkv, image_out)
+            q_x, k_x, v_x = (t[:, text_len:].transpose(1, 2) for t in (query, key, value))  # (B, H, N, D)
+            self.stream.concept_rows(self.block_index, attn, q_x, k_x, v_x, image_out)
 
         image_out = attn.to_out[0](image_out.contiguous())
         image_out = attn.to_out[1](image_out)

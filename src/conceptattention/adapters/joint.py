@@ -82,9 +82,9 @@ class JointConceptStream:
 
     def __init__(
         self,
-        transformer: torch.nn.Module,
+        transformer: Any,
         state: RunState,
-        conditioning: Callable[[torch.nn.Module, Any, torch.dtype], torch.Tensor],
+        conditioning: Callable[[Any, Any, torch.dtype], torch.Tensor],
     ) -> None:
         self.transformer = transformer
         self.state = state

@@ -171,7 +171,9 @@ class SD3Backend(Backend):
         for row, concept in enumerate(prompts):
             word = tokenizer(concept, add_special_tokens=False).input_ids
             if not word:
-                raise ConceptAttentionError(f"The tokenizer produced no tokens for concept {concept!r}; use other words")
+                raise ConceptAttentionError(
+                    f"The tokenizer produced no tokens for concept {concept!r}; use other words"
+                )
             start = locate_span(ids[row], word)
             keep[row, start : start + len(word)] = True
             tokens.append(tuple(tokenizer.convert_ids_to_tokens(word)))

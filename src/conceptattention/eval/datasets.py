@@ -13,7 +13,7 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, cast
 
 import numpy as np
 from PIL import Image
@@ -147,7 +147,7 @@ def _import_h5py() -> Any:
     return h5py
 
 
-def _default_word_of(wnid: str, mode: str) -> str:
+def _default_word_of(wnid: str, mode: Literal["short", "lemma"]) -> str:
     """WordNet id -> class word via the project's ImageNet word list; the raw wnid when that module is absent."""
     try:
         from conceptattention.data.imagenet_words import imagenet_word
@@ -472,11 +472,15 @@ class SceneDataset:
         )
 
 
-DATASETS: dict[str, Callable[[str | os.PathLike[str]], EvalDataset]] = {
+def _scenes(path: Any = None, **options: Any) -> EvalDataset:
+    return cast(EvalDataset, SceneDataset("test", 500))  # generated: no path needed
+
+
+DATASETS: dict[str, Callable[..., EvalDataset]] = {
     "imagenet-seg": ImageNetSegmentation,
     "voc-single": VOCSingleClass,
     "voc-multi": VOCMultiClass,
-    "scenes": lambda path=None: SceneDataset("test", 500),  # generated: no path needed
+    "scenes": _scenes,
 }
 """Dataset name -> factory taking the user's path."""
 
