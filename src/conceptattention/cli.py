@@ -36,7 +36,11 @@ SoftmaxOption = Annotated[
     bool | None, typer.Option("--softmax/--no-softmax", help="Softmax over concepts (default: on when 2+ concepts).")
 ]
 PoolingOption = Annotated[str, typer.Option(help="Sub-token pooling: first | mean")]
-LayersOption = Annotated[str | None, typer.Option(help="Double-block indices, e.g. '15,16,17,18' (default: last 10).")]
+ConceptEncoderOption = Annotated[
+    str | None,
+    typer.Option(help="Prompt encoder for the concepts (default: the model's; SD3: t5 or clip)."),
+]
+LayersOption = Annotated[str | None, typer.Option(help="Joint-block indices, e.g. '15,16,17' (default: the model's).")]
 DeviceOption = Annotated[str | None, typer.Option(help="Device, e.g. cuda (default: cuda if available, else cpu).")]
 DtypeOption = Annotated[str | None, typer.Option(help="float32 | bfloat16 | float16 (default: the model's own).")]
 
@@ -77,10 +81,19 @@ def parse_indices(value: str | None, name: str) -> list[int] | None:
         raise ConceptAttentionError(f"`--{name}` must be comma-separated integers, got {value!r}") from None
 
 
-def _config(score_space: str, concept_keys: str, softmax: bool | None, pooling: str, layers: str | None, steps=None):
+def _config(
+    score_space: str,
+    concept_keys: str,
+    softmax: bool | None,
+    pooling: str,
+    layers: str | None,
+    steps=None,
+    concept_encoder: str | None = None,
+):
     from conceptattention.config import ConceptAttentionConfig
 
     return ConceptAttentionConfig(
+        concept_encoder=concept_encoder,
         layers=parse_indices(layers, "layers"),
         steps=parse_indices(steps, "trace-steps"),
         score_space=score_space,
@@ -136,6 +149,7 @@ def encode(
     concept_keys: KeysOption = "both",
     softmax: SoftmaxOption = None,
     pooling: PoolingOption = "first",
+    concept_encoder: ConceptEncoderOption = None,
     layers: LayersOption = None,
     device: DeviceOption = None,
     dtype: DtypeOption = None,
@@ -145,7 +159,7 @@ def encode(
     from conceptattention.images import load_image
 
     words = parse_concepts(concepts)
-    config = _config(score_space, concept_keys, softmax, pooling, layers)
+    config = _config(score_space, concept_keys, softmax, pooling, layers, concept_encoder=concept_encoder)
     picture = load_image(image, f"IMAGE {str(image)!r}")
     pipe = _load(model, device, dtype)
     with console.status(f"Encoding with {num_samples} noise sample(s) ..."):
@@ -175,12 +189,13 @@ def generate(
     steps: Annotated[int | None, typer.Option(help="Denoising steps (default: the model's).")] = None,
     height: Annotated[int | None, typer.Option(help="Image height (default: the model's).")] = None,
     width: Annotated[int | None, typer.Option(help="Image width (default: the model's).")] = None,
-    guidance_scale: Annotated[float | None, typer.Option(help="Guidance (FLUX.1-dev).")] = None,
+    guidance_scale: Annotated[float | None, typer.Option(help="Guidance scale (the pipeline's).")] = None,
     trace_steps: Annotated[str | None, typer.Option(help="Step indices to trace, e.g. '0,1' (default: all).")] = None,
     score_space: ScoreSpaceOption = "output",
     concept_keys: KeysOption = "both",
     softmax: SoftmaxOption = None,
     pooling: PoolingOption = "first",
+    concept_encoder: ConceptEncoderOption = None,
     layers: LayersOption = None,
     device: DeviceOption = None,
     dtype: DtypeOption = None,
@@ -189,7 +204,7 @@ def generate(
     from conceptattention.generate import generate as run_generate
 
     words = parse_concepts(concepts)
-    config = _config(score_space, concept_keys, softmax, pooling, layers, trace_steps)
+    config = _config(score_space, concept_keys, softmax, pooling, layers, trace_steps, concept_encoder)
     pipe = _load(model, device, dtype)
     extra = {k: v for k, v in {"height": height, "width": width, "guidance_scale": guidance_scale}.items() if v}
     maps = run_generate(pipe, prompt, words, config=config, seed=seed, num_inference_steps=steps, **extra)

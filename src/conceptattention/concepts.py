@@ -129,7 +129,7 @@ def encode_concepts(
 
     Args:
         concepts: validated concept words.
-        tokenizer: the prompt tokenizer of the encoder (T5 for Flux.1).
+        tokenizer: the prompt tokenizer of the encoder (a T5-style encoder-only model).
         text_encoder: a transformers encoder returning ``last_hidden_state``.
         device: where the encoder runs.
         pooling: ``"first"`` or ``"mean"``.

@@ -81,7 +81,7 @@ def encode_image(
     block; repeated for ``num_samples`` seeded noise draws and averaged.
 
     Args:
-        pipe: a loaded pipeline of a supported architecture (``FluxPipeline``, ``StableDiffusion3Pipeline``).
+        pipe: a loaded pipeline of a supported MM-DiT (see :func:`supported_architectures`).
         image: a PIL image, path, numpy array or tensor, or a list of them (batch B).
         concepts: concept words (1-64, unique).
         caption: prompt for the forward pass (default: empty).
@@ -91,11 +91,11 @@ def encode_image(
         seed: seed of the noise draws (CPU generators, reproducible across devices); one seed per
             image makes each image's maps independent of how images are batched.
         height, width: model resolution; default: the model's recorded defaults, else the
-            pipeline's default sample size (1024 for FLUX.1 and SD3.5).
-        guidance_scale: guidance embedding of guidance-distilled models (FLUX.1-dev; default
-            3.5); models without one ignore it (no classifier-free guidance in encode mode).
+            pipeline's default sample size.
+        guidance_scale: guidance embedding of guidance-distilled models (default: the backend's);
+            other models ignore it (encode mode runs no classifier-free guidance).
         max_sequence_length: caption token budget of the prompt encoder (default: the
-            model's recorded default, else the pipeline's: 512 for Flux.1, 256 for SD3).
+            model's recorded default, else the backend's ``spec.max_sequence_length``).
         **overrides: fields of :class:`ConceptAttentionConfig`.
 
     Returns:

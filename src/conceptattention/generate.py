@@ -27,7 +27,7 @@ def generate(
     """Generate images and one map per concept per image.
 
     Args:
-        pipe: a pipeline of a supported architecture (``FluxPipeline``, ``StableDiffusion3Pipeline``, ...).
+        pipe: a pipeline of a supported MM-DiT (see :func:`supported_architectures`).
         prompt: one prompt or a list (batch); ``num_images_per_prompt`` etc. go in ``pipe_kwargs``.
         concepts: concept words (need not occur in the prompt).
         config: a :class:`ConceptAttentionConfig` (layers, steps, score space, ...).

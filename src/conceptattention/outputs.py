@@ -61,7 +61,7 @@ class RunRecord:
 
     Attributes:
         model: hub id or folder of the model (else the transformer class).
-        architecture: the backend's name (``"Flux.1"``, ``"SD3"``).
+        architecture: the backend's ``spec.name``.
         concept_tokens: each concept's sub-tokens, as the tokenizer split it.
         concept_encoder: which prompt encoder encoded the concepts, in words.
         layers: the scored blocks; excluded_blocks: blocks that can never be scored, with why.

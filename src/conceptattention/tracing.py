@@ -287,7 +287,7 @@ class trace:  # noqa: N801 - a context manager used like a function, as DAAM's `
     restored: same processor objects, no hooks left.
 
     Args:
-        pipe: a diffusers pipeline of a supported MM-DiT (``FluxPipeline``, ``StableDiffusion3Pipeline``, ...).
+        pipe: a diffusers pipeline of a supported MM-DiT (see :func:`supported_architectures`).
         concepts: concept words, e.g. ``["dog", "tree", "sky"]`` (1-64, unique, non-blank).
         config: a :class:`ConceptAttentionConfig`; keyword overrides are applied on top.
         **overrides: fields of :class:`ConceptAttentionConfig`, e.g. ``layers=[15, 16, 17, 18]``.
