@@ -106,3 +106,25 @@ def test_missing_concepts_option_is_a_usage_error(tmp_path):
 
 def test_parse_concepts():
     assert parse_concepts(["dog, sky", "grass"]) == ["dog", "sky", "grass"]
+
+
+def test_cli_runs_an_sd3_folder_with_either_concept_encoder(tmp_path):
+    from tiny_sd3 import make_tiny_sd3_pipeline
+
+    make_tiny_sd3_pipeline(seed=0).save_pretrained(tmp_path / "sd3")
+    image = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(image)
+    for encoder in ("t5", "clip"):
+        out = tmp_path / encoder
+        result, output = _invoke("encode", image, "-c", "dog,sky", "--model", tmp_path / "sd3", "--out", out,
+                                 "--concept-encoder", encoder, "--device", "cpu")  # fmt: skip
+        assert result.exit_code == 0, output
+        record = json.loads((out / "metadata.json").read_text())
+        assert record["architecture"] == "SD3" and record["concept_encoder"].startswith(encoder)
+        assert record["layers"] == [1, 2] and record["grid"] == [8, 8]
+    result, output = _invoke("generate", "a dog", "-c", "dog,sky", "--model", tmp_path / "sd3", "--out",
+                             tmp_path / "gen", "--steps", "2", "--device", "cpu", "--concept-encoder", "bert")  # fmt: skip
+    assert result.exit_code == 2 and "`concept_encoder`='bert' is not available for SD3" in output.replace("\n", " ")
+    result, output = _invoke("generate", "a dog", "-c", "dog,sky", "--model", tmp_path / "sd3", "--out",
+                             tmp_path / "gen", "--steps", "2", "--device", "cpu", "--layers", "3")  # fmt: skip
+    assert result.exit_code == 2 and "`layers` contains 3, which cannot be used" in output.replace("\n", " ")
