@@ -122,9 +122,9 @@ def test_cli_runs_an_sd3_folder_with_either_concept_encoder(tmp_path):
         record = json.loads((out / "metadata.json").read_text())
         assert record["architecture"] == "SD3" and record["concept_encoder"].startswith(encoder)
         assert record["layers"] == [1, 2] and record["grid"] == [8, 8]
-    result, output = _invoke("generate", "a dog", "-c", "dog,sky", "--model", tmp_path / "sd3", "--out",
-                             tmp_path / "gen", "--steps", "2", "--device", "cpu", "--concept-encoder", "bert")  # fmt: skip
+    generate = ("generate", "a dog", "-c", "dog,sky", "--model", tmp_path / "sd3", "--out", tmp_path / "gen",
+                "--steps", "2", "--device", "cpu")  # fmt: skip
+    result, output = _invoke(*generate, "--concept-encoder", "bert")
     assert result.exit_code == 2 and "`concept_encoder`='bert' is not available for SD3" in output.replace("\n", " ")
-    result, output = _invoke("generate", "a dog", "-c", "dog,sky", "--model", tmp_path / "sd3", "--out",
-                             tmp_path / "gen", "--steps", "2", "--device", "cpu", "--layers", "3")  # fmt: skip
+    result, output = _invoke(*generate, "--layers", "3")
     assert result.exit_code == 2 and "`layers` contains 3, which cannot be used" in output.replace("\n", " ")
