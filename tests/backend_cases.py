@@ -85,25 +85,18 @@ CASES = [
         encoded_timestep=lambda t: t,
         blocks=lambda tr: [*tr.transformer_blocks, *tr.single_transformer_blocks],
     ),
-    BackendCase(
-        name="sd3",
-        factory=_sd3_factory,
-        arch=SD3,
-        run={**RUN, "guidance_scale": 4.0},
-        layers=(0, 1, 2),
-        conditional_half=True,
-        encoded_latents=lambda pipe, latents: latents,
-        encoded_timestep=lambda t: t * 1000,
-    ),
-    BackendCase(
-        name="sd3.5",
-        factory=_sd35_factory,
-        arch=SD3,
-        run={**RUN, "guidance_scale": 4.0},
-        layers=(0, 1, 2),
-        conditional_half=True,
-        encoded_latents=lambda pipe, latents: latents,
-        encoded_timestep=lambda t: t * 1000,
+    *(
+        BackendCase(
+            name=name,
+            factory=factory,
+            arch=SD3,
+            run={**RUN, "guidance_scale": 4.0},  # batched classifier-free guidance
+            layers=(0, 1, 2),
+            conditional_half=True,
+            encoded_latents=lambda pipe, latents: latents,
+            encoded_timestep=lambda t: t * 1000,
+        )
+        for name, factory in (("sd3", _sd3_factory), ("sd3.5", _sd35_factory))
     ),
 ]
 CASES_BY_NAME = {case.name: case for case in CASES}

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, Literal, TypeVar
 
 import torch
@@ -148,17 +148,15 @@ class ConceptEncoding:
 
 @dataclass
 class EncodeInputs:
-    """Everything an encode-mode forward needs besides the noisy latents.
+    """What every encode-mode forward needs besides the noisy latents; backends add their conditioning.
 
     Attributes:
         latents: clean, normalised latents in the layout the backend noises (B, c, H', W').
-        forward_kwargs: the transformer's conditioning arguments (prompt embeddings, ids, ...).
         guidance_scale: guidance embedded in the forward (guidance-distilled models), else None.
     """
 
     latents: torch.Tensor
-    forward_kwargs: dict[str, Any] = field(default_factory=dict)
-    guidance_scale: float | None = None
+    guidance_scale: float | None
 
 
 class Backend(ABC):
@@ -181,6 +179,10 @@ class Backend(ABC):
         """Blocks that must never be scored, with the reason (their text queries are untrained)."""
         return {}
 
+    def usable_blocks(self, transformer: torch.nn.Module) -> list[int]:
+        excluded = self.excluded_blocks(transformer)
+        return [i for i in range(self.num_blocks(transformer)) if i not in excluded]
+
     @abstractmethod
     def default_layers(self, transformer: torch.nn.Module) -> tuple[int, ...]:
         """The default block selection (the rule is ``spec.default_layers``)."""
@@ -199,10 +201,9 @@ class Backend(ABC):
         excluded = self.excluded_blocks(transformer)
         for index in layers:
             if index in excluded:
-                usable = [i for i in range(count) if i not in excluded]
                 raise ConceptAttentionError(
                     f"`layers` contains {index}, which cannot be used: {excluded[index]}. Choose among "
-                    f"{_ranges(usable)} (default: {_ranges(self.default_layers(transformer))})"
+                    f"{_ranges(self.usable_blocks(transformer))} (default: {_ranges(self.default_layers(transformer))})"
                 )
         return tuple(layers)
 
@@ -256,6 +257,14 @@ class Backend(ABC):
     @abstractmethod
     def encode_forward(self, pipe: Any, inputs: EncodeInputs, noisy_latents: torch.Tensor, t: float) -> None:
         """One transformer forward on noisy latents at flow-matching time ``t``."""
+
+    @staticmethod
+    def vae_latents(pipe: Any, pixels: torch.Tensor) -> torch.Tensor:
+        """Normalised latents of (B, 3, height, width) pixels in [-1, 1]: the VAE mode, shifted and scaled."""
+        vae = pipe.vae
+        latents = vae.encode(pixels.to(pipe._execution_device, vae.dtype)).latent_dist.mode()  # (B, c, H', W')
+        latents = (latents - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
+        return latents.to(pipe.transformer.dtype)
 
     def noised(self, clean: torch.Tensor, noise: torch.Tensor, t: float) -> torch.Tensor:
         """x_t of clean latents at time ``t``: rectified flow, ``(1 - t) x0 + t eps``."""

@@ -8,7 +8,6 @@ Concepts: T5 (``text_encoder_2``), each concept alone. Concept conditioning: the
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -17,15 +16,8 @@ import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
 
-from conceptattention.adapters.base import (
-    Backend,
-    BackendSpec,
-    ConceptEncoding,
-    EncodeInputs,
-    ForwardRecord,
-    RunState,
-)
-from conceptattention.adapters.joint import JointConceptStream, projections
+from conceptattention.adapters.base import BackendSpec, ConceptEncoding, EncodeInputs, ForwardRecord
+from conceptattention.adapters.joint import JointBackend, JointConceptStream, projections
 from conceptattention.concepts import ConceptEmbeddings, encode_concepts, pipeline_part
 from conceptattention.core import TokenGrid
 from conceptattention.errors import ConceptAttentionError
@@ -106,18 +98,18 @@ class FluxConceptAttnProcessor:
         return image_out, text_out
 
 
-def _concept_conditioning(transformer, record: ForwardRecord[FluxConditioning], dtype: torch.dtype) -> torch.Tensor:
-    """Timestep (+ guidance) embedding with a zero pooled-text input: nothing from the prompt."""
-    inputs = record.conditioning
-    rows = record.rows
-    timestep = inputs.timestep[rows].to(dtype) * 1000
-    zeros = torch.zeros_like(inputs.pooled[rows])
-    if inputs.guidance is None:
-        return transformer.time_text_embed(timestep, zeros)
-    return transformer.time_text_embed(timestep, inputs.guidance[rows].to(dtype) * 1000, zeros)
+@dataclass
+class FluxEncodeInputs(EncodeInputs):
+    """Encode-mode conditioning: (B, T, D) prompt embeddings, (B, P) pooled, ids, (B,) guidance."""
+
+    prompt_embeds: torch.Tensor
+    pooled: torch.Tensor
+    txt_ids: torch.Tensor
+    img_ids: torch.Tensor
+    guidance: torch.Tensor | None
 
 
-class FluxBackend(Backend):
+class FluxBackend(JointBackend):
     spec = BackendSpec(
         name="Flux.1",
         transformer_classes=("FluxTransformer2DModel",),
@@ -142,8 +134,7 @@ class FluxBackend(Backend):
                       "weights were never trained"}  # fmt: skip
 
     def default_layers(self, transformer) -> tuple[int, ...]:
-        usable = [i for i in range(self.num_blocks(transformer)) if i not in self.excluded_blocks(transformer)]
-        return tuple(usable[-DEFAULT_NUM_LAYERS:])
+        return tuple(self.usable_blocks(transformer)[-DEFAULT_NUM_LAYERS:])
 
     def encode_concepts(self, pipe: Any, concepts: Sequence[str], encoding: ConceptEncoding) -> ConceptEmbeddings:
         self.concept_encoder(encoding.encoder)
@@ -166,17 +157,15 @@ class FluxBackend(Backend):
         conditioning = FluxConditioning(timestep, inputs.get("guidance"), inputs["pooled_projections"])
         return ForwardRecord(float(timestep.flatten()[0]), TokenGrid(h, w), slice(None), conditioning)
 
-    def install(self, transformer, state: RunState, stack: contextlib.ExitStack) -> None:
-        indices = range(state.last_block + 1)
-        originals = self.check_processors(transformer, indices)
-        stream = JointConceptStream(transformer, state, _concept_conditioning)
-        stream.install(
-            stack,
-            self.blocks(transformer),
-            list(originals),
-            lambda index, original: FluxConceptAttnProcessor(index, stream, original),
-            originals,
-        )
+    def concept_conditioning(self, transformer, record: ForwardRecord, dtype: torch.dtype) -> torch.Tensor:
+        """Timestep (+ guidance) embedding with a zero pooled-text input: nothing from the prompt."""
+        inputs: FluxConditioning = record.conditioning
+        rows = record.rows
+        timestep = inputs.timestep[rows].to(dtype) * 1000
+        zeros = torch.zeros_like(inputs.pooled[rows])
+        if inputs.guidance is None:
+            return transformer.time_text_embed(timestep, zeros)
+        return transformer.time_text_embed(timestep, inputs.guidance[rows].to(dtype) * 1000, zeros)
 
     # -- encode mode ---------------------------------------------------------------------------
     def pixels_per_token(self, pipe: Any) -> int:
@@ -184,35 +173,43 @@ class FluxBackend(Backend):
 
     def encode_inputs(
         self, pipe: Any, pixels: torch.Tensor, caption: str, guidance_scale: float | None, max_sequence_length: int
-    ) -> EncodeInputs:
+    ) -> FluxEncodeInputs:
         device = pipe._execution_device
-        vae = pipe.vae
-        batch = pixels.shape[0]
-        latents = vae.encode(pixels.to(device, vae.dtype)).latent_dist.mode()  # (B, c, 2h, 2w)
-        latents = (latents - vae.config.shift_factor) * vae.config.scaling_factor
+        latents = self.vae_latents(pipe, pixels)  # (B, c, 2h, 2w)
+        batch, dtype = latents.shape[0], latents.dtype
         prompt_embeds, pooled, text_ids = pipe.encode_prompt(
             prompt=[caption] * batch, prompt_2=None, device=device, max_sequence_length=max_sequence_length
         )
-        dtype = pipe.transformer.dtype
         height, width = latents.shape[-2:]
         guidance = None
         if pipe.transformer.config.guidance_embeds:
             guidance_scale = 3.5 if guidance_scale is None else guidance_scale  # FLUX.1-dev's default
             guidance = torch.full((batch,), float(guidance_scale), device=device, dtype=torch.float32)
-        forward = {
-            "encoder_hidden_states": prompt_embeds.to(dtype),
-            "pooled_projections": pooled.to(dtype),
-            "txt_ids": text_ids,
-            "img_ids": pipe._prepare_latent_image_ids(batch, height // 2, width // 2, device, dtype),
-            "guidance": guidance,
-        }
-        return EncodeInputs(latents.to(dtype), forward, guidance_scale if guidance is not None else None)
+        return FluxEncodeInputs(
+            latents=latents,
+            guidance_scale=guidance_scale if guidance is not None else None,
+            prompt_embeds=prompt_embeds.to(dtype),
+            pooled=pooled.to(dtype),
+            txt_ids=text_ids,
+            img_ids=pipe._prepare_latent_image_ids(batch, height // 2, width // 2, device, dtype),
+            guidance=guidance,
+        )
 
     def encode_forward(self, pipe: Any, inputs: EncodeInputs, noisy_latents: torch.Tensor, t: float) -> None:
+        assert isinstance(inputs, FluxEncodeInputs)
         batch, channels, height, width = noisy_latents.shape
         packed = pipe._pack_latents(noisy_latents, batch, channels, height, width)  # (B, N, 4c)
         timestep = torch.full((batch,), float(t), device=packed.device, dtype=packed.dtype)
-        pipe.transformer(hidden_states=packed, timestep=timestep, return_dict=False, **inputs.forward_kwargs)
+        pipe.transformer(
+            hidden_states=packed,
+            timestep=timestep,
+            encoder_hidden_states=inputs.prompt_embeds,
+            pooled_projections=inputs.pooled,
+            txt_ids=inputs.txt_ids,
+            img_ids=inputs.img_ids,
+            guidance=inputs.guidance,
+            return_dict=False,
+        )
 
 
 BACKEND = FluxBackend()

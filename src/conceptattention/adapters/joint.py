@@ -14,13 +14,14 @@ pre-hook (modulate concepts) -> processor (concept rows, saliency) -> post-hook
 from __future__ import annotations
 
 import contextlib
+from abc import abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from conceptattention.adapters.base import RunState, StopForward, argument
+from conceptattention.adapters.base import Backend, ForwardRecord, RunState, StopForward, argument
 from conceptattention.core import block_saliency, concept_attention
 
 
@@ -97,16 +98,15 @@ class JointConceptStream:
         self,
         stack: contextlib.ExitStack,
         blocks: torch.nn.ModuleList,
-        processor_names: list[str],
-        make_processor: Callable[[int, Any], Any],
         originals: dict[str, Any],
+        make_processor: Callable[[int, Any], Any],
     ) -> None:
-        """Replace the processors of blocks 0..last selected and hook those blocks."""
+        """Replace the processors of blocks 0..last selected (``originals``, in block order) and hook those blocks."""
         processors = dict(self.transformer.attn_processors)
-        for index, name in enumerate(processor_names):
-            processors[name] = make_processor(index, originals[name])
+        for index, (name, original) in enumerate(originals.items()):
+            processors[name] = make_processor(index, original)
         self.transformer.set_attn_processor(processors)
-        for index in range(len(processor_names)):
+        for index in range(len(originals)):
             block = blocks[index]
             stack.callback(block.register_forward_pre_hook(self._pre_hook(index), with_kwargs=True).remove)
             stack.callback(block.register_forward_hook(self._post_hook(index), with_kwargs=True).remove)
@@ -206,3 +206,20 @@ class JointConceptStream:
                 softmax=state.softmax,
             )  # (B, C, N)
             state.accumulator.add(saliency, index)
+
+
+class JointBackend(Backend):
+    """A backend whose joint blocks use diffusers' dual-stream text path: installs :class:`JointConceptStream`.
+
+    Subclasses give ``processor_class`` (constructed as ``processor_class(index, stream, original)``)
+    and the concept conditioning.
+    """
+
+    @abstractmethod
+    def concept_conditioning(self, transformer: Any, record: ForwardRecord, dtype: torch.dtype) -> torch.Tensor:
+        """(B_rows, D_model) conditioning of the concept tokens: the timestep embedding, nothing from the prompt."""
+
+    def install(self, transformer: Any, state: RunState, stack: contextlib.ExitStack) -> None:
+        originals = self.check_processors(transformer, range(state.last_block + 1))
+        stream = JointConceptStream(transformer, state, self.concept_conditioning)
+        stream.install(stack, self.blocks(transformer), originals, lambda i, p: self.processor_class(i, stream, p))

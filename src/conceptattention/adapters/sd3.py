@@ -12,7 +12,6 @@ timestep embedding with a zero pooled-CLIP input. Classifier-free guidance is ba
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,15 +19,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from conceptattention.adapters.base import (
-    Backend,
-    BackendSpec,
-    ConceptEncoding,
-    EncodeInputs,
-    ForwardRecord,
-    RunState,
-)
-from conceptattention.adapters.joint import JointConceptStream
+from conceptattention.adapters.base import BackendSpec, ConceptEncoding, EncodeInputs, ForwardRecord
+from conceptattention.adapters.joint import JointBackend, JointConceptStream
 from conceptattention.concepts import ConceptEmbeddings, locate_span, pipeline_part, pool_token_states
 from conceptattention.core import TokenGrid
 from conceptattention.errors import ConceptAttentionError
@@ -106,14 +98,15 @@ class SD3ConceptAttnProcessor:
         return image_out, text_out
 
 
-def _concept_conditioning(transformer, record: ForwardRecord[SD3Conditioning], dtype: torch.dtype) -> torch.Tensor:
-    """Timestep embedding with a zero pooled-text input: nothing from the prompt."""
-    inputs = record.conditioning
-    rows = record.rows
-    return transformer.time_text_embed(inputs.timestep[rows], torch.zeros_like(inputs.pooled[rows]))
+@dataclass
+class SD3EncodeInputs(EncodeInputs):
+    """Encode-mode conditioning: (B, 77 + T, D) joint prompt embeddings and (B, P) pooled CLIP."""
+
+    prompt_embeds: torch.Tensor
+    pooled: torch.Tensor
 
 
-class SD3Backend(Backend):
+class SD3Backend(JointBackend):
     spec = BackendSpec(
         name="SD3",
         transformer_classes=("SD3Transformer2DModel",),
@@ -139,7 +132,7 @@ class SD3Backend(Backend):
         }
 
     def default_layers(self, transformer) -> tuple[int, ...]:
-        usable = [i for i in range(self.num_blocks(transformer)) if i not in self.excluded_blocks(transformer)]
+        usable = self.usable_blocks(transformer)
         return tuple(usable[len(usable) // 2 :])
 
     # -- concepts ------------------------------------------------------------------------------
@@ -191,17 +184,11 @@ class SD3Backend(Backend):
         conditioning = SD3Conditioning(timestep, inputs["pooled_projections"])
         return ForwardRecord(float(timestep.flatten()[0]) / 1000, grid, rows, conditioning)
 
-    def install(self, transformer, state: RunState, stack: contextlib.ExitStack) -> None:
-        indices = range(state.last_block + 1)
-        originals = self.check_processors(transformer, indices)
-        stream = JointConceptStream(transformer, state, _concept_conditioning)
-        stream.install(
-            stack,
-            self.blocks(transformer),
-            list(originals),
-            lambda index, original: SD3ConceptAttnProcessor(index, stream, original),
-            originals,
-        )
+    def concept_conditioning(self, transformer, record: ForwardRecord, dtype: torch.dtype) -> torch.Tensor:
+        """Timestep embedding with a zero pooled-text input: nothing from the prompt."""
+        inputs: SD3Conditioning = record.conditioning
+        rows = record.rows
+        return transformer.time_text_embed(inputs.timestep[rows], torch.zeros_like(inputs.pooled[rows]))
 
     # -- encode mode ---------------------------------------------------------------------------
     def pixels_per_token(self, pipe: Any) -> int:
@@ -213,29 +200,30 @@ class SD3Backend(Backend):
 
     def encode_inputs(
         self, pipe: Any, pixels: torch.Tensor, caption: str, guidance_scale: float | None, max_sequence_length: int
-    ) -> EncodeInputs:
-        device = pipe._execution_device
-        vae = pipe.vae
-        batch = pixels.shape[0]
-        latents = vae.encode(pixels.to(device, vae.dtype)).latent_dist.mode()  # (B, c, H', W')
-        latents = (latents - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
+    ) -> SD3EncodeInputs:
+        latents = self.vae_latents(pipe, pixels)  # (B, c, H', W')
         prompt_embeds, _, pooled, _ = pipe.encode_prompt(
-            prompt=[caption] * batch,
+            prompt=[caption] * latents.shape[0],
             prompt_2=None,
             prompt_3=None,
-            device=device,
+            device=pipe._execution_device,
             do_classifier_free_guidance=False,
             max_sequence_length=max_sequence_length,
         )
-        dtype = pipe.transformer.dtype
-        forward = {"encoder_hidden_states": prompt_embeds.to(dtype), "pooled_projections": pooled.to(dtype)}
-        return EncodeInputs(latents.to(dtype), forward, None)
+        return SD3EncodeInputs(latents, None, prompt_embeds.to(latents.dtype), pooled.to(latents.dtype))
 
     def encode_forward(self, pipe: Any, inputs: EncodeInputs, noisy_latents: torch.Tensor, t: float) -> None:
+        assert isinstance(inputs, SD3EncodeInputs)
         batch = noisy_latents.shape[0]
         # SD3 takes the timestep unscaled: the scheduler's t * 1000.
         timestep = torch.full((batch,), float(t) * 1000, device=noisy_latents.device, dtype=torch.float32)
-        pipe.transformer(hidden_states=noisy_latents, timestep=timestep, return_dict=False, **inputs.forward_kwargs)
+        pipe.transformer(
+            hidden_states=noisy_latents,
+            timestep=timestep,
+            encoder_hidden_states=inputs.prompt_embeds,
+            pooled_projections=inputs.pooled,
+            return_dict=False,
+        )
 
 
 BACKEND = SD3Backend()
