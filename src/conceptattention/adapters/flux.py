@@ -17,7 +17,7 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
 
 from conceptattention.adapters.base import BackendSpec, ConceptEncoding, EncodeInputs, ForwardRecord
-from conceptattention.adapters.joint import JointBackend, JointConceptStream, projections
+from conceptattention.adapters.joint import ConceptProcessor, JointBackend, projections
 from conceptattention.concepts import ConceptEmbeddings, encode_concepts, pipeline_part
 from conceptattention.core import TokenGrid
 from conceptattention.errors import ConceptAttentionError
@@ -34,20 +34,13 @@ class FluxConditioning:
     pooled: torch.Tensor
 
 
-class FluxConceptAttnProcessor:
+class FluxConceptAttnProcessor(ConceptProcessor):
     """Stock Flux joint attention plus the one-way concept attention of one double block.
 
     The image and text outputs are computed with the same operations, in the same order,
-    as diffusers' ``FluxAttnProcessor``, so they are bit-identical to an untraced run.
-    Returns exactly the two tensors the stock processor returns.
+    as diffusers' ``FluxAttnProcessor`` (on the user's attention backend), so they are
+    bit-identical to an untraced run. Returns exactly the two tensors the stock processor returns.
     """
-
-    def __init__(self, block_index: int, stream: JointConceptStream, original: Any) -> None:
-        self.block_index = block_index
-        self.stream = stream
-        # Keep whatever attention backend / parallel config the user selected on the original.
-        self._attention_backend = getattr(original, "_attention_backend", None)
-        self._parallel_config = getattr(original, "_parallel_config", None)
 
     def __call__(
         self,

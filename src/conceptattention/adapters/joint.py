@@ -208,6 +208,20 @@ class JointConceptStream:
             state.accumulator.add(saliency, index)
 
 
+class ConceptProcessor:
+    """Base of the installed processors: the block index, the concept stream, the original's settings.
+
+    Subclasses mirror one stock processor op for op and call :meth:`JointConceptStream.concept_rows`.
+    """
+
+    def __init__(self, block_index: int, stream: JointConceptStream, original: Any = None) -> None:
+        self.block_index = block_index
+        self.stream = stream
+        # Keep whatever attention backend / parallel config the user selected on the original.
+        self._attention_backend = getattr(original, "_attention_backend", None)
+        self._parallel_config = getattr(original, "_parallel_config", None)
+
+
 class JointBackend(Backend):
     """A backend whose joint blocks use diffusers' dual-stream text path: installs :class:`JointConceptStream`.
 

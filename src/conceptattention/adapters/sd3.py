@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from conceptattention.adapters.base import BackendSpec, ConceptEncoding, EncodeInputs, ForwardRecord
-from conceptattention.adapters.joint import JointBackend, JointConceptStream
+from conceptattention.adapters.joint import ConceptProcessor, JointBackend
 from conceptattention.concepts import ConceptEmbeddings, locate_span, pipeline_part, pool_token_states
 from conceptattention.core import TokenGrid
 from conceptattention.errors import ConceptAttentionError
@@ -34,16 +34,12 @@ class SD3Conditioning:
     pooled: torch.Tensor
 
 
-class SD3ConceptAttnProcessor:
+class SD3ConceptAttnProcessor(ConceptProcessor):
     """Stock SD3 joint attention (``JointAttnProcessor2_0``) plus the concept rows of one block.
 
-    Mirrors the stock processor op for op, so image and text outputs are bit-identical;
-    returns exactly the two tensors it returns.
+    Mirrors the stock processor op for op (it calls SDPA directly), so image and text outputs
+    are bit-identical; returns exactly the two tensors it returns.
     """
-
-    def __init__(self, block_index: int, stream: JointConceptStream, original: Any = None) -> None:
-        self.block_index = block_index
-        self.stream = stream
 
     def __call__(
         self,
