@@ -56,6 +56,18 @@ def maybe_norm(norm, x):
     return x if norm is None else norm(x)
 
 
+def stream_qkv(block, inputs, head_dim):
+    """(q, k, v) of the image and the text stream of a block, (B, H, S, D) each, after QK-norm (no RoPE)."""
+    attn, temb = block.attn, inputs["temb"]
+    nx = block.norm1(inputs["hidden_states"], emb=temb)[0]
+    nt = block.norm1_context(inputs["encoder_hidden_states"], emb=temb)[0]
+    qx, kx, vx = (heads(f(nx), head_dim) for f in (attn.to_q, attn.to_k, attn.to_v))
+    qt, kt, vt = (heads(f(nt), head_dim) for f in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
+    image = (maybe_norm(attn.norm_q, qx), maybe_norm(attn.norm_k, kx), vx)
+    text = (maybe_norm(attn.norm_added_q, qt), maybe_norm(attn.norm_added_k, kt), vt)
+    return image, text
+
+
 def pool(own: torch.Tensor, pooling: str) -> torch.Tensor:
     return own[0] if pooling == "first" else own.mean(0)
 
@@ -82,15 +94,8 @@ def flux_concept_temb(tr, fwd):
 
 def flux_image_attention(block, inputs):
     """(q_x, k_x after RoPE, v_x, o_x) of the block's real joint attention over [text; image]."""
-    attn, hd = block.attn, block.attn.head_dim
-    x, txt, temb, rope = inputs["hidden_states"], inputs["encoder_hidden_states"], inputs["temb"], inputs[
-        "image_rotary_emb"]  # fmt: skip
-    nx = block.norm1(x, emb=temb)[0]
-    nt = block.norm1_context(txt, emb=temb)[0]
-    qx, kx, vx = (heads(f(nx), hd) for f in (attn.to_q, attn.to_k, attn.to_v))
-    qx, kx = maybe_norm(attn.norm_q, qx), maybe_norm(attn.norm_k, kx)
-    qt, kt, vt = (heads(f(nt), hd) for f in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
-    qt, kt = maybe_norm(attn.norm_added_q, qt), maybe_norm(attn.norm_added_k, kt)
+    (qx, kx, vx), (qt, kt, vt) = stream_qkv(block, inputs, block.attn.head_dim)
+    rope = inputs["image_rotary_emb"]
     q = apply_rotary_emb(torch.cat([qt, qx], 2), rope, sequence_dim=2)
     k = apply_rotary_emb(torch.cat([kt, kx], 2), rope, sequence_dim=2)
     text_len = qt.shape[2]
@@ -128,15 +133,7 @@ def sd3_concept_temb(tr, fwd):
 
 def sd3_image_attention(block, inputs):
     """(q_x, k_x, v_x, o_x) of the block's real joint attention over [image; text] (no RoPE)."""
-    attn = block.attn
-    hd = attn.to_q.out_features // attn.heads
-    x, txt, temb = inputs["hidden_states"], inputs["encoder_hidden_states"], inputs["temb"]
-    nx = block.norm1(x, emb=temb)[0]
-    nt = block.norm1_context(txt, emb=temb)[0]
-    qx, kx, vx = (heads(f(nx), hd) for f in (attn.to_q, attn.to_k, attn.to_v))
-    qx, kx = maybe_norm(attn.norm_q, qx), maybe_norm(attn.norm_k, kx)
-    qt, kt, vt = (heads(f(nt), hd) for f in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
-    qt, kt = maybe_norm(attn.norm_added_q, qt), maybe_norm(attn.norm_added_k, kt)
+    (qx, kx, vx), (qt, kt, vt) = stream_qkv(block, inputs, block.attn.to_q.out_features // block.attn.heads)
     n = qx.shape[2]
     real = plain_attention(torch.cat([qx, qt], 2), torch.cat([kx, kt], 2), torch.cat([vx, vt], 2))
     return qx, kx, vx, merge(real[:, :, :n])
