@@ -247,7 +247,7 @@ def eval_command(
     layers: LayersOption = None,
     seed: SeedOption = 0,
     limit: Annotated[int | None, typer.Option(help="Only the first N images.")] = None,
-    batch_size: Annotated[int, typer.Option(help="Images per forward (same concepts only).")] = 1,
+    batch_size: Annotated[int, typer.Option(help="Forwards (image x draw rows) per call.")] = 1,
     words: Annotated[str, typer.Option(help="ImageNet class words: short (paper) | lemma (WordNet).")] = "short",
     dtype: DtypeOption = None,
 ) -> None:

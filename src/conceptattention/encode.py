@@ -45,6 +45,23 @@ def _model_size(pipe: Any, backend: Backend, height: int | None, width: int | No
     return size
 
 
+def default_max_batch(transformer: Any, num_tokens: int) -> int:
+    """Rows per encode forward when ``max_batch`` is not given.
+
+    On CUDA: the free memory over a generous estimate of one row's activations in one block
+    (40 x tokens x hidden width x element size), between 1 and 64. Elsewhere 4 (CPU matmuls
+    gain little from larger batches and memory is shared with everything else).
+    """
+    parameter = next(transformer.parameters())
+    if parameter.device.type != "cuda":
+        return 4
+    free, _ = torch.cuda.mem_get_info(parameter.device)
+    config = transformer.config
+    hidden = int(config.num_attention_heads) * int(config.attention_head_dim)
+    per_row = 40 * num_tokens * hidden * parameter.element_size()
+    return max(1, min(64, free // per_row))
+
+
 def _noise_source(seed: int | Sequence[int], shape: torch.Size):
     """A function drawing the next (B, c, 2h, 2w) noise from one generator, or one generator per image."""
     if isinstance(seed, int) and not isinstance(seed, bool):
@@ -72,13 +89,16 @@ def encode_image(
     width: int | None = None,
     guidance_scale: float | None = None,
     max_sequence_length: int | None = None,
+    max_batch: int | None = None,
     **overrides: Any,
 ) -> ConceptMaps:
     """Concept maps of real image(s).
 
     Resize (Lanczos) to the model resolution -> VAE encode -> noise to ``x_t = (1-t) z + t eps``
     -> one transformer forward with the caption, stopped after the last selected double
-    block; repeated for ``num_samples`` seeded noise draws and averaged.
+    block; repeated for ``num_samples`` seeded noise draws and averaged. The B x num_samples
+    (image, draw) rows go through the transformer in micro-batches of ``max_batch`` rows; the
+    noise is drawn in the same order whatever the batching, so the maps do not depend on it.
 
     Args:
         pipe: a loaded pipeline of a supported MM-DiT (see :func:`supported_architectures`).
@@ -96,6 +116,8 @@ def encode_image(
             other models ignore it (encode mode runs no classifier-free guidance).
         max_sequence_length: caption token budget of the prompt encoder (default: the
             model's recorded default, else the backend's ``spec.max_sequence_length``).
+        max_batch: rows (image x noise draw) per transformer forward; default
+            :func:`default_max_batch` (from the device's free memory on CUDA, 4 elsewhere).
         **overrides: fields of :class:`ConceptAttentionConfig`.
 
     Returns:
@@ -109,8 +131,9 @@ def encode_image(
     config = dataclasses.replace(config_with_overrides(config, overrides), steps=None)
     if not 0.0 < float(t) < 1.0:
         raise ConceptAttentionError(f"`t` must be in (0, 1), got {t!r}; the paper uses t=0.5")
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ConceptAttentionError(f"`num_samples` must be a positive integer, got {num_samples!r}")
+    for name, value in (("num_samples", num_samples), ("max_batch", max_batch)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConceptAttentionError(f"`{name}` must be a positive integer, got {value!r}")
     transformer, backend = pipeline_components(pipe)
     backend.resolve_layers(transformer, config.layers)  # fail before any compute
     size = _model_size(pipe, backend, height, width)
@@ -124,13 +147,24 @@ def encode_image(
         transformer, embeddings, concepts, config, backend=backend, owner=pipe, stop_after_last_block=True
     )
     clean = inputs.latents
+    batch = clean.shape[0]
     draw_noise = _noise_source(seed, clean.shape)
+    # Every draw in sequential order first: row r is draw r // B of image r % B.
+    noise = torch.cat([draw_noise() for _ in range(num_samples)]).to(clean.device, clean.dtype)  # (S * B, ...)
+    row_images = torch.arange(num_samples * batch, device=clean.device) % batch
+    if max_batch is None:
+        tokens = size[0] * size[1] // backend.pixels_per_token(pipe) ** 2 + max_sequence_length
+        max_batch = default_max_batch(transformer, tokens)
+    state = session.state
+    state.num_items = batch
     with session:
         session.start_run()
-        for _ in range(num_samples):
-            noise = draw_noise().to(clean.device, clean.dtype)
+        for start in range(0, num_samples * batch, max_batch):
+            rows = slice(start, start + max_batch)
+            part = inputs.rows(row_images[rows])
+            state.row_items = row_images[rows]
             with contextlib.suppress(StopForward):  # raised after the last selected block
-                backend.encode_forward(pipe, inputs, backend.noised(clean, noise, t), t)
+                backend.encode_forward(pipe, part, backend.noised(part.latents, noise[rows], t), t)
     details = EncodeDetails(
         t=float(t),
         num_samples=num_samples,
@@ -138,5 +172,6 @@ def encode_image(
         caption=caption,
         resolution=list(size),
         guidance_scale=inputs.guidance_scale,
+        max_batch=max_batch,
     )
     return session.concept_maps(details, images, image_size=size)

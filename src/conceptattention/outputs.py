@@ -51,6 +51,7 @@ class EncodeDetails:
     caption: str
     resolution: list[int]
     guidance_scale: float | None
+    max_batch: int
 
     mode = "encode"
 

@@ -200,7 +200,9 @@ def test_encode_averages_every_noise_sample_and_matches_reference(case):
     captured = []
     handle = pipe.transformer.register_forward_pre_hook(lambda m, a, kw: captured.append(dict(kw)), with_kwargs=True)
     try:
-        maps = ca.encode_image(pipe, image, concepts, height=32, width=48, num_samples=3, seed=7, t=0.5, layers=[1, 2])
+        maps = ca.encode_image(
+            pipe, image, concepts, height=32, width=48, num_samples=3, seed=7, t=0.5, layers=[1, 2], max_batch=1
+        )
     finally:
         handle.remove()
     assert len(captured) == 3
@@ -225,6 +227,33 @@ def test_encode_averages_every_noise_sample_and_matches_reference(case):
     meta = maps.metadata
     assert meta["num_samples"] == 3 and meta["t"] == 0.5 and meta["mode"] == "encode"
     assert maps.image_size == (32, 48) and maps.images[0].size == (48, 32)
+
+
+@pytest.mark.parametrize("seed", [11, [11, 12]], ids=["one-seed", "per-image-seeds"])
+def test_batched_noise_draws_equal_sequential_forwards(case, seed):
+    pipe = case.pipeline()
+    g = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, 32, 32, generator=g), torch.rand(3, 32, 32, generator=g)]
+    kwargs = {"height": 32, "width": 32, "num_samples": 3, "seed": seed, "per_block": True, "layers": [0, 2]}
+    batches = []
+    hook = pipe.transformer.register_forward_pre_hook(
+        lambda m, a, kw: batches.append(kw["hidden_states"].shape[0]), with_kwargs=True
+    )
+    try:
+        results = {
+            n: ca.encode_image(pipe, images, ["dog", "sky", "grass"], max_batch=n, **kwargs) for n in (1, 2, 4, 6)
+        }
+    finally:
+        hook.remove()
+    assert batches == [1] * 6 + [2] * 3 + [4, 2] + [6]  # 2 images x 3 draws in rows of at most max_batch
+    sequential = results[1]
+    assert sequential.metadata["max_batch"] == 1 and results[4].metadata["max_batch"] == 4
+    for n in (2, 4, 6):
+        torch.testing.assert_close(results[n].maps, sequential.maps, rtol=0, atol=1e-6)
+        torch.testing.assert_close(results[n].block_maps, sequential.block_maps, rtol=0, atol=1e-6)
+    assert (sequential.maps[0] - sequential.maps[1]).abs().max() > 1e-3  # the two images' maps differ
+    with pytest.raises(ca.ConceptAttentionError, match="`max_batch` must be a positive integer, got 0"):
+        ca.encode_image(pipe, images, ["dog", "sky"], max_batch=0, **kwargs)
 
 
 def test_encode_stops_after_the_last_selected_block(case):

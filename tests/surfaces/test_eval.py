@@ -86,6 +86,33 @@ def test_imagenet_seg_binary_protocol_report(saved_scene_model, imagenet_mat, tm
     assert f"| concept_attention | 0.5 | 6 | {100 * acc:.2f} |" in report  # t as is, metrics in %
 
 
+def test_batch_size_counts_forwards_and_does_not_change_results(saved_scene_model, imagenet_mat, tmp_path, monkeypatch):
+    import conceptattention.eval.protocol as protocol
+
+    calls = []
+    encode = protocol.encode_image
+
+    def counting(pipe, images, *args, **kwargs):
+        calls.append((len(images), kwargs["max_batch"]))
+        return encode(pipe, images, *args, **kwargs)
+
+    monkeypatch.setattr(protocol, "encode_image", counting)
+    reports = {}
+    for batch_size in ("1", "6"):
+        calls.clear()
+        out = tmp_path / f"b{batch_size}"
+        result, output = _cli("eval", "imagenet-seg", "--data", imagenet_mat, "--model", saved_scene_model, "--out",
+                              out, "--num-samples", "3", "--batch-size", batch_size)  # fmt: skip
+        assert result.exit_code == 0, output
+        reports[batch_size] = _rows(out)
+        # 6 forwards per call with 3 draws each = 2 images per call (images sharing a concept list)
+        expected = [(1, 1)] * 6 if batch_size == "1" else [(2, 6), (2, 6), (1, 6), (1, 6)]
+        assert sorted(calls, reverse=True) == sorted(expected, reverse=True)
+    for one, six in zip(reports["1"], reports["6"]):  # same pixels; AP equal up to float summation order
+        assert {k: v for k, v in one.items() if k != "map"} == {k: v for k, v in six.items() if k != "map"}
+        assert float(one["map"]) == pytest.approx(float(six["map"]), abs=1e-6)
+
+
 def test_voc_single_and_multi(saved_scene_model, voc_root, tmp_path):
     result, output = _cli("eval", "voc-single", "--data", voc_root, "--model", saved_scene_model, "--out",
                           tmp_path / "single", "--num-samples", "1")  # fmt: skip

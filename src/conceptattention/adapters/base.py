@@ -13,12 +13,14 @@ subclass with its :class:`BackendSpec`, plus its name in ``adapters/__init__.py`
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, Literal, TypeVar
 
 import torch
+from typing_extensions import Self
 
 from conceptattention.config import ConceptAttentionConfig, Pooling
 from conceptattention.core import ScoreAccumulator, TokenGrid
@@ -111,6 +113,9 @@ class RunState:
         stop_after_last_block: abort the forward after the last selected block (encode mode).
         active: the concept stream runs in the current forward.
         forward: the current forward's record (None outside a traced forward).
+        row_items: (R,) item (image) of each kept batch row of the current forward, when rows of
+            one forward belong to different items (noise draws batched together); None: row = item.
+        num_items: the number of items the maps describe (with ``row_items``).
     """
 
     config: ConceptAttentionConfig
@@ -121,6 +126,8 @@ class RunState:
     stop_after_last_block: bool
     active: bool = False
     forward: ForwardRecord | None = None
+    row_items: torch.Tensor | None = None
+    num_items: int | None = None
 
     @property
     def last_block(self) -> int:
@@ -157,6 +164,21 @@ class EncodeInputs:
 
     latents: torch.Tensor
     guidance_scale: float | None
+
+    batched_fields: ClassVar[tuple[str, ...]] = ()  # per-image tensor fields besides `latents`
+
+    def rows(self, index: torch.Tensor) -> Self:
+        """The inputs of the given images, in order (an image may repeat: one row per noise draw).
+
+        Args:
+            index: (R,) int64 image index of each row.
+        """
+        taken: dict[str, Any] = {name: _take(getattr(self, name), index) for name in ("latents", *self.batched_fields)}
+        return dataclasses.replace(self, **taken)
+
+
+def _take(value: torch.Tensor | None, index: torch.Tensor) -> torch.Tensor | None:
+    return None if value is None else value.index_select(0, index.to(value.device))
 
 
 class Backend(ABC):

@@ -101,6 +101,8 @@ class FluxEncodeInputs(EncodeInputs):
     img_ids: torch.Tensor
     guidance: torch.Tensor | None
 
+    batched_fields = ("prompt_embeds", "pooled", "guidance")  # ids are shared by the batch
+
 
 class FluxBackend(JointBackend):
     spec = BackendSpec(

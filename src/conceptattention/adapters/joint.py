@@ -205,7 +205,7 @@ class JointConceptStream:
                 v_x=v_x,
                 softmax=state.softmax,
             )  # (B, C, N)
-            state.accumulator.add(saliency, index)
+            state.accumulator.add(saliency, index, items=state.row_items, num_items=state.num_items)
 
 
 class ConceptProcessor:

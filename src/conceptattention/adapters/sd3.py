@@ -101,6 +101,8 @@ class SD3EncodeInputs(EncodeInputs):
     prompt_embeds: torch.Tensor
     pooled: torch.Tensor
 
+    batched_fields = ("prompt_embeds", "pooled")
+
 
 class SD3Backend(JointBackend):
     spec = BackendSpec(

@@ -8,11 +8,13 @@ import torch
 
 
 class ScoreAccumulator:
-    """Running mean of (B, C, N) saliency maps, kept on the model's device in float32.
+    """Running mean of (B, C, N) saliency maps per item, kept on the model's device in float32.
 
-    Only a sum and a host-side counter are stored (no per-layer activations). With
-    ``per_block=True`` one sum per selected block is also kept, so that per-block
-    sweeps come out of a single pass at the cost of L extra (B, C, N) buffers.
+    Only sums and counts are stored (no per-layer activations). A forward's batch rows may
+    belong to different items (several noise draws of one image in one forward): ``add``
+    then takes the item of each row and sums rows into their item, so the mean is the same
+    however the rows were batched. With ``per_block=True`` one sum per selected block is also
+    kept, so that per-block sweeps come out of a single pass at the cost of L extra buffers.
 
     Example:
         >>> acc = ScoreAccumulator(blocks=(0, 1))
@@ -31,43 +33,62 @@ class ScoreAccumulator:
     def reset(self) -> None:
         """Forget everything added so far."""
         self._sum: torch.Tensor | None = None  # (B, C, N)
+        self._counts: torch.Tensor | None = None  # (B,) additions per item
         self._block_sums: torch.Tensor | None = None  # (L, B, C, N)
-        self._block_counts = [0] * len(self.blocks)
+        self._block_counts: torch.Tensor | None = None  # (L, B)
         self.count = 0
 
-    def add(self, scores: torch.Tensor, block: int) -> None:
+    def add(
+        self, scores: torch.Tensor, block: int, items: torch.Tensor | None = None, num_items: int | None = None
+    ) -> None:
         """Add one block's saliency.
 
         Args:
-            scores: (B, C, N) float32 saliency of ``block`` at one timestep (or noise sample).
+            scores: (R, C, N) saliency of ``block`` for the R batch rows of one forward.
             block: index of the block that produced it; must be one of ``blocks``.
+            items: (R,) int64 item of each row (on the scores' device); None: row r is item r.
+            num_items: B, the number of items (required with ``items`` on the first add).
         """
         scores = scores.float()
         if self._sum is None:
-            self._sum = torch.zeros_like(scores)
+            batch = scores.shape[0] if items is None else num_items
+            if batch is None:
+                raise ValueError("`num_items` is required when rows are mapped to items")
+            self._sum = scores.new_zeros((batch, *scores.shape[1:]))
+            self._counts = scores.new_zeros(batch)
             if self.per_block:
-                self._block_sums = scores.new_zeros((len(self.blocks), *scores.shape))
-        elif self._sum.shape != scores.shape:
+                self._block_sums = scores.new_zeros((len(self.blocks), batch, *scores.shape[1:]))
+                self._block_counts = scores.new_zeros((len(self.blocks), batch))
+        elif self._sum.shape[1:] != scores.shape[1:] or (items is None and scores.shape[0] != self._sum.shape[0]):
             raise ValueError(
                 f"Saliency of shape {tuple(scores.shape)} cannot be accumulated with earlier ones of shape "
                 f"{tuple(self._sum.shape)}: batch, concepts and image size must stay fixed within one run."
             )
-        self._sum.add_(scores)
+        assert self._counts is not None
+        if items is None:
+            self._sum.add_(scores)
+            self._counts.add_(1.0)
+        else:
+            self._sum.index_add_(0, items, scores)
+            self._counts.index_add_(0, items, torch.ones_like(items, dtype=scores.dtype))
         self.count += 1
-        if self._block_sums is not None:
+        if self._block_sums is not None and self._block_counts is not None:
             i = self._index[block]
-            self._block_sums[i].add_(scores)
-            self._block_counts[i] += 1
+            if items is None:
+                self._block_sums[i].add_(scores)
+                self._block_counts[i].add_(1.0)
+            else:
+                self._block_sums[i].index_add_(0, items, scores)
+                self._block_counts[i].index_add_(0, items, torch.ones_like(items, dtype=scores.dtype))
 
     def mean(self) -> torch.Tensor:
-        """(B, C, N) mean over everything added."""
-        if self._sum is None:
+        """(B, C, N) mean per item over everything added."""
+        if self._sum is None or self._counts is None:
             raise RuntimeError("No concept saliency was recorded: nothing has been accumulated yet.")
-        return self._sum / self.count
+        return self._sum / self._counts.clamp(min=1).view(-1, 1, 1)
 
     def block_means(self) -> torch.Tensor:
-        """(L, B, C, N) mean per selected block (requires ``per_block=True``)."""
-        if self._block_sums is None:
+        """(L, B, C, N) mean per selected block and item (requires ``per_block=True``)."""
+        if self._block_sums is None or self._block_counts is None:
             raise RuntimeError("Per-block maps were not kept: set `per_block=True` in the config.")
-        counts = torch.tensor(self._block_counts, dtype=torch.float32, device=self._block_sums.device)
-        return self._block_sums / counts.clamp(min=1).view(-1, 1, 1, 1)
+        return self._block_sums / self._block_counts.clamp(min=1).unsqueeze(-1).unsqueeze(-1)

@@ -59,11 +59,17 @@ def _open_for_append(path: Path):
 
 
 def _batches(items: list[Any], protocol: Protocol, batch_size: int) -> list[list[Any]]:
-    """Batches of items sharing one concept list (encode_image takes one concept list per call)."""
+    """Batches of items sharing one concept list (encode_image takes one concept list per call).
+
+    ``batch_size`` counts forwards (image x noise draw rows): a call takes
+    ``max(1, batch_size // num_samples)`` images, and encode_image runs their draws in rows of
+    at most ``batch_size``.
+    """
+    per_call = max(1, batch_size // protocol.num_samples)
     groups: dict[tuple[str, ...], list[Any]] = defaultdict(list)
     for item in items:
         groups[concepts_for(item, protocol)].append(item)
-    return [group[i : i + batch_size] for group in groups.values() for i in range(0, len(group), batch_size)]
+    return [group[i : i + per_call] for group in groups.values() for i in range(0, len(group), per_call)]
 
 
 def evaluate(
@@ -104,9 +110,8 @@ def evaluate(
             used_layers = layers_used(pipe, config)
             for batch in _batches([dataset[i] for i in indices], run_protocol, batch_size):
                 start = time.perf_counter()
-                results = evaluate_batch(
-                    pipe, batch, dataset.kind, len(dataset.class_names), run_protocol, config, seed, **encode_kwargs
-                )
+                results = evaluate_batch(pipe, batch, dataset.kind, len(dataset.class_names), run_protocol, config,
+                                         seed, max_batch=batch_size, **encode_kwargs)  # fmt: skip
                 seconds = (time.perf_counter() - start) / len(batch)
                 for item, (stats, blocks) in zip(batch, results):
                     record = {
