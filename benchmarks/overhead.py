@@ -18,6 +18,7 @@ The last line of output is one JSON object.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
@@ -27,6 +28,7 @@ from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
 from torch.profiler import ProfilerActivity, profile
 
 from conceptattention import ConceptAttentionConfig
+from conceptattention.adapters.base import StopForward
 from conceptattention.concepts import ConceptEmbeddings
 from conceptattention.tracing import ConceptSession
 
@@ -118,43 +120,44 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def timed_forward(transformer, inputs, device, session=None) -> float:
-    if session is not None:
-        session.__enter__()
-    try:
+def forward_call(transformer, inputs):
+    """One forward of ``transformer`` on ``inputs``; an encode session's early stop counts as done."""
+
+    def call() -> None:
+        with contextlib.suppress(StopForward):
+            transformer(**inputs, return_dict=False)
+
+    return call
+
+
+def timed(call, device: str, session=None) -> float:
+    """Seconds of one ``call()`` (attached to ``session`` when given; attach/detach not timed)."""
+    with session if session is not None else contextlib.nullcontext():
         sync(device)
         start = time.perf_counter()
-        transformer(**inputs, return_dict=False)
+        call()
         sync(device)
         return time.perf_counter() - start
-    finally:
-        if session is not None:
-            session.__exit__(None, None, None)
 
 
-def peak_bytes(transformer, inputs, device, session=None) -> int:
-    """Peak of live tensor bytes allocated during one forward (inputs and weights excluded)."""
-    if session is not None:
-        session.__enter__()
-    try:
+def peak_bytes(call, device: str, session=None) -> int:
+    """Peak of live tensor bytes allocated during one ``call()`` (inputs and weights excluded)."""
+    with session if session is not None else contextlib.nullcontext():
         if device.startswith("cuda"):
             torch.cuda.synchronize()
             base = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
-            transformer(**inputs, return_dict=False)
+            call()
             torch.cuda.synchronize()
             return torch.cuda.max_memory_allocated() - base
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            transformer(**inputs, return_dict=False)
+            call()
         events = sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start)
         live = peak = 0
         for event in events:
             live += event.self_cpu_memory_usage
             peak = max(peak, live)
         return peak
-    finally:
-        if session is not None:
-            session.__exit__(None, None, None)
 
 
 def main() -> None:
@@ -179,21 +182,22 @@ def main() -> None:
         args.double = DEFAULT_DOUBLE[args.arch]
 
     transformer, inputs, session, model = build(args)
+    forward = forward_call(transformer, inputs)
     with torch.inference_mode():
         for _ in range(args.warmup):
-            timed_forward(transformer, inputs, args.device)
-            timed_forward(transformer, inputs, args.device, session)
+            timed(forward, args.device)
+            timed(forward, args.device, session)
         plain, traced = [], []
         for i in range(args.repeats):
             # Alternate the order within each pair so that drift does not favour either side.
             if i % 2 == 0:
-                plain.append(timed_forward(transformer, inputs, args.device))
-                traced.append(timed_forward(transformer, inputs, args.device, session))
+                plain.append(timed(forward, args.device))
+                traced.append(timed(forward, args.device, session))
             else:
-                traced.append(timed_forward(transformer, inputs, args.device, session))
-                plain.append(timed_forward(transformer, inputs, args.device))
-        peak_plain = peak_bytes(transformer, inputs, args.device)
-        peak_traced = peak_bytes(transformer, inputs, args.device, session)
+                traced.append(timed(forward, args.device, session))
+                plain.append(timed(forward, args.device))
+        peak_plain = peak_bytes(forward, args.device)
+        peak_traced = peak_bytes(forward, args.device, session)
     ratios = [t / p for t, p in zip(traced, plain)]
     result = {
         "overhead_ratio": round(statistics.median(ratios), 4),

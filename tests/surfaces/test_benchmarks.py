@@ -1,0 +1,40 @@
+"""The benchmark scripts run (CPU smoke presets) and report self-consistent numbers; no timing is asserted."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def _run(script: str, *args: str) -> dict:
+    done = subprocess.run([sys.executable, str(BENCHMARKS / script), *args], capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("arch", ["flux", "sd3"])
+def test_throughput_small_preset(arch):
+    result = _run("throughput.py", "--small", "--arch", arch, "--device", "cpu", "--repeats", "1", "--warmup", "0",
+                  "--concepts", "64", "--rows", "2")  # fmt: skip
+    assert result["preset"] == "small" and result["concepts"] == 64 and result["rows_per_forward"] == 2
+    assert result["layers"] == ([0, 1, 2, 3] if arch == "flux" else [2, 3])  # the backend's default layers
+    per_second = 2 / 5 / (result["traced_encode_ms"] / 1000)
+    assert result["imagenet_seg_images_per_s"] == pytest.approx(per_second, rel=1e-3)
+    assert result["imagenet_seg_projected_min"] == pytest.approx(4276 / per_second / 60, rel=1e-2)
+    peaks = result["peak_mb"]
+    assert all(v > 0 for v in peaks.values())
+    assert result["peak_mem_ratio_encode"] == pytest.approx(peaks["traced_encode"] / peaks["plain_stopped"], rel=0.01)
+
+
+def test_peers_images_identical_and_ratios_reported():
+    result = _run("peers.py", "--repeats", "1", "--size", "256", "--steps", "2")
+    assert {"untraced", "conceptattention", "official_style"} <= set(result["ratio_to_untraced"])
+    assert result["ratio_to_untraced"]["untraced"] == 1.0
+    assert all(result["same_image_as_untraced"].values())  # no variant changes the generated image
