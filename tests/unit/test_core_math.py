@@ -148,3 +148,17 @@ def test_gaussian_blur_hand_case():
 def test_core_does_not_import_diffusers():
     code = "import sys, conceptattention.core; assert 'diffusers' not in sys.modules, 'diffusers imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_half_precision_scores_upcast_in_chunks_equal_a_whole_float_product(monkeypatch):
+    import conceptattention.core.scores as scores
+
+    g = torch.Generator().manual_seed(0)
+    o_c, o_x = torch.randn(2, 3, 8, generator=g).bfloat16(), torch.randn(2, 10, 8, generator=g).bfloat16()
+    q_x, k_c = torch.randn(2, 2, 10, 4, generator=g).bfloat16(), torch.randn(2, 2, 3, 4, generator=g).bfloat16()
+    whole_output = o_c.float() @ o_x.float().transpose(1, 2)
+    whole_cross = (q_x.float() @ k_c.float().transpose(-1, -2) / 2).softmax(-1).mean(1).transpose(1, 2)
+    monkeypatch.setattr(scores, "CHUNK_TOKENS", 4)  # 10 tokens -> chunks of 4, 4, 2
+    torch.testing.assert_close(output_space_scores(o_c, o_x), whole_output, rtol=0, atol=1e-6)
+    torch.testing.assert_close(cross_attention_scores(q_x, k_c), whole_cross, rtol=0, atol=1e-6)
+    assert output_space_scores(o_c, o_x).dtype == torch.float32

@@ -9,10 +9,31 @@ import torch
 
 ScoreSpace = Literal["output", "cross_attention", "value"]
 
+# Image tokens upcast to float32 at a time: a half-precision (B, N, H * D) tensor is never copied
+# whole (at 1024 px, B = 5 draws, that copy would be 250 MB per block).
+CHUNK_TOKENS = 1024
+
 
 def _merge_heads(x: torch.Tensor) -> torch.Tensor:
-    """(B, H, S, D) -> (B, S, H * D) float32."""
-    return x.transpose(1, 2).flatten(2).float()
+    """(B, H, S, D) -> (B, S, H * D)."""
+    return x.transpose(1, 2).flatten(2)
+
+
+def _float_product(rows: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """``rows.float() @ tokens.float().transpose(-1, -2)``, upcasting ``tokens`` (..., N, K) in chunks of N.
+
+    Args:
+        rows: (..., R, K) a few rows (concepts).
+        tokens: (..., N, K) many rows (image tokens).
+
+    Returns:
+        (..., R, N) float32.
+    """
+    rows = rows.float()
+    if tokens.dtype == torch.float32:
+        return rows @ tokens.transpose(-1, -2)
+    parts = [rows @ part.float().transpose(-1, -2) for part in tokens.split(CHUNK_TOKENS, dim=-2)]
+    return torch.cat(parts, dim=-1)
 
 
 def output_space_scores(o_c: torch.Tensor, o_x: torch.Tensor) -> torch.Tensor:
@@ -28,7 +49,7 @@ def output_space_scores(o_c: torch.Tensor, o_x: torch.Tensor) -> torch.Tensor:
     Returns:
         (B, C, N) float32 scores.
     """
-    return o_c.float() @ o_x.float().transpose(1, 2)
+    return _float_product(o_c, o_x)
 
 
 def value_space_scores(v_c: torch.Tensor, v_x: torch.Tensor) -> torch.Tensor:
@@ -41,7 +62,7 @@ def value_space_scores(v_c: torch.Tensor, v_x: torch.Tensor) -> torch.Tensor:
     Returns:
         (B, C, N) float32 scores.
     """
-    return _merge_heads(v_c) @ _merge_heads(v_x).transpose(1, 2)
+    return _float_product(_merge_heads(v_c), _merge_heads(v_x))
 
 
 def cross_attention_scores(q_x: torch.Tensor, k_c: torch.Tensor, softmax: bool = True) -> torch.Tensor:
@@ -55,10 +76,10 @@ def cross_attention_scores(q_x: torch.Tensor, k_c: torch.Tensor, softmax: bool =
     Returns:
         (B, C, N) float32, mean over heads.
     """
-    logits = (q_x.float() @ k_c.float().transpose(-1, -2)) / math.sqrt(q_x.shape[-1])  # (B, H, N, C)
+    logits = _float_product(k_c, q_x) / math.sqrt(q_x.shape[-1])  # (B, H, C, N)
     if softmax:
-        logits = logits.softmax(dim=-1)
-    return logits.mean(dim=1).transpose(1, 2)  # (B, C, N)
+        logits = logits.softmax(dim=-2)  # over concepts
+    return logits.mean(dim=1)  # (B, C, N)
 
 
 def block_saliency(
