@@ -162,3 +162,15 @@ def test_half_precision_scores_upcast_in_chunks_equal_a_whole_float_product(monk
     torch.testing.assert_close(output_space_scores(o_c, o_x), whole_output, rtol=0, atol=1e-6)
     torch.testing.assert_close(cross_attention_scores(q_x, k_c), whole_cross, rtol=0, atol=1e-6)
     assert output_space_scores(o_c, o_x).dtype == torch.float32
+
+
+@pytest.mark.parametrize("keys", ["both", "image", "concepts"])
+def test_concept_attention_in_head_groups_equals_all_heads_at_once(monkeypatch, keys):
+    import conceptattention.core.attention as attention
+
+    g = torch.Generator().manual_seed(1)
+    q_c, k_c, v_c = (torch.randn(2, 5, 3, 4, generator=g) for _ in range(3))
+    k_x, v_x = torch.randn(2, 5, 7, 4, generator=g), torch.randn(2, 5, 7, 4, generator=g)
+    whole = concept_attention(q_c, k_c, v_c, k_x, v_x, keys=keys)
+    monkeypatch.setattr(attention, "MAX_LOGITS", 2 * 3 * 10 * 2)  # two heads per group: 2 + 2 + 1
+    torch.testing.assert_close(concept_attention(q_c, k_c, v_c, k_x, v_x, keys=keys), whole, rtol=0, atol=1e-6)

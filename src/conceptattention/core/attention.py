@@ -9,6 +9,10 @@ import torch
 
 ConceptKeys = Literal["both", "image", "concepts"]
 
+# Float32 logits held at once: heads are processed in groups below this many elements, so the
+# transient (B, heads, C, C + N) scores stay small next to the block's own activations.
+MAX_LOGITS = 2**22
+
 
 def concept_attention(
     q_c: torch.Tensor,
@@ -35,6 +39,11 @@ def concept_attention(
     Returns:
         (B, H, C, D) concept attention outputs, in the dtype of ``v_c``.
     """
+    per_head = q_c.shape[0] * q_c.shape[2] * (k_c.shape[2] + k_x.shape[2])
+    group = max(1, MAX_LOGITS // max(1, per_head))
+    if group < q_c.shape[1]:  # heads are independent: attend in groups of heads
+        chunks = zip(*(t.split(group, dim=1) for t in (q_c, k_c, v_c, k_x, v_x)))
+        return torch.cat([concept_attention(*chunk, keys=keys) for chunk in chunks], dim=1)
     scale = 1.0 / math.sqrt(q_c.shape[-1])
     parts: list[tuple[torch.Tensor, torch.Tensor]] = []
     if keys in ("both", "concepts"):
