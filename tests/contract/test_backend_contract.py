@@ -252,6 +252,9 @@ def test_batched_noise_draws_equal_sequential_forwards(case, seed):
         torch.testing.assert_close(results[n].maps, sequential.maps, rtol=0, atol=1e-6)
         torch.testing.assert_close(results[n].block_maps, sequential.block_maps, rtol=0, atol=1e-6)
     assert (sequential.maps[0] - sequential.maps[1]).abs().max() > 1e-3  # the two images' maps differ
+    default = ca.encode_image(pipe, images, ["dog", "sky", "grass"], **kwargs)
+    assert default.metadata["max_batch"] == 4  # the CPU default
+    torch.testing.assert_close(default.maps, sequential.maps, rtol=0, atol=1e-6)
     with pytest.raises(ca.ConceptAttentionError, match="`max_batch` must be a positive integer, got 0"):
         ca.encode_image(pipe, images, ["dog", "sky"], max_batch=0, **kwargs)
 
