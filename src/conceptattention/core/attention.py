@@ -42,8 +42,8 @@ def concept_attention(
     per_head = q_c.shape[0] * q_c.shape[2] * (k_c.shape[2] + k_x.shape[2])
     group = max(1, MAX_LOGITS // max(1, per_head))
     if group < q_c.shape[1]:  # heads are independent: attend in groups of heads
-        parts = [t.split(group, dim=1) for t in (q_c, k_c, v_c, k_x, v_x)]
-        outputs = [concept_attention(q, kc, vc, kx, vx, keys=keys) for q, kc, vc, kx, vx in zip(*parts)]
+        groups = [t.split(group, dim=1) for t in (q_c, k_c, v_c, k_x, v_x)]
+        outputs = [concept_attention(q, kc, vc, kx, vx, keys=keys) for q, kc, vc, kx, vx in zip(*groups)]
         return torch.cat(outputs, dim=1)
     scale = 1.0 / math.sqrt(q_c.shape[-1])
     parts: list[tuple[torch.Tensor, torch.Tensor]] = []
