@@ -65,14 +65,15 @@ class OfficialStyleProcessor(FluxConceptAttnProcessor):
     """Our processor (same maps) plus the reference code's extra work: full joint attention, concept rows kept."""
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        traced = self.stream.runs(self.block_index)
+        concepts = self.stream.current.normed if traced and self.stream.current is not None else None
         out = super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
-        if self.stream.runs(self.block_index):
-            step = self.stream.current
-            assert step is not None and encoder_hidden_states is not None and image_rotary_emb is not None
-            parts = [projections(attn, x, added) for x, added in ((step.modulation.normed, True),
+        if traced:
+            assert concepts is not None and encoder_hidden_states is not None and image_rotary_emb is not None
+            parts = [projections(attn, x, added) for x, added in ((concepts, True),
                      (encoder_hidden_states, True), (hidden_states, False))]  # fmt: skip
             q, k, v = (torch.cat([p[i].unflatten(-1, (-1, attn.head_dim)) for p in parts], dim=1) for i in range(3))
-            c = step.modulation.normed.shape[1]
+            c = concepts.shape[1]
             # Concepts at text position 0 (identity rotation), then the real sequence's rotation.
             cos, sin = (torch.cat([torch.ones_like(f[:c]) if j == 0 else torch.zeros_like(f[:c]), f])
                         for j, f in enumerate(image_rotary_emb))  # fmt: skip

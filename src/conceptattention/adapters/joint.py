@@ -26,34 +26,26 @@ from conceptattention.core import block_saliency, concept_attention
 
 
 @dataclass
-class TextModulation:
-    """``norm1_context`` of the concept tokens in one block (AdaLayerNormZero outputs).
+class BlockPass:
+    """One block's concept data, handed from the pre-hook to the processor to the post-hook.
+
+    The processor consumes ``normed`` and ``gate_msa`` (attention and its residual update) and
+    clears ``normed``, so only the (B, D_model) feed-forward modulation outlives the attention.
 
     Attributes:
-        normed: (B, C, D_model) modulated concept tokens.
-        gate_msa, shift_mlp, scale_mlp, gate_mlp: (B, D_model) gates, shifts and scales.
+        index: the block.
+        normed: (B, C, D_model) concept tokens after ``norm1_context`` (None once attended).
+        gate_msa, shift_mlp, scale_mlp, gate_mlp: (B, D_model) the AdaLayerNormZero gates, shifts, scales.
+        attended: the processor has applied the attention residual update.
     """
 
-    normed: torch.Tensor
+    index: int
+    normed: torch.Tensor | None
     gate_msa: torch.Tensor
     shift_mlp: torch.Tensor
     scale_mlp: torch.Tensor
     gate_mlp: torch.Tensor
-
-
-@dataclass
-class BlockPass:
-    """One block's concept data, handed from the pre-hook to the processor to the post-hook.
-
-    Attributes:
-        index: the block.
-        modulation: the concepts' text-stream modulation.
-        attn_out: (B, C, H * D) concept attention output before ``to_add_out`` (set by the processor).
-    """
-
-    index: int
-    modulation: TextModulation
-    attn_out: torch.Tensor | None = None
+    attended: bool = False
 
 
 def projections(attn: Any, hidden_states: torch.Tensor, added: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -136,8 +128,7 @@ class JointConceptStream:
                 return None
             if index == 0 or self.hidden is None:
                 self._start(argument(args, kwargs, "hidden_states", 0))
-            normed, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.norm1_context(self.hidden, emb=self.temb)
-            self.current = BlockPass(index, TextModulation(normed, gate_msa, shift_mlp, scale_mlp, gate_mlp))
+            self.current = BlockPass(index, *block.norm1_context(self.hidden, emb=self.temb))
             return None
 
         return pre_hook
@@ -147,11 +138,10 @@ class JointConceptStream:
             if not self.runs(index):
                 return None
             step, self.current = self.current, None
-            assert step is not None and step.index == index and step.attn_out is not None and self.hidden is not None
-            mod = step.modulation
-            concepts = self.hidden + mod.gate_msa.unsqueeze(1) * block.attn.to_add_out(step.attn_out)
-            normed = block.norm2_context(concepts) * (1 + mod.scale_mlp[:, None]) + mod.shift_mlp[:, None]
-            concepts = concepts + mod.gate_mlp.unsqueeze(1) * block.ff_context(normed)
+            assert step is not None and step.index == index and step.attended and self.hidden is not None
+            concepts = self.hidden
+            normed = block.norm2_context(concepts) * (1 + step.scale_mlp[:, None]) + step.shift_mlp[:, None]
+            concepts = concepts + step.gate_mlp.unsqueeze(1) * block.ff_context(normed)
             if concepts.dtype == torch.float16:
                 concepts = concepts.clip(-65504, 65504)
             self.hidden = concepts
@@ -186,18 +176,20 @@ class JointConceptStream:
         assert step is not None and step.index == index and state.forward is not None
         rows = state.forward.rows  # the conditional half under batched CFG
         q_x, k_x, v_x, o_x = q_x[rows], k_x[rows], v_x[rows], o_x[rows]
-        q_c, k_c, v_c = projections(attn, step.modulation.normed, added=True)
+        assert step.normed is not None and self.hidden is not None
+        q_c, k_c, v_c = projections(attn, step.normed, added=True)
+        step.normed = None  # not needed past the projections
         heads = (q_x.shape[1], q_x.shape[-1])  # (H, D)
         q_c = _norm(attn.norm_added_q, q_c.unflatten(-1, heads)).transpose(1, 2)  # (B, H, C, D)
         k_c = _norm(attn.norm_added_k, k_c.unflatten(-1, heads)).transpose(1, 2)
         v_c = v_c.unflatten(-1, heads).transpose(1, 2)
         # Concept tokens carry no RoPE rotation in these backends (Flux.1: text position 0; SD3: none).
         o_c = concept_attention(q_c, k_c, v_c, k_x, v_x, keys=config.concept_keys)  # (B, H, C, D)
-        step.attn_out = o_c.transpose(1, 2).flatten(2).to(o_x.dtype)  # (B, C, H * D)
+        o_c = o_c.transpose(1, 2).flatten(2).to(o_x.dtype)  # (B, C, H * D)
         if index in state.accumulator.blocks:
             saliency = block_saliency(
                 config.score_space,
-                o_c=step.attn_out,
+                o_c=o_c,
                 o_x=o_x,
                 q_x=q_x,
                 k_c=k_c,
@@ -206,6 +198,9 @@ class JointConceptStream:
                 softmax=state.softmax,
             )  # (B, C, N)
             state.accumulator.add(saliency, index, items=state.row_items, num_items=state.num_items)
+        # The attention half of the residual update, as the text stream's: to_add_out, gate.
+        self.hidden = self.hidden + step.gate_msa.unsqueeze(1) * attn.to_add_out(o_c)
+        step.attended = True
 
 
 class ConceptProcessor:

@@ -75,17 +75,20 @@ class SD3ConceptAttnProcessor(ConceptProcessor):
         if attn.norm_added_k is not None:
             text_key = attn.norm_added_k(text_key)
 
-        joint_query = torch.cat([query, text_query], dim=2)  # (B, H, N + T, D)
-        joint_key = torch.cat([key, text_key], dim=2)
-        joint_value = torch.cat([value, text_value], dim=2)
-        joint = F.scaled_dot_product_attention(joint_query, joint_key, joint_value, dropout_p=0.0, is_causal=False)
+        # Rebinding the names (as the stock processor does) frees the image-only tensors before attention.
+        query = torch.cat([query, text_query], dim=2)  # (B, H, N + T, D)
+        key = torch.cat([key, text_key], dim=2)
+        value = torch.cat([value, text_value], dim=2)
+        del text_query, text_key, text_value
+        joint = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
         joint = joint.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
-        joint = joint.to(joint_query.dtype)  # (B, N + T, H * D)
+        joint = joint.to(query.dtype)  # (B, N + T, H * D)
         image_out, text_out = joint[:, :num_image], joint[:, num_image:]
 
         if self.stream.runs(self.block_index):
-            # Image q/k/v are the real pass's (after QK-norm); SD3 has no RoPE.
-            self.stream.concept_rows(self.block_index, attn, query, key, value, image_out)
+            # Image q/k/v are the real pass's (after QK-norm), as views; SD3 has no RoPE.
+            q_x, k_x, v_x = (t[:, :, :num_image] for t in (query, key, value))  # (B, H, N, D)
+            self.stream.concept_rows(self.block_index, attn, q_x, k_x, v_x, image_out)
 
         if not attn.context_pre_only:
             text_out = attn.to_add_out(text_out)
