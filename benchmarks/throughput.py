@@ -7,8 +7,8 @@ Builds a supported backend's full-size transformer from its config with random w
 - a plain full forward (every block, the final layer);
 - a traced full forward (concept attention on the backend's default layers): the overhead ratio;
 - a traced *encode* forward, stopped after the last used joint block, as ``encode_image`` runs it;
-- peak device memory of each, and of an untraced forward stopped at the same block (the fair
-  baseline for the encode forward's memory).
+- peak device memory of each (the traced ones as a new run, so the result buffers they allocate
+  count), and of an untraced forward stopped at the same block (the baseline of an encode forward).
 
 The ImageNet-Segmentation protocol (``--num-samples`` 5 noise draws per image, ``--size`` 1024)
 then runs ``rows / num_samples`` images per encode forward of ``--rows`` rows, so
@@ -122,6 +122,16 @@ def compile_blocks(transformer) -> str:
     return "per joint block"
 
 
+def fresh_run(session, call):
+    """``call`` as a new run of ``session``: its result buffers are allocated (and measured) inside."""
+
+    def run() -> None:
+        session.start_run()
+        call()
+
+    return run
+
+
 def encode_maps(session, call) -> torch.Tensor:
     with session:
         session.start_run()
@@ -178,9 +188,9 @@ def main() -> None:
                 times.append(timed(forward, args.device, session))
         peaks = {
             "plain_full": peak_bytes(forward, args.device),
-            "traced_full": peak_bytes(forward, args.device, full),
+            "traced_full": peak_bytes(fresh_run(full, forward), args.device, full),
             "plain_stopped": peak_bytes(stopped, args.device),
-            "traced_encode": peak_bytes(forward, args.device, encode),
+            "traced_encode": peak_bytes(fresh_run(encode, forward), args.device, encode),
         }
     encode_s = statistics.median(encoded)
     images_per_s = args.rows / args.num_samples / encode_s
