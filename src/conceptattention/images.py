@@ -9,7 +9,7 @@ from typing import cast
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from conceptattention.errors import ConceptAttentionError
 
@@ -29,6 +29,8 @@ def _from_array(array: np.ndarray, what: str) -> Image.Image:
             "or (3|4, height, width)"
         )
     if np.issubdtype(array.dtype, np.floating):
+        if array.size and not np.isfinite(array).all():
+            raise ConceptAttentionError(f"{what} contains NaN or infinite values; pass finite values in [0, 1]")
         if array.size and (np.nanmin(array) < 0 or np.nanmax(array) > 1):
             raise ConceptAttentionError(
                 f"{what} is a float array with values outside [0, 1] (min {np.nanmin(array):.3g}, max "
@@ -68,8 +70,12 @@ def load_image(image: ImageInput, what: str = "`image`") -> Image.Image:
         raise ConceptAttentionError(
             f"{what} must be a PIL image, a path, a numpy array or a tensor, got {type(image).__name__}"
         )
+    # Phone photos store their rotation as an EXIF tag: apply it, so maps match what viewers show.
+    image = ImageOps.exif_transpose(image)
     if image.mode != "RGB":
         logger.info("converting %s from mode %s to RGB", what, image.mode)
+        if image.mode.startswith("I") or image.mode == "F":
+            image = _high_depth_to_8bit(image, what)
         if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
             background = Image.new("RGB", image.size, "white")  # flatten transparency onto white
             background.paste(image.convert("RGBA"), mask=image.convert("RGBA").split()[-1])
@@ -77,6 +83,27 @@ def load_image(image: ImageInput, what: str = "`image`") -> Image.Image:
         else:
             image = image.convert("RGB")
     return image
+
+
+def _high_depth_to_8bit(image: Image.Image, what: str) -> Image.Image:
+    """16-bit (``I;16*``), 32-bit integer (``I``) or float (``F``) grey images -> 8-bit ``L``.
+
+    PIL's own conversion clips these to 255 (a 16-bit PNG becomes all white). ``I;16*`` spans
+    0-65535; ``I`` is read as 16-bit when a value exceeds 255, else as 8-bit; ``F`` as [0, 1]
+    when its maximum is at most 1, else as [0, 255].
+    """
+    array = np.asarray(image, dtype=np.float64)
+    if not np.isfinite(array).all():
+        raise ConceptAttentionError(f"{what} contains NaN or infinite values")
+    if image.mode.startswith("I;16") or (image.mode == "I" and array.max(initial=0) > 255):
+        scale = 65535.0
+    elif image.mode == "F" and array.max(initial=0) <= 1:
+        scale = 1.0
+    else:
+        scale = 255.0
+    if array.min(initial=0) < 0 or array.max(initial=0) > scale:
+        raise ConceptAttentionError(f"{what} (mode {image.mode}) has values outside [0, {scale:g}]")
+    return Image.fromarray((array / scale * 255).round().astype(np.uint8), mode="L")
 
 
 def load_images(images: ImageInput | Sequence[ImageInput]) -> list[Image.Image]:

@@ -98,3 +98,45 @@ def test_resize_and_model_input():
     x = to_model_input([resized])
     assert x.shape == (1, 3, 8, 4)
     torch.testing.assert_close(x[0, :, 0, 0], torch.tensor([1.0, -1.0, 127 / 127.5 - 1]))
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    pixels = np.zeros((20, 40, 3), np.uint8)
+    pixels[:, :10] = 255  # a white band on the left of the stored pixels
+    image = Image.fromarray(pixels)
+    exif = image.getexif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display", as phones write it
+    path = tmp_path / "phone.jpg"
+    image.save(path, exif=exif, quality=95)
+    shown = np.asarray(load_image(path))
+    assert shown.shape == (40, 20, 3)  # displayed portrait, as viewers show it
+    assert shown[:10, :, 0].mean() > 200 and shown[-10:, :, 0].mean() < 50  # the band is now on top
+
+
+def test_high_depth_and_other_modes_convert_to_the_right_rgb(tmp_path):
+    ramp16 = np.linspace(0, 65535, 64).reshape(8, 8).astype(np.uint16)
+    path = tmp_path / "grey16.png"
+    Image.fromarray(ramp16).save(path)
+    assert Image.open(path).mode == "I;16"
+    got = np.asarray(load_image(path))[..., 0]
+    np.testing.assert_array_equal(got, np.round(ramp16 / 65535 * 255).astype(np.uint8))  # not all white
+    as_int32 = Image.fromarray(ramp16.astype(np.int32))  # mode I
+    np.testing.assert_array_equal(np.asarray(load_image(as_int32))[..., 0], got)
+    as_float = Image.fromarray((ramp16 / 65535).astype(np.float32))  # mode F in [0, 1]
+    assert np.abs(np.asarray(load_image(as_float))[..., 0].astype(int) - got).max() <= 1
+    rgb = np.random.default_rng(0).integers(0, 255, (8, 8, 3), dtype=np.uint8)
+    cmyk = Image.fromarray(rgb).convert("CMYK")
+    assert np.abs(np.asarray(load_image(cmyk)).astype(int) - rgb).max() <= 1
+    la = Image.fromarray(np.stack([np.full((8, 8), 40, np.uint8), np.zeros((8, 8), np.uint8)], -1), mode="LA")
+    assert (np.asarray(load_image(la)) == 255).all()  # fully transparent -> the white background
+    palette = Image.fromarray(rgb).convert("P")
+    palette.info["transparency"] = 0
+    assert load_image(palette).mode == "RGB"
+
+
+def test_nan_and_infinite_arrays_are_errors():
+    for bad in (np.full((4, 4, 3), np.nan, np.float32), np.full((4, 4, 3), np.inf, np.float32)):
+        with pytest.raises(ConceptAttentionError, match="NaN or infinite"):
+            load_image(bad)
+    with pytest.raises(ConceptAttentionError, match="NaN or infinite"):
+        load_image(Image.fromarray(np.full((4, 4), np.nan, np.float32)))
