@@ -190,3 +190,23 @@ def test_timestep_sweep_gives_one_row_per_t(saved_scene_model, tmp_path):
                                                                   ("concept_attention", "0.7", "3")]  # fmt: skip
     assert rows[0]["miou"] != rows[1]["miou"]  # each noise level really ran
     assert json.loads(rows[0]["blocks_miou"])[0] == pytest.approx(float(rows[0]["miou"]), abs=1e-5)  # 1 block = all
+
+
+def test_stray_record_lines_are_skipped_with_one_warning(saved_scene_model, tmp_path, caplog):
+    from conceptattention.eval.harness import read_records
+
+    out = tmp_path / "stray"
+    command = ("eval", "scenes", "--model", saved_scene_model, "--out", out, "--limit", "3")
+    result, output = _cli(*command)
+    assert result.exit_code == 0, output
+    records = out / "records.rank0.jsonl"
+    good = records.read_bytes()
+    records.write_bytes(good + b"{}\n42\n\xff\xfe not utf-8\n" + b'{"key": "cut by a kill')
+    with caplog.at_level("WARNING"):
+        kept = read_records(out)
+    assert sum(len(v) for v in kept.values()) == 3
+    warnings = [r.getMessage() for r in caplog.records if "unreadable record" in r.getMessage()]
+    assert warnings == [f"{records}: skipped 3 unreadable record line(s) (line 4, 5, 6)"]
+    result, output = _cli(*command)  # a later eval of the folder still works and recomputes nothing
+    assert result.exit_code == 0, output
+    assert len(read_records(out)["concept_attention@t=0.5"]) == 3

@@ -36,16 +36,41 @@ def run_key(method: str, t: float) -> str:
     return f"{method}@t={t:g}"
 
 
+_RECORD_FIELDS = {"key": str, "id": str, "method": str, "t": (int, float), "stats": dict, "blocks": list}
+
+
+def _valid_record(record: Any) -> bool:
+    return isinstance(record, dict) and all(isinstance(record.get(k), t) for k, t in _RECORD_FIELDS.items())
+
+
 def read_records(folder: Path) -> dict[str, dict[str, dict]]:
-    """All complete records under ``folder``: {run key: {image id: record}} (first wins on duplicates)."""
+    """All complete records under ``folder``: {run key: {image id: record}} (first wins on duplicates).
+
+    A last line without its newline (cut by a kill) is dropped quietly: its image is simply
+    evaluated again. Other lines that do not parse or lack a record's fields are skipped with
+    one warning per file naming their count and line numbers.
+    """
     records: dict[str, dict[str, dict]] = defaultdict(dict)
     for path in sorted(folder.glob("records.rank*.jsonl")):
-        for line in path.read_text().splitlines():
+        data = path.read_bytes()
+        lines = data.split(b"\n")
+        if lines and lines[-1] == b"":
+            lines.pop()  # the file ends with a newline
+        elif lines:
+            lines.pop()  # a partial last line
+        bad = []
+        for number, raw in enumerate(lines, start=1):
             try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by a kill: its image is simply evaluated again
+                record = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                record = None
+            if not _valid_record(record):
+                bad.append(number)
+                continue
             records[record["key"]].setdefault(record["id"], record)
+        if bad:
+            shown = ", ".join(map(str, bad[:10])) + (" ..." if len(bad) > 10 else "")
+            logger.warning("%s: skipped %d unreadable record line(s) (line %s)", path, len(bad), shown)
     return records
 
 
