@@ -103,12 +103,48 @@ def _config(
     )
 
 
+def check_positive(**values: int | float | None) -> None:
+    """Options that must be positive when given (steps, sizes, limits, batch sizes, sample counts)."""
+    for name, value in values.items():
+        if value is not None and value <= 0:
+            option = "--" + name.replace("_", "-")
+            raise ConceptAttentionError(f"`{option}` must be positive, got {value!r}")
+
+
+def check_seed(seed: int) -> None:
+    if not 0 <= seed < 2**64:
+        raise ConceptAttentionError(f"`--seed` must be in [0, 2**64), got {seed}")
+
+
+def check_device(device: str) -> str:
+    """A device this machine has, or a one-line error naming the ones it has."""
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise ConceptAttentionError(f"`--device` {device!r} is not a device name; use cpu, cuda or cuda:N") from None
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConceptAttentionError(f"`--device` {device!r}: CUDA is not available on this machine; use cpu")
+        if parsed.index is not None and parsed.index >= count:
+            raise ConceptAttentionError(
+                f"`--device` {device!r}: this machine has {count} CUDA device(s) (0-{count - 1})"
+            )
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise ConceptAttentionError(f"`--device` {device!r}: MPS is not available on this machine; use cpu")
+    elif parsed.type not in ("cpu", "cuda", "mps"):
+        raise ConceptAttentionError(f"`--device` {device!r} is not supported; use cpu, cuda or cuda:N")
+    return device
+
+
 def _load(model: str | None, device: str | None, dtype: str | None):
     import torch
 
     from conceptattention.loading import load_pipeline
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = check_device(device) if device else ("cuda" if torch.cuda.is_available() else "cpu")
     _quiet_loading()
     with console.status(f"Loading {model or 'the bundled model'} ..."):
         pipe = load_pipeline(model, dtype=dtype, device=device)
@@ -158,6 +194,8 @@ def encode(
     from conceptattention.encode import encode_image
     from conceptattention.images import load_image
 
+    check_positive(num_samples=num_samples, height=height, width=width)
+    check_seed(seed)
     words = parse_concepts(concepts)
     config = _config(score_space, concept_keys, softmax, pooling, layers, concept_encoder=concept_encoder)
     picture = load_image(image, f"IMAGE {str(image)!r}")
@@ -203,10 +241,15 @@ def generate(
     """Generate an image from a prompt and map each concept in it."""
     from conceptattention.generate import generate as run_generate
 
+    check_positive(steps=steps, height=height, width=width)
+    check_seed(seed)
+    if guidance_scale is not None and guidance_scale < 0:
+        raise ConceptAttentionError(f"`--guidance-scale` must be >= 0, got {guidance_scale}")
     words = parse_concepts(concepts)
     config = _config(score_space, concept_keys, softmax, pooling, layers, trace_steps, concept_encoder)
     pipe = _load(model, device, dtype)
-    extra = {k: v for k, v in {"height": height, "width": width, "guidance_scale": guidance_scale}.items() if v}
+    given = {"height": height, "width": width, "guidance_scale": guidance_scale}
+    extra = {k: v for k, v in given.items() if v is not None}  # 0 is passed on, not replaced
     maps = run_generate(pipe, prompt, words, config=config, seed=seed, num_inference_steps=steps, **extra)
     _summary(f"Wrote {out}", maps.save(out))
 
@@ -257,6 +300,8 @@ def eval_command(
 
     if words not in ("short", "lemma"):
         raise ConceptAttentionError(f"`--words` must be short or lemma, got {words!r}")
+    check_positive(limit=limit, batch_size=batch_size, num_samples=num_samples, resolution=resolution)
+    check_seed(seed)
     if dataset not in PROTOCOLS:
         raise ConceptAttentionError(f"unknown dataset {dataset!r}; choose one of {', '.join(PROTOCOLS)}")
     methods = method or ["concept_attention"]

@@ -11,7 +11,7 @@ from conceptattention.config import ConceptAttentionConfig
 from conceptattention.errors import ConceptAttentionError
 from conceptattention.loading import model_defaults
 from conceptattention.outputs import ConceptMaps
-from conceptattention.tracing import trace
+from conceptattention.tracing import config_with_overrides, trace
 
 
 def generate(
@@ -34,8 +34,9 @@ def generate(
         seed: seed of a CPU generator for reproducible images; ``None`` to pass your own
             ``generator`` in ``pipe_kwargs``.
         num_inference_steps: denoising steps (the model's recorded default, else the pipeline's).
-        **pipe_kwargs: any other argument of the pipeline's ``__call__`` (height, width,
-            guidance_scale, num_images_per_prompt, ...).
+        **pipe_kwargs: fields of :class:`ConceptAttentionConfig` (``layers=[15, 16]``, ...), and
+            any other argument of the pipeline's ``__call__`` (height, width, guidance_scale,
+            num_images_per_prompt, ...).
 
     Returns:
         :class:`ConceptMaps` with ``maps`` (B, C, h, w) and the generated ``images``.
@@ -44,6 +45,8 @@ def generate(
         >>> maps = generate(pipe, "a dog on grass", ["dog", "grass", "sky"], num_inference_steps=4)  # doctest: +SKIP
         >>> maps.save("outputs/dog")  # doctest: +SKIP
     """
+    options = {k: pipe_kwargs.pop(k) for k in list(pipe_kwargs) if k in ConceptAttentionConfig.__dataclass_fields__}
+    config = config_with_overrides(config, options)  # method options given as keywords, as on every entry point
     if not prompt or (not isinstance(prompt, str) and not all(isinstance(p, str) for p in prompt)):
         raise ConceptAttentionError(f"`prompt` must be a non-empty string or list of strings, got {prompt!r}")
     if "output_type" in pipe_kwargs and pipe_kwargs["output_type"] != "pil":

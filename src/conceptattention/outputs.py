@@ -100,8 +100,12 @@ class RunRecord:
         return {**record, "mode": self.details.mode, **details, **call}
 
 
-def _safe_name(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_") or "concept"
+def _safe_name(text: str, limit: int = 48) -> str:
+    """A file-name part for a concept: ASCII letters, digits, ``_`` and ``-``, at most ``limit`` characters.
+
+    Files also carry the concept's index, so two concepts that sanitise alike never collide.
+    """
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_")[:limit] or "concept"
 
 
 @dataclass

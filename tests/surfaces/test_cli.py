@@ -128,3 +128,36 @@ def test_cli_runs_an_sd3_folder_with_either_concept_encoder(tmp_path):
     assert result.exit_code == 2 and "`concept_encoder`='bert' is not available for SD3" in output.replace("\n", " ")
     result, output = _invoke(*generate, "--layers", "3")
     assert result.exit_code == 2 and "`layers` contains 3, which cannot be used" in output.replace("\n", " ")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("generate", "a dog", "-c", "dog", "--steps", "0"), "`--steps` must be positive, got 0"),
+        (("generate", "a dog", "-c", "dog", "--steps", "-1"), "`--steps` must be positive, got -1"),
+        (("generate", "a dog", "-c", "dog", "--height", "0"), "`--height` must be positive, got 0"),
+        (("generate", "a dog", "-c", "dog", "--seed", str(2**64)), "`--seed` must be in [0, 2**64)"),
+        (("generate", "a dog", "-c", "dog", "--guidance-scale", "-1"), "`--guidance-scale` must be >= 0"),
+        (("generate", "a dog", "-c", "dog", "--device", "cuda"), "CUDA is not available on this machine; use cpu"),
+        (("generate", "a dog", "-c", "dog", "--device", "gpu0"), "'gpu0' is not a device name"),
+        (("eval", "scenes", "--limit", "0"), "`--limit` must be positive, got 0"),
+        (("eval", "scenes", "--batch-size", "0"), "`--batch-size` must be positive, got 0"),
+        (("eval", "scenes", "--batch-size", "-1"), "`--batch-size` must be positive, got -1"),
+        (("encode", "x.png", "-c", "dog", "--num-samples", "0"), "`--num-samples` must be positive, got 0"),
+    ],
+)
+def test_bad_options_are_one_line_errors(args, message):
+    result, output = _invoke(*args)
+    assert result.exit_code == 2, output
+    assert message in " ".join(output.split()) and "Traceback" not in output
+
+
+def test_generate_takes_config_overrides_and_long_concepts_save(tiny_pipe, tmp_path):
+    import conceptattention as ca
+
+    long_concept = "dog" + "x" * 300
+    maps = ca.generate(tiny_pipe, "a dog", ["dog", long_concept], layers=[0], pooling="mean", num_inference_steps=1,
+                       height=32, width=32, max_sequence_length=16)  # fmt: skip
+    assert maps.metadata["layers"] == [0] and maps.metadata["pooling"] == "mean"
+    written = maps.save(tmp_path / "out")
+    assert any(p.name == "heatmap_01_dog" + "x" * 45 + ".png" for p in written)

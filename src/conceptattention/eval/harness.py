@@ -36,7 +36,9 @@ def run_key(method: str, t: float) -> str:
     return f"{method}@t={t:g}"
 
 
-_RECORD_FIELDS = {"key": str, "id": str, "method": str, "t": (int, float), "stats": dict, "blocks": list}
+_RECORD_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "key": str, "id": str, "method": str, "t": (int, float), "stats": dict, "blocks": list,
+}  # fmt: skip
 
 
 def _valid_record(record: Any) -> bool:
