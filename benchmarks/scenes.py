@@ -8,7 +8,10 @@ same method on the untrained (random-init) transformer, and a location-only prio
 Records go to ``--out`` as JSONL, so an interrupted run resumes.
 
 Usage:
-    python benchmarks/scenes.py [--scenes 500] [--model PATH] [--out benchmarks/results/scenes]
+    python benchmarks/scenes.py [--scenes 500] [--model PATH] [--out DIR]
+
+``--out`` defaults to a new folder ``outputs/benchmarks/scenes-<UTC time>``: a benchmark computes
+fresh results; the committed ``benchmarks/results/scenes`` is a report of one run, not a cache.
 
 The last line of output is one JSON object.
 """
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -78,7 +82,9 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="pipeline folder (default: the bundled model)")
     parser.add_argument("--scenes", type=int, default=500)
     parser.add_argument("--prior-scenes", type=int, default=5000)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/scenes"))
+    parser.add_argument(
+        "--out", type=Path, default=Path("outputs/benchmarks") / time.strftime("scenes-%Y%m%d-%H%M%S", time.gmtime())
+    )
     args = parser.parse_args()
 
     pipe = load_pipeline(args.model, dtype="float32")

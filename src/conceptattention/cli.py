@@ -293,6 +293,7 @@ def eval_command(
     batch_size: Annotated[int, typer.Option(help="Forwards (image x draw rows) per call.")] = 1,
     words: Annotated[str, typer.Option(help="ImageNet class words: short (paper) | lemma (WordNet).")] = "short",
     dtype: DtypeOption = None,
+    overwrite: Annotated[bool, typer.Option(help="Delete results computed with other settings in --out.")] = False,
 ) -> None:
     """Zero-shot segmentation benchmark; resumable (rerun the same command), shardable with accelerate launch."""
     from conceptattention.eval.harness import METHODS
@@ -316,7 +317,8 @@ def eval_command(
     _quiet_loading()
     written = run_eval(dataset, data, model, out, methods=methods, t_values=t or [0.5], overrides=overrides,
                        per_block=per_block, layers=tuple(parse_indices(layers, "layers") or ()) or None, seed=seed,
-                       limit=limit, batch_size=batch_size, dtype=dtype, console=console, words=words)  # fmt: skip
+                       limit=limit, batch_size=batch_size, dtype=dtype, console=console, words=words,
+                       overwrite=overwrite)  # fmt: skip
     if written:
         Console().print((out / "report.md").read_text())
         _summary(f"Wrote {out}", written)

@@ -210,3 +210,50 @@ def test_stray_record_lines_are_skipped_with_one_warning(saved_scene_model, tmp_
     result, output = _cli(*command)  # a later eval of the folder still works and recomputes nothing
     assert result.exit_code == 0, output
     assert len(read_records(out)["concept_attention@t=0.5"]) == 3
+
+
+def test_rerun_with_other_settings_is_refused_and_overwrite_recomputes(saved_scene_model, tmp_path):
+    out = tmp_path / "manifest"
+    base = ("eval", "scenes", "--model", saved_scene_model, "--out", out, "--limit", "3")
+    result, output = _cli(*base)
+    assert result.exit_code == 0, output
+    first = _rows(out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["dataset"] == "scenes" and manifest["limit"] == 3 and manifest["seed"] == 0
+    assert manifest["model"]["fingerprint"] and manifest["layers"] == [0, 1]
+    cases = [
+        (("--seed", "1"), "seed (0 there, 1 now)"),
+        (("--layers", "0"), "layers ([0, 1] there, [0] now)"),
+        (("--limit", "2"), "limit (3 there, 2 now)"),
+        (("--per-block",), "per_block (false there, true now)"),
+        (("--num-samples", "2"), "protocol"),
+    ]
+    for extra, setting in cases:
+        result, output = _cli(*base[:-2], *(["--limit", "3"] if "--limit" not in extra else []), *extra)
+        text = " ".join(output.split())
+        assert result.exit_code == 2 and setting in text and "--overwrite" in text, text
+    assert _rows(out) == first  # nothing was recomputed or mixed in
+    # adding a method or a timestep with everything else equal is allowed
+    result, output = _cli(*base, "--method", "concept_attention", "--method", "cross_attention", "--t", "0.5")
+    assert result.exit_code == 0, output
+    assert {r["method"] for r in _rows(out)} == {"concept_attention", "cross_attention"}
+    result, output = _cli(*base[:-2], "--limit", "3", "--layers", "0", "--overwrite")
+    assert result.exit_code == 0, output
+    assert json.loads((out / "manifest.json").read_text())["layers"] == [0]
+    assert {r["method"] for r in _rows(out)} == {"concept_attention"}  # the old results were removed first
+
+
+def test_a_folder_being_written_is_refused_and_a_stale_lock_is_taken_over(saved_scene_model, tmp_path):
+    out = tmp_path / "locked"
+    out.mkdir()
+    (out / "eval.lock").write_text(json.dumps({"pid": os.getpid(), "host": __import__("socket").gethostname(),
+                                               "since": "2026-11-28 10:00:00"}))  # fmt: skip
+    result, output = _cli("eval", "scenes", "--model", saved_scene_model, "--out", out, "--limit", "2")
+    text = " ".join(output.split())
+    assert result.exit_code == 2 and f"being written by another eval (process {os.getpid()}" in text
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock = json.loads((out / "eval.lock").read_text())
+    (out / "eval.lock").write_text(json.dumps({**lock, "pid": int(dead.stdout)}))  # its process has ended
+    result, output = _cli("eval", "scenes", "--model", saved_scene_model, "--out", out, "--limit", "2")
+    assert result.exit_code == 0, output
+    assert not (out / "eval.lock").exists()
