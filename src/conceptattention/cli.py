@@ -42,6 +42,9 @@ ConceptEncoderOption = Annotated[
 ]
 LayersOption = Annotated[str | None, typer.Option(help="Joint-block indices, e.g. '15,16,17' (default: the model's).")]
 DeviceOption = Annotated[str | None, typer.Option(help="Device, e.g. cuda (default: cuda if available, else cpu).")]
+OverwriteOption = Annotated[
+    bool, typer.Option(help="Replace a result already saved in --out (its files are removed first).")
+]
 DtypeOption = Annotated[str | None, typer.Option(help="float32 | bfloat16 | float16 (default: the model's own).")]
 
 
@@ -109,6 +112,14 @@ def check_positive(**values: int | float | None) -> None:
         if value is not None and value <= 0:
             option = "--" + name.replace("_", "-")
             raise ConceptAttentionError(f"`{option}` must be positive, got {value!r}")
+
+
+def check_output(out: Path, overwrite: bool) -> None:
+    """Refuse, before any compute, an output folder that holds another result (unless overwriting)."""
+    from conceptattention.outputs import clear_result_folder
+
+    if not overwrite:
+        clear_result_folder(out, overwrite=False)
 
 
 def check_seed(seed: int) -> None:
@@ -189,6 +200,7 @@ def encode(
     layers: LayersOption = None,
     device: DeviceOption = None,
     dtype: DtypeOption = None,
+    overwrite: OverwriteOption = False,
 ) -> None:
     """Concept maps of a real image."""
     from conceptattention.encode import encode_image
@@ -196,6 +208,7 @@ def encode(
 
     check_positive(num_samples=num_samples, height=height, width=width)
     check_seed(seed)
+    check_output(out, overwrite)
     words = parse_concepts(concepts)
     config = _config(score_space, concept_keys, softmax, pooling, layers, concept_encoder=concept_encoder)
     picture = load_image(image, f"IMAGE {str(image)!r}")
@@ -213,7 +226,7 @@ def encode(
             height=height,
             width=width,
         )
-    _summary(f"Wrote {out}", maps.save(out))
+    _summary(f"Wrote {out}", maps.save(out, overwrite=overwrite))
 
 
 @app.command()
@@ -237,12 +250,14 @@ def generate(
     layers: LayersOption = None,
     device: DeviceOption = None,
     dtype: DtypeOption = None,
+    overwrite: OverwriteOption = False,
 ) -> None:
     """Generate an image from a prompt and map each concept in it."""
     from conceptattention.generate import generate as run_generate
 
     check_positive(steps=steps, height=height, width=width)
     check_seed(seed)
+    check_output(out, overwrite)
     if guidance_scale is not None and guidance_scale < 0:
         raise ConceptAttentionError(f"`--guidance-scale` must be >= 0, got {guidance_scale}")
     words = parse_concepts(concepts)
@@ -251,7 +266,7 @@ def generate(
     given = {"height": height, "width": width, "guidance_scale": guidance_scale}
     extra = {k: v for k, v in given.items() if v is not None}  # 0 is passed on, not replaced
     maps = run_generate(pipe, prompt, words, config=config, seed=seed, num_inference_steps=steps, **extra)
-    _summary(f"Wrote {out}", maps.save(out))
+    _summary(f"Wrote {out}", maps.save(out, overwrite=overwrite))
 
 
 @app.command()

@@ -27,7 +27,7 @@ def _scene_ious(pipe, index: int, out: Path) -> tuple[str, dict[str, float], int
 
     scene = make_scene("test", index)
     maps = encode_image(pipe, scene.image, scene.concepts, caption=scene.caption)
-    files = maps.save(out)
+    files = maps.save(out, overwrite=True)  # the demo's own folders: rerunning it replaces them
     Image.fromarray(scene.image).resize((256, 256), Image.Resampling.NEAREST).save(out / "scene.png")
     labels = torch.from_numpy(scene.labels)
     class_ids = torch.tensor([CLASSES.index(c) for c in scene.concepts])
@@ -62,7 +62,7 @@ def run_demo(
         progress.update(task, advance=1, description="Generating from a prompt")
         concepts = [w for w in prompt.replace(",", " ").split() if w in CLASSES] or ["sky", "grass"]
         generated = generate(pipe, prompt, concepts, seed=0)
-        generate_files = generated.save(out / "generate")
+        generate_files = generated.save(out / "generate", overwrite=True)
         progress.update(task, advance=1)
 
     table = Table(title="Held-out test scenes: per-concept IoU of the argmax segmentation")

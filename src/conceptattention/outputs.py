@@ -100,6 +100,33 @@ class RunRecord:
         return {**record, "mode": self.details.mode, **details, **call}
 
 
+RESULT_PATTERNS = ("*heatmap_*.png", "*segmentation.png", "*image.png", "overlay_grid.png", "maps.npz", "metadata.json")
+
+
+def clear_result_folder(folder: Path, overwrite: bool) -> None:
+    """Refuse a folder holding a saved result, or (``overwrite``) remove that result's files.
+
+    Raises:
+        ConceptAttentionError: the folder holds a result and ``overwrite`` is False.
+    """
+    metadata = folder / "metadata.json"
+    if not (metadata.is_file() or (folder / "maps.npz").is_file()):
+        return
+    if not overwrite:
+        raise ConceptAttentionError(
+            f"{folder} already holds a saved result ({metadata.name}); choose another folder, or overwrite it "
+            "(`save(folder, overwrite=True)`, CLI `--overwrite`)"
+        )
+    try:
+        listed = json.loads(metadata.read_text()).get("files")
+    except (OSError, ValueError, AttributeError):
+        listed = None
+    names = {n for n in listed if isinstance(n, str) and "/" not in n} if isinstance(listed, list) else set()
+    old = {folder / name for name in names} | {p for pattern in RESULT_PATTERNS for p in folder.glob(pattern)}
+    for path in old:
+        path.unlink(missing_ok=True)
+
+
 def _safe_name(text: str, limit: int = 48) -> str:
     """A file-name part for a concept: ASCII letters, digits, ``_`` and ``-``, at most ``limit`` characters.
 
@@ -197,8 +224,11 @@ class ConceptMaps:
         image = self.images[index].convert("RGB").resize(self.image_size[::-1], Image.Resampling.LANCZOS)
         return image if size is None else image.resize(size[::-1], Image.Resampling.NEAREST)
 
-    def save(self, folder: str | Path) -> list[Path]:
+    def save(self, folder: str | Path, overwrite: bool = False) -> list[Path]:
         """Write PNG heatmaps, an overlay grid, segmentations with legends, ``maps.npz`` and ``metadata.json``.
+
+        A folder that already holds a result is refused unless ``overwrite=True``, which first
+        removes that result's files, so two runs never mix.
 
         Returns:
             The paths written.
@@ -206,6 +236,7 @@ class ConceptMaps:
         from conceptattention import viz
 
         out = Path(folder)
+        clear_result_folder(out, overwrite)
         out.mkdir(parents=True, exist_ok=True)
         written: list[Path] = []
         batch = self.maps.shape[0]
@@ -228,7 +259,8 @@ class ConceptMaps:
         written.append(out / "maps.npz")
         np.savez_compressed(written[-1], **arrays)  # type: ignore[arg-type]
         written.append(out / "metadata.json")
-        record = {**self.metadata, "concepts": list(self.concepts), "image_size": list(self.image_size)}
+        files = [p.name for p in written]
+        record = {**self.metadata, "concepts": list(self.concepts), "image_size": list(self.image_size), "files": files}
         written[-1].write_text(json.dumps(record, indent=2, default=str))
         return written
 

@@ -161,3 +161,18 @@ def test_generate_takes_config_overrides_and_long_concepts_save(tiny_pipe, tmp_p
     assert maps.metadata["layers"] == [0] and maps.metadata["pooling"] == "mean"
     written = maps.save(tmp_path / "out")
     assert any(p.name == "heatmap_01_dog" + "x" * 45 + ".png" for p in written)
+
+
+def test_encode_into_a_folder_with_a_result_needs_overwrite(saved_scene_model, tmp_path):
+    image = tmp_path / "scene.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(image)
+    out = tmp_path / "out"
+    common = ("encode", image, "--model", saved_scene_model, "--out", out, "--device", "cpu")
+    result, output = _invoke(*common, "-c", "lemon,grass")
+    assert result.exit_code == 0, output
+    result, output = _invoke(*common, "-c", "sky,grass")
+    assert result.exit_code == 2 and "already holds a saved result" in " ".join(output.split())
+    result, output = _invoke(*common, "-c", "sky,grass", "--overwrite")
+    assert result.exit_code == 0, output
+    names = {p.name for p in out.iterdir()}
+    assert "heatmap_00_sky.png" in names and "heatmap_00_lemon.png" not in names

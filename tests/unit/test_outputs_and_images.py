@@ -140,3 +140,19 @@ def test_nan_and_infinite_arrays_are_errors():
             load_image(bad)
     with pytest.raises(ConceptAttentionError, match="NaN or infinite"):
         load_image(Image.fromarray(np.full((4, 4), np.nan, np.float32)))
+
+
+def test_save_never_mixes_two_results(tmp_path):
+    lemon = ConceptMaps(torch.rand(1, 2, 4, 4), ("lemon", "grass"), (16, 16))
+    sky = ConceptMaps(torch.rand(1, 2, 4, 4), ("sky", "grass"), (16, 16))
+    out = tmp_path / "out"
+    lemon.save(out)
+    (out / "notes.txt").write_text("the user's own file")
+    with pytest.raises(ConceptAttentionError, match=r"already holds a saved result .*overwrite=True.*--overwrite"):
+        sky.save(out)
+    assert (out / "heatmap_00_lemon.png").is_file()  # the refused save wrote nothing
+    written = sky.save(out, overwrite=True)
+    names = {p.name for p in out.iterdir()}
+    assert "heatmap_00_lemon.png" not in names and "heatmap_00_sky.png" in names and "notes.txt" in names
+    assert names - {"notes.txt"} == {p.name for p in written}
+    assert json.loads((out / "metadata.json").read_text())["concepts"] == ["sky", "grass"]
