@@ -85,6 +85,39 @@ def pipeline_part(pipe: Any, name: str, why: str) -> Any:
     return part
 
 
+def check_concept_tokens(concepts: Sequence[str], token_ids: Sequence[Sequence[int]], tokenizer: Any) -> None:
+    """Refuse concepts the tokenizer cannot represent, before any compute.
+
+    A concept with a sub-token that is the tokenizer's unknown token (CJK or emoji in a T5
+    vocabulary, say), or two concepts with identical token ids, would give maps that do not
+    tell those words apart.
+
+    Args:
+        concepts: the concept words.
+        token_ids: each concept's own token ids (no special tokens).
+        tokenizer: the tokenizer that produced them (named in the message).
+    """
+    name = type(tokenizer).__name__
+    unknown = getattr(tokenizer, "unk_token_id", None)
+    if unknown is not None:
+        bad = [c for c, ids in zip(concepts, token_ids) if unknown in ids]
+        if bad:
+            raise ConceptAttentionError(
+                f"{name} cannot represent concept(s) {bad}: they contain its unknown token "
+                f"{getattr(tokenizer, 'unk_token', '')!r}, so their maps would not be theirs; use words in a "
+                "script the model's text encoder knows (e.g. English)"
+            )
+    seen: dict[tuple[int, ...], str] = {}
+    for concept, ids in zip(concepts, token_ids):
+        key = tuple(ids)
+        if key in seen:
+            raise ConceptAttentionError(
+                f"concepts {seen[key]!r} and {concept!r} encode to the same tokens with {name}, so their maps "
+                "would be identical; keep one of them"
+            )
+        seen[key] = concept
+
+
 def locate_span(sequence: Sequence[int], word: Sequence[int]) -> int:
     """Start of the first occurrence of the token ids ``word`` in ``sequence``.
 
@@ -144,6 +177,7 @@ def encode_concepts(
     empty = [c for c, row in zip(concepts, keep) if not row.any()]
     if empty:
         raise ConceptAttentionError(f"The tokenizer produced no tokens for concept(s) {empty}; use other words")
+    check_concept_tokens(concepts, [ids[row].tolist() for ids, row in zip(batch["input_ids"], keep)], tokenizer)
     tokens = tuple(
         tuple(tokenizer.convert_ids_to_tokens(ids[row].tolist())) for ids, row in zip(batch["input_ids"], keep)
     )

@@ -175,3 +175,23 @@ def test_weights_that_cannot_be_found_offline(tmp_path, monkeypatch):
         ca.load_pipeline(tmp_path / "nowhere")
     with pytest.raises(ca.ConceptAttentionError, match="`dtype` must be one of"):
         ca.load_pipeline(tmp_path, dtype="float8")
+
+
+def test_concepts_the_tokenizer_cannot_represent_are_refused_before_compute(tiny_pipe):
+    from backend_cases import CASES_BY_NAME
+
+    from conceptattention.concepts import check_concept_tokens
+
+    for pipe in (tiny_pipe, CASES_BY_NAME["sd3"].pipeline()):
+        calls: list[int] = []
+        hook = pipe.transformer.register_forward_pre_hook(lambda *a, calls=calls: calls.append(1))
+        try:
+            with pytest.raises(
+                ca.ConceptAttentionError, match=r"T5Tokenizer(Fast)? cannot represent concept\(s\) \['犬', '🐶'\]"
+            ):
+                ca.encode_image(pipe, torch.rand(3, 32, 32), ["dog", "犬", "🐶"], height=32, width=32)
+        finally:
+            hook.remove()
+        assert not calls
+    with pytest.raises(ca.ConceptAttentionError, match="concepts 'sky' and 'SKY' encode to the same tokens with list"):
+        check_concept_tokens(["sky", "SKY"], [[5, 6], [5, 6]], [])

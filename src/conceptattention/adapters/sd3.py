@@ -21,7 +21,13 @@ import torch.nn.functional as F
 
 from conceptattention.adapters.base import BackendSpec, ConceptEncoding, EncodeInputs, ForwardRecord
 from conceptattention.adapters.joint import ConceptProcessor, JointBackend
-from conceptattention.concepts import ConceptEmbeddings, locate_span, pipeline_part, pool_token_states
+from conceptattention.concepts import (
+    ConceptEmbeddings,
+    check_concept_tokens,
+    locate_span,
+    pipeline_part,
+    pool_token_states,
+)
 from conceptattention.core import TokenGrid
 from conceptattention.errors import ConceptAttentionError
 
@@ -145,34 +151,34 @@ class SD3Backend(JointBackend):
             why = "concepts are encoded with T5 by default (`concept_encoder='t5'`); pass `concept_encoder='clip'` to use the CLIP encoders"  # noqa: E501
             tokenizer = pipeline_part(pipe, "tokenizer_3", why)
             pipeline_part(pipe, "text_encoder_3", why)
-            length = encoding.max_sequence_length or self.spec.max_sequence_length
-            hidden = pipe._get_t5_prompt_embeds(prompt=prompts, max_sequence_length=length, device=device)
-            ids = tokenizer(prompts, padding="max_length", max_length=length, truncation=True).input_ids
-            described = f"t5 (text_encoder_3), each concept alone, padded to {length} tokens as the pipeline does"
         else:
             why = "`concept_encoder='clip'` encodes concepts with both CLIP encoders"
             tokenizer = pipeline_part(pipe, "tokenizer", why)
             for name in ("text_encoder", "tokenizer_2", "text_encoder_2"):
                 pipeline_part(pipe, name, why)
+        words = [tokenizer(concept, add_special_tokens=False).input_ids for concept in prompts]
+        empty = [c for c, word in zip(prompts, words) if not word]
+        if empty:
+            raise ConceptAttentionError(f"The tokenizer produced no tokens for concept(s) {empty}; use other words")
+        check_concept_tokens(prompts, words, tokenizer)  # before any encoder runs
+        if choice == "t5":
+            length = encoding.max_sequence_length or self.spec.max_sequence_length
+            hidden = pipe._get_t5_prompt_embeds(prompt=prompts, max_sequence_length=length, device=device)
+            described = f"t5 (text_encoder_3), each concept alone, padded to {length} tokens as the pipeline does"
+        else:
             parts = [pipe._get_clip_prompt_embeds(prompt=prompts, device=device, clip_model_index=i)[0] for i in (0, 1)]
             hidden = torch.cat(parts, dim=-1)  # (C, 77, D_L + D_G), as the pipeline concatenates them
             hidden = F.pad(hidden, (0, pipe.transformer.config.joint_attention_dim - hidden.shape[-1]))
             length = hidden.shape[1]
-            ids = tokenizer(prompts, padding="max_length", max_length=length, truncation=True).input_ids
             described = "clip (CLIP-L + CLIP-G penultimate states, zero-padded to the T5 width), each concept alone"
+        ids = tokenizer(prompts, padding="max_length", max_length=length, truncation=True).input_ids
         keep = torch.zeros(hidden.shape[:2], dtype=torch.bool)
-        tokens = []
-        for row, concept in enumerate(prompts):
-            word = tokenizer(concept, add_special_tokens=False).input_ids
-            if not word:
-                raise ConceptAttentionError(
-                    f"The tokenizer produced no tokens for concept {concept!r}; use other words"
-                )
+        for row, word in enumerate(words):
             start = locate_span(ids[row], word)
             keep[row, start : start + len(word)] = True
-            tokens.append(tuple(tokenizer.convert_ids_to_tokens(word)))
-        states = pool_token_states(hidden, keep.to(hidden.device), encoding.pooling)  # type: ignore[arg-type]
-        return ConceptEmbeddings(states, tuple(tokens), encoding.pooling, described)  # type: ignore[arg-type]
+        tokens = tuple(tuple(tokenizer.convert_ids_to_tokens(word)) for word in words)
+        states = pool_token_states(hidden, keep.to(hidden.device), encoding.pooling)
+        return ConceptEmbeddings(states, tokens, encoding.pooling, described)
 
     # -- forwards ------------------------------------------------------------------------------
     def read_forward(self, transformer, inputs: Mapping[str, Any], batched_cfg: bool) -> ForwardRecord:
