@@ -20,6 +20,14 @@ from conceptattention.errors import ConceptAttentionError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Where does a diffusion transformer put each word?")
 console = Console(stderr=True)
+_settings = {"debug": False}
+
+
+@app.callback()
+def _options(
+    debug: Annotated[bool, typer.Option("--debug", help="Show the full traceback of unexpected errors.")] = False,
+) -> None:
+    _settings["debug"] = debug
 
 ModelOption = Annotated[
     str | None,
@@ -56,6 +64,15 @@ def _fail_cleanly(command: Callable) -> Callable:
         except (ConceptAttentionError, OSError) as error:
             console.print(f"Error: {error}", style="bold red", markup=False, highlight=False)
             raise typer.Exit(code=2) from None
+        except Exception as error:  # a bug or an unforeseen failure: one line unless --debug
+            if _settings["debug"]:
+                raise
+            first = (str(error).splitlines() or [""])[0]
+            console.print(
+                f"Unexpected error: {type(error).__name__}: {first} (run with --debug for the traceback)",
+                style="bold red", markup=False, highlight=False,
+            )  # fmt: skip
+            raise typer.Exit(code=1) from None
 
     return wrapper
 
@@ -170,6 +187,9 @@ def _quiet_loading() -> None:
 
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
+    # transformers notes on every pipeline load that torchvision is absent; nothing here uses it.
+    for handler in transformers.utils.logging.get_logger().handlers:
+        handler.addFilter(lambda record: "requires torchvision" not in record.getMessage())
 
 
 def _summary(title: str, written: list[Path]) -> None:
@@ -282,6 +302,7 @@ def demo(
     """Offline demo on the bundled model: encode test scenes (with IoU) and generate one."""
     from conceptattention.demo import DEFAULT_SCENES, run_demo
 
+    _quiet_loading()
     run_demo(out=out, model=model, scenes=scene or DEFAULT_SCENES, prompt=prompt, console=Console())
 
 

@@ -176,3 +176,30 @@ def test_encode_into_a_folder_with_a_result_needs_overwrite(saved_scene_model, t
     assert result.exit_code == 0, output
     names = {p.name for p in out.iterdir()}
     assert "heatmap_00_sky.png" in names and "heatmap_00_lemon.png" not in names
+
+
+def test_unexpected_errors_are_one_line_unless_debug(monkeypatch, tmp_path):
+    import conceptattention.cli as cli
+
+    def broken(values):
+        raise RuntimeError("boom\nsecond line")
+
+    monkeypatch.setattr(cli, "parse_concepts", broken)
+    result, output = _invoke("generate", "a dog", "-c", "dog", "--out", tmp_path)
+    assert result.exit_code == 1 and "Traceback" not in output
+    assert "Unexpected error: RuntimeError: boom (run with --debug for the traceback)" in " ".join(output.split())
+    result, _ = _invoke("--debug", "generate", "a dog", "-c", "dog", "--out", tmp_path)
+    assert isinstance(result.exception, RuntimeError) and str(result.exception).startswith("boom")
+
+
+def test_commands_print_no_torchvision_notices(saved_scene_model, tmp_path):
+    import subprocess
+    import sys
+
+    image = tmp_path / "scene.png"
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(image)
+    done = subprocess.run([sys.executable, "-m", "conceptattention.cli", "encode", str(image), "-c", "sky,grass",
+                           "--model", str(saved_scene_model), "--out", str(tmp_path / "out"), "--device", "cpu"],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "torchvision" not in done.stdout + done.stderr
