@@ -228,9 +228,11 @@ def encode(
 
     check_positive(num_samples=num_samples, height=height, width=width)
     check_seed(seed)
-    check_output(out, overwrite)
     words = parse_concepts(concepts)
     config = _config(score_space, concept_keys, softmax, pooling, layers, concept_encoder=concept_encoder)
+    if device:
+        check_device(device)
+    check_output(out, overwrite)
     picture = load_image(image, f"IMAGE {str(image)!r}")
     pipe = _load(model, device, dtype)
     with console.status(f"Encoding with {num_samples} noise sample(s) ..."):
@@ -277,11 +279,13 @@ def generate(
 
     check_positive(steps=steps, height=height, width=width)
     check_seed(seed)
-    check_output(out, overwrite)
     if guidance_scale is not None and guidance_scale < 0:
         raise ConceptAttentionError(f"`--guidance-scale` must be >= 0, got {guidance_scale}")
     words = parse_concepts(concepts)
     config = _config(score_space, concept_keys, softmax, pooling, layers, trace_steps, concept_encoder)
+    if device:
+        check_device(device)
+    check_output(out, overwrite)
     pipe = _load(model, device, dtype)
     given = {"height": height, "width": width, "guidance_scale": guidance_scale}
     extra = {k: v for k, v in given.items() if v is not None}  # 0 is passed on, not replaced

@@ -14,6 +14,12 @@ from conceptattention.cli import app, parse_concepts
 runner = CliRunner()
 
 
+@pytest.fixture(autouse=True)
+def _in_empty_folder(tmp_path, monkeypatch):
+    """Default output folders (outputs/...) are created in a fresh folder, not in the checkout."""
+    monkeypatch.chdir(tmp_path)
+
+
 def _invoke(*args):
     result = runner.invoke(app, [str(a) for a in args])
     return result, result.output + (result.stderr if result.stderr_bytes is not None else "")
