@@ -298,3 +298,33 @@ def test_open_dataset_unknown_name(tmp_path) -> None:
     with pytest.raises(DatasetError, match=r"unknown dataset 'coco'.*imagenet-seg.*voc-multi.*voc-single"):
         open_dataset("coco", tmp_path)
     assert issubclass(DatasetError, ValueError)
+
+
+def test_truncated_voc_image_is_named_and_unknown_wordnet_id_is_a_dataset_error(tmp_path):
+    from conceptattention.eval.datasets import DatasetError, ImageNetSegmentation, VOCSingleClass
+    from conceptattention.eval.fixtures import write_imagenet_seg_mat, write_voc
+
+    labels = np.zeros((20, 24), np.uint8)
+    labels[5:15, 6:18] = 12
+    write_voc(tmp_path / "voc", {"2007_000001": (np.zeros((20, 24, 3), np.uint8), labels)})
+    jpeg = next((tmp_path / "voc").rglob("2007_000001.jpg"))
+    jpeg.write_bytes(jpeg.read_bytes()[:40])  # truncated by a broken download
+    dataset = VOCSingleClass(tmp_path / "voc")
+    with pytest.raises(DatasetError, match=r"2007_000001\.jpg: cannot read this image"):
+        dataset[0]
+    mat = tmp_path / "gtsegs_ijcv.mat"
+    write_imagenet_seg_mat(mat, [np.zeros((8, 8, 3), np.uint8)], [np.ones((8, 8), np.uint8)], ["n99999999"])
+    with pytest.raises(DatasetError, match=r"image class 'n99999999' is not an ImageNet WordNet id"):
+        ImageNetSegmentation(mat)[0]
+
+
+def test_confusion_matrix_rejects_class_ids_out_of_range():
+    import torch
+
+    from conceptattention.core import confusion_matrix
+
+    with pytest.raises(ValueError, match=r"`pred` holds class ids outside \[0, 2\) \(min 0, max 2\)"):
+        confusion_matrix(torch.tensor([0, 2]), torch.tensor([0, 1]), 2)
+    with pytest.raises(ValueError, match=r"`target` holds class ids outside \[0, 2\)"):
+        confusion_matrix(torch.tensor([0, 1]), torch.tensor([-1, 1]), 2)
+    assert confusion_matrix(torch.tensor([0, 1]), torch.tensor([255, 1]), 2, ignore_index=255).tolist() == [[0, 0], [0, 1]]

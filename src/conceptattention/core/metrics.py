@@ -21,6 +21,12 @@ def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
     if ignore_index is not None:
         keep = target != ignore_index
         pred, target = pred[keep], target[keep]
+    for name, ids in (("pred", pred), ("target", target)):
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= num_classes):
+            raise ValueError(
+                f"`{name}` holds class ids outside [0, {num_classes}) (min {int(ids.min())}, max {int(ids.max())}); "
+                "they would be counted in the wrong cells"
+            )
     return torch.bincount(target * num_classes + pred, minlength=num_classes**2).view(num_classes, num_classes)
 
 

@@ -9,6 +9,7 @@ words of the classes present. ``open_dataset(name, path)`` maps the harness's da
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -274,7 +275,13 @@ class ImageNetSegmentation(_Sequence):
     def _word(self, wnid: str) -> str:
         if wnid not in self._words:
             word_of = self._word_of or _default_word_of
-            self._words[wnid] = word_of(wnid, self.words)
+            try:
+                self._words[wnid] = word_of(wnid, self.words)
+            except KeyError as error:
+                raise DatasetError(
+                    f"{self.path}: image class {wnid!r} is not an ImageNet WordNet id ({error.args[0]}); the file "
+                    "is not the ImageNet-Segmentation gtsegs_ijcv.mat, or it is damaged"
+                ) from None
         return self._words[wnid]
 
     def __len__(self) -> int:
@@ -339,7 +346,7 @@ class _VOCBase(_Sequence):
     def _read_labels(self, image_id: str) -> np.ndarray:
         """(height, width) int64 label values 0-20 and 255, as stored in the palette PNG."""
         path = self._path("SegmentationClass", image_id, ".png")
-        with Image.open(path) as im:
+        with _opened(path) as im:
             # Palette indices are the labels; an RGB-converted file would give colours instead.
             if im.mode not in ("P", "L"):
                 raise DatasetError(f"{path} is a {im.mode} image; expected a palette PNG whose indices are labels")
@@ -348,11 +355,22 @@ class _VOCBase(_Sequence):
     def _read_item_arrays(self, image_id: str) -> tuple[np.ndarray, np.ndarray]:
         """(height, width, 3) uint8 image and (height, width) int64 labels."""
         labels = self._read_labels(image_id)
-        with Image.open(self._path("JPEGImages", image_id, ".jpg")) as im:
+        with _opened(self._path("JPEGImages", image_id, ".jpg")) as im:
             image = np.asarray(im.convert("RGB"), dtype=np.uint8)
         if image.shape[:2] != labels.shape:
             raise DatasetError(f"{image_id}: image is {image.shape[:2]} but its label is {labels.shape}")
         return image, labels
+
+
+@contextlib.contextmanager
+def _opened(path: Path):
+    """A fully decoded image file, or a DatasetError naming it (truncated or corrupt files included)."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            yield image
+    except (OSError, SyntaxError, ValueError) as error:
+        raise DatasetError(f"{path}: cannot read this image ({error}); extract it again from the archive") from None
 
 
 def _present_classes(labels: np.ndarray) -> tuple[int, ...]:
