@@ -64,6 +64,31 @@ def _default_dtype(model: str | Path, dtype: str | torch.dtype | None, device: A
     return torch.bfloat16 if str(device or "").startswith("cuda") else torch.float32
 
 
+def _local_folder_problem(folder: Path, error: Exception) -> str:
+    """Which component file of a local pipeline folder is missing or damaged, for the error message."""
+    from safetensors import safe_open
+
+    first = (str(error).splitlines() or [""])[0]
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+    except (OSError, ValueError) as bad:
+        return f"{folder / 'model_index.json'} cannot be read ({bad}); save the pipeline again with `save_pretrained`"
+    for name, entry in index.items():
+        if name.startswith("_") or not isinstance(entry, list) or entry[0] is None:
+            continue
+        part = folder / name
+        if not part.is_dir():
+            return f"{folder}: component `{name}` is missing (no folder {part}); the pipeline folder is incomplete"
+        for weights in sorted(part.glob("*.safetensors")):
+            try:
+                with safe_open(str(weights), framework="pt") as handle:
+                    for key in handle.keys():  # noqa: SIM118 - a safetensors handle, not a dict
+                        handle.get_slice(key)
+            except Exception as bad:
+                return f"{weights} is damaged or incomplete ({str(bad).splitlines()[0]}); copy or save it again"
+    return f"{folder} could not be loaded as a pipeline: {type(error).__name__}: {first}"
+
+
 def load_pipeline(
     model: str | Path | Any = None,
     *,
@@ -113,7 +138,11 @@ def load_pipeline(
         )
     try:
         pipe = DiffusionPipeline.from_pretrained(str(path) if looks_local else str(model), **kwargs)
-    except (OSError, ValueError) as error:
+    except Exception as error:
+        if looks_local:  # a local folder: name the damaged part, never advise a download
+            raise WeightsNotFoundError(_local_folder_problem(path, error)) from None
+        if not isinstance(error, (OSError, ValueError)):
+            raise
         raise WeightsNotFoundError(
             f"Could not load weights for {str(model)!r}: {error.__class__.__name__}: {str(error).splitlines()[0]}\n"
             "The model is neither a local pipeline folder nor in the Hugging Face cache, and could not be "

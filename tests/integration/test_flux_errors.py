@@ -195,3 +195,18 @@ def test_concepts_the_tokenizer_cannot_represent_are_refused_before_compute(tiny
         assert not calls
     with pytest.raises(ca.ConceptAttentionError, match="concepts 'sky' and 'SKY' encode to the same tokens with list"):
         check_concept_tokens(["sky", "SKY"], [[5, 6], [5, 6]], [])
+
+
+def test_damaged_or_incomplete_local_folder_names_the_component(tiny_pipe, tmp_path):
+    import shutil
+
+    tiny_pipe.save_pretrained(tmp_path / "model")
+    weights = next((tmp_path / "model" / "transformer").glob("*.safetensors"))
+    shutil.copytree(tmp_path / "model", tmp_path / "incomplete")
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # an interrupted copy
+    with pytest.raises(WeightsNotFoundError, match=rf"{weights.name} is damaged or incomplete") as caught:
+        ca.load_pipeline(tmp_path / "model")
+    assert "hf download" not in str(caught.value)
+    shutil.rmtree(tmp_path / "incomplete" / "vae")
+    with pytest.raises(WeightsNotFoundError, match=r"component `vae` is missing"):
+        ca.load_pipeline(tmp_path / "incomplete")
