@@ -82,7 +82,7 @@ def _local_folder_problem(folder: Path, error: Exception) -> str:
         for weights in sorted(part.glob("*.safetensors")):
             try:
                 with safe_open(str(weights), framework="pt") as handle:
-                    for key in handle.keys():  # noqa: SIM118 - a safetensors handle, not a dict
+                    for key in handle.keys():  # noqa: SIM118
                         handle.get_slice(key)
             except Exception as bad:
                 return f"{weights} is damaged or incomplete ({str(bad).splitlines()[0]}); copy or save it again"
