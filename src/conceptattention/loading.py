@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,52 @@ def _default_dtype(model: str | Path, dtype: str | torch.dtype | None, device: A
         if recorded:
             return resolve_dtype(recorded)  # type: ignore[return-value]
     return torch.bfloat16 if str(device or "").startswith("cuda") else torch.float32
+
+
+# Seconds per connect / read of one hub request, so a silent network fails instead of hanging.
+HUB_TIMEOUT_S = float(os.environ.get("CONCEPTATTENTION_HUB_TIMEOUT", "30"))
+
+
+def bound_hub_requests(timeout: float = HUB_TIMEOUT_S) -> None:
+    """Give huggingface_hub's HTTP clients finite timeouts (its default client waits forever)."""
+    try:
+        import huggingface_hub
+        from huggingface_hub.utils import _http
+    except ImportError:  # pragma: no cover - older huggingface_hub without client factories
+        return
+    default = getattr(_http, "default_client_factory", None)
+    if default is None or not hasattr(huggingface_hub, "set_client_factory"):
+        return
+
+    def bounded():
+        client = default()
+        limit = type(client.timeout)(timeout)
+        client.timeout = limit
+        build_request = client.build_request
+
+        def build_bounded_request(*args, **kwargs):
+            if kwargs.get("timeout", limit) is None:  # hub calls pass timeout=None: "no limit at all"
+                kwargs["timeout"] = limit
+            return build_request(*args, **kwargs)
+
+        client.build_request = build_bounded_request
+        return client
+
+    huggingface_hub.set_client_factory(bounded)
+
+
+def _network_problem(error: BaseException) -> str | None:
+    """A one-line description when ``error`` (or its cause) is a network, proxy, SSL or timeout failure."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        names = {cls.__name__ for cls in type(current).__mro__}
+        if names & {"TransportError", "TimeoutException", "ConnectionError", "SSLError", "ProxyError", "Timeout",
+                    "TimeoutError", "OfflineModeIsEnabled"}:  # fmt: skip
+            return f"{type(current).__name__}: {(str(current).splitlines() or [''])[0]}"
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def _local_folder_problem(folder: Path, error: Exception) -> str:
@@ -136,11 +183,21 @@ def load_pipeline(
             "`pipe.save_pretrained(folder)` or download a model with `hf download <id> --local-dir "
             "<folder>`"
         )
+    if not looks_local:
+        bound_hub_requests()
+        logger.warning("fetching %s from the Hugging Face Hub (or its cache)", model)
     try:
         pipe = DiffusionPipeline.from_pretrained(str(path) if looks_local else str(model), **kwargs)
     except Exception as error:
         if looks_local:  # a local folder: name the damaged part, never advise a download
             raise WeightsNotFoundError(_local_folder_problem(path, error)) from None
+        network = _network_problem(error)
+        if network is not None:
+            raise WeightsNotFoundError(
+                f"Could not reach the Hugging Face Hub for {str(model)!r} ({network}). Check the network and any "
+                "proxy (HTTPS_PROXY) or SSL settings; to work offline set HF_HUB_OFFLINE=1 and pass a local "
+                "pipeline folder (`hf download <id> --local-dir <folder>` on a machine with access)."
+            ) from None
         if not isinstance(error, (OSError, ValueError)):
             raise
         raise WeightsNotFoundError(

@@ -210,3 +210,41 @@ def test_damaged_or_incomplete_local_folder_names_the_component(tiny_pipe, tmp_p
     shutil.rmtree(tmp_path / "incomplete" / "vae")
     with pytest.raises(WeightsNotFoundError, match=r"component `vae` is missing"):
         ca.load_pipeline(tmp_path / "incomplete")
+
+
+def test_a_hub_that_never_answers_fails_in_bounded_time_with_one_line(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    held = []
+
+    def accept_and_stay_silent():
+        while True:
+            try:
+                held.append(server.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=accept_and_stay_silent, daemon=True).start()
+    env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{server.getsockname()[1]}", "HF_HOME": str(tmp_path),
+           "CONCEPTATTENTION_HUB_TIMEOUT": "1"}  # fmt: skip
+    env.pop("HF_HUB_OFFLINE", None)
+    start = time.monotonic()
+    try:
+        done = subprocess.run([sys.executable, "-m", "conceptattention.cli", "generate", "a dog", "-c", "dog",
+                               "--model", "someone/some-model", "--out", str(tmp_path / "out"), "--device", "cpu"],
+                              env=env, capture_output=True, text=True, timeout=240)  # fmt: skip
+    finally:
+        server.close()
+    output = " ".join((done.stdout + done.stderr).split())
+    assert done.returncode == 2 and "Traceback" not in output, output[-2000:]
+    assert "Could not reach the Hugging Face Hub for 'someone/some-model' (ReadTimeout" in output
+    assert "HF_HUB_OFFLINE=1" in output and "fetching someone/some-model" in output
+    assert time.monotonic() - start < 120
