@@ -104,8 +104,10 @@ def _network_problem(error: BaseException) -> str | None:
     while current is not None and id(current) not in seen:
         seen.add(id(current))
         names = {cls.__name__ for cls in type(current).__mro__}
+        if "OfflineModeIsEnabled" in names:
+            return None  # the user chose offline mode: the not-in-cache message applies
         if names & {"TransportError", "TimeoutException", "ConnectionError", "SSLError", "ProxyError", "Timeout",
-                    "TimeoutError", "OfflineModeIsEnabled"}:  # fmt: skip
+                    "TimeoutError"}:  # fmt: skip
             return f"{type(current).__name__}: {(str(current).splitlines() or [''])[0]}"
         current = current.__cause__ or current.__context__
     return None
