@@ -59,7 +59,8 @@ def projections(attn: Any, hidden_states: torch.Tensor, added: bool) -> tuple[to
     return attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
 
 
-def _norm(module: Any, x: torch.Tensor) -> torch.Tensor:
+def apply_norm(module: Any, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)``, or ``x`` when the model has no such norm (optional QK-norm)."""
     return x if module is None else module(x)
 
 
@@ -180,8 +181,8 @@ class JointConceptStream:
         q_c, k_c, v_c = projections(attn, step.normed, added=True)
         step.normed = None  # not needed past the projections
         heads = (q_x.shape[1], q_x.shape[-1])  # (H, D)
-        q_c = _norm(attn.norm_added_q, q_c.unflatten(-1, heads)).transpose(1, 2)  # (B, H, C, D)
-        k_c = _norm(attn.norm_added_k, k_c.unflatten(-1, heads)).transpose(1, 2)
+        q_c = apply_norm(attn.norm_added_q, q_c.unflatten(-1, heads)).transpose(1, 2)  # (B, H, C, D)
+        k_c = apply_norm(attn.norm_added_k, k_c.unflatten(-1, heads)).transpose(1, 2)
         v_c = v_c.unflatten(-1, heads).transpose(1, 2)
         # Concept tokens carry no RoPE rotation in these backends (Flux.1: text position 0; SD3: none).
         o_c = concept_attention(q_c, k_c, v_c, k_x, v_x, keys=config.concept_keys)  # (B, H, C, D)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from conceptattention.adapters.base import BackendSpec, ConceptEncoding, EncodeInputs, ForwardRecord
-from conceptattention.adapters.joint import ConceptProcessor, JointBackend
+from conceptattention.adapters.joint import ConceptProcessor, JointBackend, apply_norm, projections
 from conceptattention.concepts import (
     ConceptEmbeddings,
     check_concept_tokens,
@@ -38,6 +38,17 @@ class SD3Conditioning:
 
     timestep: torch.Tensor
     pooled: torch.Tensor
+
+
+def _stream_qkv(attn, states: torch.Tensor, added: bool, head_dim: int) -> tuple[torch.Tensor, ...]:
+    """(B, H, S, D) q, k, v of the image (``added=False``) or text stream, QK-normed where the model has norms.
+
+    The same operations, in the same order, as ``JointAttnProcessor2_0``.
+    """
+    batch = states.shape[0]
+    q, k, v = (t.view(batch, -1, attn.heads, head_dim).transpose(1, 2) for t in projections(attn, states, added))
+    norm_q, norm_k = (attn.norm_added_q, attn.norm_added_k) if added else (attn.norm_q, attn.norm_k)
+    return apply_norm(norm_q, q), apply_norm(norm_k, k), v
 
 
 class SD3ConceptAttnProcessor(ConceptProcessor):
@@ -58,28 +69,9 @@ class SD3ConceptAttnProcessor(ConceptProcessor):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         assert encoder_hidden_states is not None  # installed on the joint `attn` only, never on `attn2`
         batch_size, num_image = hidden_states.shape[:2]
-        query = attn.to_q(hidden_states)
-        key = attn.to_k(hidden_states)
-        value = attn.to_v(hidden_states)
-        head_dim = key.shape[-1] // attn.heads
-        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)  # (B, H, N, D)
-        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-
-        text_query = attn.add_q_proj(encoder_hidden_states)
-        text_key = attn.add_k_proj(encoder_hidden_states)
-        text_value = attn.add_v_proj(encoder_hidden_states)
-        text_query = text_query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)  # (B, H, T, D)
-        text_key = text_key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        text_value = text_value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        if attn.norm_added_q is not None:
-            text_query = attn.norm_added_q(text_query)
-        if attn.norm_added_k is not None:
-            text_key = attn.norm_added_k(text_key)
+        head_dim = attn.to_k.out_features // attn.heads
+        query, key, value = _stream_qkv(attn, hidden_states, False, head_dim)  # (B, H, N, D)
+        text_query, text_key, text_value = _stream_qkv(attn, encoder_hidden_states, True, head_dim)  # (B, H, T, D)
 
         # Rebinding the names (as the stock processor does) frees the image-only tensors before attention.
         query = torch.cat([query, text_query], dim=2)  # (B, H, N + T, D)
