@@ -188,8 +188,13 @@ def _quiet_loading() -> None:
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
     # transformers notes on every pipeline load that torchvision is absent; nothing here uses it.
-    for handler in transformers.utils.logging.get_logger().handlers:
-        handler.addFilter(lambda record: "requires torchvision" not in record.getMessage())
+    # The filter sits on the emitting logger: with CI=true transformers propagates records to the
+    # root handler, which never sees a filter placed on transformers' own handler.
+    logging.getLogger("transformers.utils.import_utils").addFilter(_not_torchvision_notice)
+
+
+def _not_torchvision_notice(record: logging.LogRecord) -> bool:
+    return "requires torchvision" not in record.getMessage()
 
 
 def _summary(title: str, written: list[Path]) -> None:

@@ -199,13 +199,16 @@ def test_unexpected_errors_are_one_line_unless_debug(monkeypatch, tmp_path):
 
 
 def test_commands_print_no_torchvision_notices(saved_scene_model, tmp_path):
+    import os
     import subprocess
     import sys
 
     image = tmp_path / "scene.png"
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(image)
+    # CI=true makes transformers propagate its records to the root logger (a second way out).
+    env = {**os.environ, "CI": "true"}
     done = subprocess.run([sys.executable, "-m", "conceptattention.cli", "encode", str(image), "-c", "sky,grass",
                            "--model", str(saved_scene_model), "--out", str(tmp_path / "out"), "--device", "cpu"],
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+                          capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     assert "torchvision" not in done.stdout + done.stderr
