@@ -369,6 +369,29 @@ def eval_command(
         _summary(f"Wrote {out}", written)
 
 
+@app.command(name="app")
+@_fail_cleanly
+def app_command(
+    model: ModelOption = None,
+    dtype: DtypeOption = None,
+    device: DeviceOption = None,
+    port: Annotated[int, typer.Option(help="Port to serve on.")] = 7860,
+    host: Annotated[
+        str, typer.Option(help="Address to bind; 0.0.0.0 exposes the app to the network (no share link ever).")
+    ] = "127.0.0.1",
+) -> None:
+    """Local web app (Gradio) to explore concept maps in the browser; needs the [app] extra."""
+    from conceptattention.app import launch, require_gradio
+
+    if not 0 < port < 65536:
+        raise ConceptAttentionError(f"`--port` must be in 1-65535, got {port}")
+    require_gradio()  # before loading the model
+    if device:
+        check_device(device)
+    pipe = _load(model, device, dtype)
+    launch(pipe, host=host, port=port)
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     app()
