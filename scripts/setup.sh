@@ -6,4 +6,5 @@ cd "$(dirname "$0")/.."
 python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q "torch==2.13.0"
-.venv/bin/python -m pip install -q -e ".[dev]"
+# the app extra (Gradio) and Playwright, which drives Debian's chromium in the app's browser test
+.venv/bin/python -m pip install -q -e ".[dev,app]" "playwright>=1.40,<2"

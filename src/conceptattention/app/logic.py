@@ -155,14 +155,17 @@ def check_upload(path: str | Path | None) -> Image.Image:
     size = file.stat().st_size
     if size > MAX_UPLOAD_BYTES:
         raise ConceptAttentionError(
-            f"The uploaded file is {_mib(size)}, more than the limit of {_mib(MAX_UPLOAD_BYTES)}; upload a smaller image"
+            f"The uploaded file is {_mib(size)}, more than the limit of {_mib(MAX_UPLOAD_BYTES)}; "
+            "upload a smaller image"
         )
     limit = f"the limit of {MAX_UPLOAD_PIXELS / 1e6:g} megapixels"
     try:
         with Image.open(file) as opened:
             width, height = opened.size
     except Image.DecompressionBombError:
-        raise ConceptAttentionError(f"The uploaded image has more pixels than {limit}; upload a smaller image") from None
+        raise ConceptAttentionError(
+            f"The uploaded image has more pixels than {limit}; upload a smaller image"
+        ) from None
     except (UnidentifiedImageError, OSError, ValueError):
         raise ConceptAttentionError(
             "The uploaded file cannot be read as an image; upload a PNG, JPEG, WebP, BMP or TIFF file"
@@ -175,7 +178,9 @@ def check_upload(path: str | Path | None) -> Image.Image:
     try:
         return load_image(file, "The uploaded image")
     except Image.DecompressionBombError:
-        raise ConceptAttentionError(f"The uploaded image has more pixels than {limit}; upload a smaller image") from None
+        raise ConceptAttentionError(
+            f"The uploaded image has more pixels than {limit}; upload a smaller image"
+        ) from None
     except ConceptAttentionError as error:
         raise ConceptAttentionError(str(error).replace(str(file), file.name)) from None
 
@@ -218,9 +223,15 @@ def run_generate(
     _, backend = pipeline_components(pipe)
     height, width = _model_size(pipe, backend, *size)
     return generate(
-        pipe, prompt.strip(), list(words), config=config, seed=seed, num_inference_steps=steps, height=height,
+        pipe,
+        prompt.strip(),
+        list(words),
+        config=config,
+        seed=seed,
+        num_inference_steps=steps,
+        height=height,
         width=width,
-    )  # fmt: skip
+    )
 
 
 def run_explain(
@@ -302,8 +313,10 @@ def block_strip(maps: ConceptMaps, alpha: float = 0.5, cmap: str = "inferno") ->
         draw.text((label_width + column * tile + 4, 2), f"block {layer}", fill="black")
         tiles = _tiles(replace(maps, maps=block, block_maps=None), alpha, cmap)
         for row, name in enumerate(names):
-            strip.paste(tiles[name].resize((tile, tile), Image.Resampling.BILINEAR),
-                        (label_width + column * tile, header + row * tile))  # fmt: skip
+            strip.paste(
+                tiles[name].resize((tile, tile), Image.Resampling.BILINEAR),
+                (label_width + column * tile, header + row * tile),
+            )
     for row, name in enumerate(names):
         draw.text((4, header + row * tile + tile // 2 - 6), name, fill="black")
     return strip
@@ -390,4 +403,3 @@ def summary(maps: ConceptMaps, seconds: float) -> str:
         f"Done in {seconds:.2f} s: {len(maps.concepts)} concept(s), {what}, layers {layers}, "
         f"score space {meta.get('score_space')}, softmax {'on' if meta.get('softmax') else 'off'}"
     )
-

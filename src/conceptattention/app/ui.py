@@ -23,6 +23,8 @@ from conceptattention.errors import ConceptAttentionError
 logger = logging.getLogger(__name__)
 
 MODEL_QUEUE = "model"
+PROGRESS = gr.Progress()
+TRACK_TQDM = gr.Progress(track_tqdm=True)  # follows the pipeline's denoising bar
 QUEUE_MAX_SIZE = 64
 CSS = """
 .ca-status-error { color: #b91c1c; font-weight: 600; }
@@ -31,21 +33,37 @@ CSS = """
 """
 
 
-class ImageUpload(gr.Image):
+def _image_upload_class() -> type[gr.Image]:
     """``gr.Image`` that hands the uploaded file's path over undecoded.
 
     Gradio's own preprocessing opens the file, so an unreadable or enormous upload would fail
     there with a bare "Error"; here the app checks bytes, pixels and format itself
-    (:func:`conceptattention.app.logic.check_upload`) and says what is wrong.
+    (:func:`conceptattention.app.logic.check_upload`) and says what is wrong. Gradio writes a
+    ``.pyi`` stub beside the module of every component class it sees defined; that is switched
+    off while this one is made, so the installed package is never written to.
     """
+    from gradio import component_meta
 
-    def get_block_name(self) -> str:
-        return "image"  # the stock image widget in the browser
+    write_stub = getattr(component_meta, "create_or_modify_pyi", None)
+    component_meta.create_or_modify_pyi = lambda *args, **kwargs: None  # type: ignore[attr-defined]
+    try:
 
-    def preprocess(self, payload: Any) -> Any:
-        if payload is None or getattr(payload, "path", None) is None:
-            return super().preprocess(payload)  # nothing uploaded, or a data: URL (webcam, paste)
-        return str(payload.path)
+        class ImageUpload(gr.Image):
+            def get_block_name(self) -> str:
+                return "image"  # the stock image widget in the browser
+
+            def preprocess(self, payload: Any) -> Any:
+                if payload is None or getattr(payload, "path", None) is None:
+                    return super().preprocess(payload)  # nothing uploaded, or a data: URL (webcam, paste)
+                return str(payload.path)
+
+    finally:
+        if write_stub is not None:
+            component_meta.create_or_modify_pyi = write_stub  # type: ignore[attr-defined]
+    return ImageUpload
+
+
+ImageUpload = _image_upload_class()
 
 
 @dataclass
@@ -70,16 +88,39 @@ class Outputs:
 def _outputs(prefix: str) -> Outputs:
     status = gr.Markdown("", elem_id=f"{prefix}-status")
     with gr.Row():
-        image = gr.Image(label="Image", type="pil", format="png", interactive=False, elem_id=f"{prefix}-image",
-                         elem_classes=["ca-pixelated"])  # fmt: skip
-        segmentation = gr.Image(label="Segmentation (argmax over concepts)", type="pil", format="png",
-                                interactive=False, elem_id=f"{prefix}-segmentation")  # fmt: skip
-    overlays = gr.Gallery(label="One overlay per concept", columns=4, height="auto", object_fit="contain",
-                          format="png", elem_id=f"{prefix}-overlays")  # fmt: skip
-    strip = gr.Image(label="Concept x block (per-block maps: where grounding appears)", type="pil", format="png",
-                     interactive=False, elem_id=f"{prefix}-strip")  # fmt: skip
-    download = gr.File(label="Download: PNGs, maps.npz, metadata.json (zip)", interactive=False,
-                       elem_id=f"{prefix}-download")  # fmt: skip
+        image = gr.Image(
+            label="Image",
+            type="pil",
+            format="png",
+            interactive=False,
+            elem_id=f"{prefix}-image",
+            elem_classes=["ca-pixelated"],
+        )
+        segmentation = gr.Image(
+            label="Segmentation (argmax over concepts)",
+            type="pil",
+            format="png",
+            interactive=False,
+            elem_id=f"{prefix}-segmentation",
+        )
+    overlays = gr.Gallery(
+        label="One overlay per concept",
+        columns=4,
+        height="auto",
+        object_fit="contain",
+        format="png",
+        elem_id=f"{prefix}-overlays",
+    )
+    strip = gr.Image(
+        label="Concept x block (per-block maps: where grounding appears)",
+        type="pil",
+        format="png",
+        interactive=False,
+        elem_id=f"{prefix}-strip",
+    )
+    download = gr.File(
+        label="Download: PNGs, maps.npz, metadata.json (zip)", interactive=False, elem_id=f"{prefix}-download"
+    )
     return Outputs(status, image, overlays, segmentation, strip, download, gr.State(None))
 
 
@@ -124,8 +165,21 @@ def build_app(pipe: Any, workdir: str | Path | None = None) -> gr.Blocks:
     first = examples[0]
     excluded = "".join(f"; block {i} is left out: {why}" for i, why in info.excluded.items())
 
-    def generate_job(prompt, concepts, steps, seed, height, width, layers, score_space, softmax, pooling, opacity,
-                     cmap, progress=gr.Progress(track_tqdm=True)):  # fmt: skip
+    def generate_job(
+        prompt,
+        concepts,
+        steps,
+        seed,
+        height,
+        width,
+        layers,
+        score_space,
+        softmax,
+        pooling,
+        opacity,
+        cmap,
+        progress=TRACK_TQDM,
+    ):
         def job():
             start = time.perf_counter()
             progress(0, desc="Checking the inputs")
@@ -139,8 +193,21 @@ def build_app(pipe: Any, workdir: str | Path | None = None) -> gr.Blocks:
 
         return guarded(job)
 
-    def explain_job(image, caption, concepts, t, num_samples, seed, layers, score_space, softmax, pooling, opacity,
-                    cmap, progress=gr.Progress()):  # fmt: skip
+    def explain_job(
+        image,
+        caption,
+        concepts,
+        t,
+        num_samples,
+        seed,
+        layers,
+        score_space,
+        softmax,
+        pooling,
+        opacity,
+        cmap,
+        progress=PROGRESS,
+    ):
         def job():
             start = time.perf_counter()
             progress(0, desc="Checking the inputs")
@@ -173,71 +240,146 @@ def build_app(pipe: Any, workdir: str | Path | None = None) -> gr.Blocks:
         with gr.Row():
             with gr.Column(scale=1, min_width=260):
                 gr.Markdown("### Method and display (both tabs)")
-                layers = gr.Dropdown(choices, value=default_layers, multiselect=True, label="Layers (joint blocks)",
-                                     info=f"valid: {choices[0]}-{choices[-1]}", elem_id="layers")  # fmt: skip
-                score_space = gr.Dropdown(list(logic.SCORE_SPACES), value="output", label="Score space",
-                                          elem_id="score-space")  # fmt: skip
-                softmax = gr.Radio(list(logic.SOFTMAX_CHOICES), value="auto", label="Softmax over concepts",
-                                   info="auto: on for 2+ concepts", elem_id="softmax")  # fmt: skip
+                layers = gr.Dropdown(
+                    choices,
+                    value=default_layers,
+                    multiselect=True,
+                    label="Layers (joint blocks)",
+                    info=f"valid: {choices[0]}-{choices[-1]}",
+                    elem_id="layers",
+                )
+                score_space = gr.Dropdown(
+                    list(logic.SCORE_SPACES), value="output", label="Score space", elem_id="score-space"
+                )
+                softmax = gr.Radio(
+                    list(logic.SOFTMAX_CHOICES),
+                    value="auto",
+                    label="Softmax over concepts",
+                    info="auto: on for 2+ concepts",
+                    elem_id="softmax",
+                )
                 pooling = gr.Radio(list(logic.POOLINGS), value="first", label="Sub-token pooling", elem_id="pooling")
                 opacity = gr.Slider(0.0, 1.0, value=0.5, step=0.05, label="Overlay opacity", elem_id="opacity")
                 cmap = gr.Dropdown(list(logic.COLORMAPS), value="inferno", label="Colormap", elem_id="colormap")
-            with gr.Column(scale=3):
-                with gr.Tabs():
-                    with gr.Tab("Generate", id="generate", elem_id="tab-generate"):
-                        prompt = gr.Textbox(logic.GENERATE_EXAMPLES[0][0], label="Prompt", elem_id="gen-prompt")
-                        gen_concepts = gr.Textbox(logic.GENERATE_EXAMPLES[0][1], lines=2, label="Concepts",
-                                                  info="comma-separated or one per line", elem_id="gen-concepts")  # fmt: skip
-                        with gr.Row():
-                            steps = gr.Slider(1, logic.MAX_STEPS, value=min(info.steps, logic.MAX_STEPS), step=1,
-                                              label="Steps", elem_id="gen-steps")  # fmt: skip
-                            gen_seed = gr.Number(0, precision=0, minimum=0, label="Seed", elem_id="gen-seed")
-                            height = gr.Number(info.size[0], precision=0, minimum=info.pixels_per_token,
-                                               maximum=logic.MAX_SIDE, step=info.pixels_per_token, label="Height",
-                                               elem_id="gen-height")  # fmt: skip
-                            width = gr.Number(info.size[1], precision=0, minimum=info.pixels_per_token,
-                                              maximum=logic.MAX_SIDE, step=info.pixels_per_token, label="Width",
-                                              elem_id="gen-width")  # fmt: skip
-                        gen_button = gr.Button("Generate and map", variant="primary", elem_id="gen-run")
-                        gr.Examples([list(e) for e in logic.GENERATE_EXAMPLES], [prompt, gen_concepts],
-                                    label="Examples for the bundled model")  # fmt: skip
-                        gen_out = _outputs("gen")
-                    with gr.Tab("Explain an image", id="explain", elem_id="tab-explain"):
-                        with gr.Row():
-                            upload = ImageUpload(str(first.path), type="filepath", image_mode=None,
-                                                 sources=["upload", "clipboard"], label="Image", height=256,
-                                                 elem_id="exp-image", elem_classes=["ca-pixelated"])  # fmt: skip
-                            with gr.Column():
-                                caption = gr.Textbox(first.caption, label="Caption", elem_id="exp-caption")
-                                exp_concepts = gr.Textbox(first.concepts, lines=2, label="Concepts",
-                                                          info="comma-separated or one per line",
-                                                          elem_id="exp-concepts")  # fmt: skip
-                                with gr.Row():
-                                    t = gr.Slider(0.05, 0.95, value=0.5, step=0.05, label="t (noise level)",
-                                                  elem_id="exp-t")  # fmt: skip
-                                    samples = gr.Slider(1, logic.MAX_NUM_SAMPLES, value=1, step=1,
-                                                        label="Noise samples", elem_id="exp-samples")  # fmt: skip
-                                    exp_seed = gr.Number(0, precision=0, minimum=0, label="Seed", elem_id="exp-seed")
-                        gr.Markdown(
-                            f"Uploads: at most {logic.MAX_UPLOAD_BYTES // (1024 * 1024)} MiB and "
-                            f"{logic.MAX_UPLOAD_PIXELS / 1e6:g} megapixels; resized to the model's "
-                            f"{info.size[0]}x{info.size[1]}."
+            with gr.Column(scale=3), gr.Tabs():
+                with gr.Tab("Generate", id="generate", elem_id="tab-generate"):
+                    prompt = gr.Textbox(logic.GENERATE_EXAMPLES[0][0], label="Prompt", elem_id="gen-prompt")
+                    gen_concepts = gr.Textbox(
+                        logic.GENERATE_EXAMPLES[0][1],
+                        lines=2,
+                        label="Concepts",
+                        info="comma-separated or one per line",
+                        elem_id="gen-concepts",
+                    )
+                    with gr.Row():
+                        steps = gr.Slider(
+                            1,
+                            logic.MAX_STEPS,
+                            value=min(info.steps, logic.MAX_STEPS),
+                            step=1,
+                            label="Steps",
+                            elem_id="gen-steps",
                         )
-                        exp_button = gr.Button("Explain", variant="primary", elem_id="exp-run")
-                        gr.Examples([[str(e.path), e.caption, e.concepts] for e in examples],
-                                    [upload, caption, exp_concepts], label="Bundled scenes (held-out test set)",
-                                    examples_per_page=len(examples))  # fmt: skip
-                        exp_out = _outputs("exp")
+                        gen_seed = gr.Number(0, precision=0, minimum=0, label="Seed", elem_id="gen-seed")
+                        height = gr.Number(
+                            info.size[0],
+                            precision=0,
+                            minimum=info.pixels_per_token,
+                            maximum=logic.MAX_SIDE,
+                            step=info.pixels_per_token,
+                            label="Height",
+                            elem_id="gen-height",
+                        )
+                        width = gr.Number(
+                            info.size[1],
+                            precision=0,
+                            minimum=info.pixels_per_token,
+                            maximum=logic.MAX_SIDE,
+                            step=info.pixels_per_token,
+                            label="Width",
+                            elem_id="gen-width",
+                        )
+                    gen_button = gr.Button("Generate and map", variant="primary", elem_id="gen-run")
+                    gr.Examples(
+                        [list(e) for e in logic.GENERATE_EXAMPLES],
+                        [prompt, gen_concepts],
+                        label="Examples for the bundled model",
+                    )
+                    gen_out = _outputs("gen")
+                with gr.Tab("Explain an image", id="explain", elem_id="tab-explain"):
+                    with gr.Row():
+                        upload = ImageUpload(
+                            str(first.path),
+                            type="filepath",
+                            image_mode=None,
+                            sources=["upload", "clipboard"],
+                            label="Image",
+                            height=256,
+                            elem_id="exp-image",
+                            elem_classes=["ca-pixelated"],
+                        )
+                        with gr.Column():
+                            caption = gr.Textbox(first.caption, label="Caption", elem_id="exp-caption")
+                            exp_concepts = gr.Textbox(
+                                first.concepts,
+                                lines=2,
+                                label="Concepts",
+                                info="comma-separated or one per line",
+                                elem_id="exp-concepts",
+                            )
+                            with gr.Row():
+                                t = gr.Slider(
+                                    0.05, 0.95, value=0.5, step=0.05, label="t (noise level)", elem_id="exp-t"
+                                )
+                                samples = gr.Slider(
+                                    1,
+                                    logic.MAX_NUM_SAMPLES,
+                                    value=1,
+                                    step=1,
+                                    label="Noise samples",
+                                    elem_id="exp-samples",
+                                )
+                                exp_seed = gr.Number(0, precision=0, minimum=0, label="Seed", elem_id="exp-seed")
+                    gr.Markdown(
+                        f"Uploads: at most {logic.MAX_UPLOAD_BYTES // (1024 * 1024)} MiB and "
+                        f"{logic.MAX_UPLOAD_PIXELS / 1e6:g} megapixels; resized to the model's "
+                        f"{info.size[0]}x{info.size[1]}."
+                    )
+                    exp_button = gr.Button("Explain", variant="primary", elem_id="exp-run")
+                    gr.Examples(
+                        [[str(e.path), e.caption, e.concepts] for e in examples],
+                        [upload, caption, exp_concepts],
+                        label="Bundled scenes (held-out test set)",
+                        examples_per_page=len(examples),
+                    )
+                    exp_out = _outputs("exp")
 
         shared = [layers, score_space, softmax, pooling, opacity, cmap]
-        gen_button.click(generate_job, [prompt, gen_concepts, steps, gen_seed, height, width, *shared],
-                         gen_out.all(), concurrency_limit=1, concurrency_id=MODEL_QUEUE,
-                         show_progress="full")  # fmt: skip
-        exp_button.click(explain_job, [upload, caption, exp_concepts, t, samples, exp_seed, *shared], exp_out.all(),
-                         concurrency_limit=1, concurrency_id=MODEL_QUEUE, show_progress="full")  # fmt: skip
+        gen_button.click(
+            generate_job,
+            [prompt, gen_concepts, steps, gen_seed, height, width, *shared],
+            gen_out.all(),
+            concurrency_limit=1,
+            concurrency_id=MODEL_QUEUE,
+            show_progress="full",
+        )
+        exp_button.click(
+            explain_job,
+            [upload, caption, exp_concepts, t, samples, exp_seed, *shared],
+            exp_out.all(),
+            concurrency_limit=1,
+            concurrency_id=MODEL_QUEUE,
+            show_progress="full",
+        )
         for out in (gen_out, exp_out):  # redraw a shown result with another opacity or colormap (no model run)
-            gr.on([opacity.release, cmap.input], redraw, [out.state, opacity, cmap], out.pictures(),
-                  concurrency_limit=None, show_progress="hidden")  # fmt: skip
+            gr.on(
+                [opacity.release, cmap.input],
+                redraw,
+                [out.state, opacity, cmap],
+                out.pictures(),
+                concurrency_limit=None,
+                show_progress="hidden",
+            )
     demo.queue(default_concurrency_limit=1, max_size=QUEUE_MAX_SIZE)
     return demo
 
