@@ -8,9 +8,11 @@ of paired runs.
   double block is traced.
 - ``--arch sd3``: ``SD3Transformer2DModel``, 5 joint blocks with RMS QK-norm (SD3.5 style);
   every block but the last is traced (the last is ``context_pre_only`` and is never scored).
+- ``--arch chroma``: ``ChromaTransformer2DModel``, 4 double + 4 single blocks, a text mask with
+  a quarter of the prompt valid (as the pipeline pads); every double block is traced.
 
 Usage:
-    python benchmarks/overhead.py [--arch {flux,sd3}] [--device cuda] [--repeats 21]
+    python benchmarks/overhead.py [--arch {flux,sd3,chroma}] [--device cuda] [--repeats 21]
 
 The last line of output is one JSON object.
 """
@@ -24,43 +26,63 @@ import statistics
 import time
 
 import torch
-from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+from diffusers import ChromaTransformer2DModel, FluxTransformer2DModel, SD3Transformer2DModel
 from torch.profiler import ProfilerActivity, profile
 
 from conceptattention import ConceptAttentionConfig
 from conceptattention.adapters.base import StopForward
+from conceptattention.bundled.components import rope_axes_for_head_dim
 from conceptattention.concepts import ConceptEmbeddings
 from conceptattention.tracing import ConceptSession
 
-DEFAULT_DOUBLE = {"flux": 4, "sd3": 5}
+DEFAULT_DOUBLE = {"flux": 4, "sd3": 5, "chroma": 4}
 POOLED_DIM = 256
 
 
-def build_flux(args):
-    """Random Flux transformer, its forward inputs (CPU, fp32) and its config (with the blocks to trace)."""
+def _flux_sizes(args) -> dict:
     head_dim = args.hidden // args.heads
-    transformer = FluxTransformer2DModel(
-        in_channels=64,
-        num_layers=args.double,
-        num_single_layers=args.single,
-        attention_head_dim=head_dim,
-        num_attention_heads=args.heads,
-        joint_attention_dim=args.text_dim,
-        pooled_projection_dim=POOLED_DIM,
-        axes_dims_rope=(16, 56, 56) if head_dim == 128 else (8, 28, 28),
-    )
+    return {
+        "in_channels": 64,
+        "num_layers": args.double,
+        "num_single_layers": args.single,
+        "attention_head_dim": head_dim,
+        "num_attention_heads": args.heads,
+        "joint_attention_dim": args.text_dim,
+        "axes_dims_rope": (16, 56, 56) if head_dim == 128 else rope_axes_for_head_dim(head_dim),
+    }
+
+
+def _flux_inputs(args) -> dict:
+    """Packed latents, prompt states and position ids of a Flux-style forward."""
     n = args.grid * args.grid
     ids = torch.zeros(args.grid, args.grid, 3)
     ids[..., 1] += torch.arange(args.grid)[:, None]
     ids[..., 2] += torch.arange(args.grid)[None, :]
-    inputs = {
+    return {
         "hidden_states": torch.randn(1, n, 64),
         "encoder_hidden_states": torch.randn(1, args.text_tokens, args.text_dim),
-        "pooled_projections": torch.randn(1, POOLED_DIM),
-        "timestep": torch.tensor([0.5]),  # Flux takes t in [0, 1]
+        "timestep": torch.tensor([0.5]),  # t in [0, 1]
         "img_ids": ids.view(n, 3),
         "txt_ids": torch.zeros(args.text_tokens, 3),
     }
+
+
+def build_flux(args):
+    """Random Flux transformer, its forward inputs (CPU, fp32) and its config (with the blocks to trace)."""
+    transformer = FluxTransformer2DModel(**_flux_sizes(args), pooled_projection_dim=POOLED_DIM)
+    inputs = {**_flux_inputs(args), "pooled_projections": torch.randn(1, POOLED_DIM)}
+    model = {"double_blocks": args.double, "single_blocks": args.single, "traced_blocks": list(range(args.double))}
+    return transformer, inputs, model
+
+
+def build_chroma(args):
+    """Random Chroma transformer and a masked prompt (a quarter valid, as the pipeline pads)."""
+    transformer = ChromaTransformer2DModel(
+        **_flux_sizes(args), approximator_num_channels=64, approximator_hidden_dim=args.hidden, approximator_layers=2
+    )
+    mask = torch.ones(1, args.text_tokens + args.grid * args.grid)
+    mask[:, args.text_tokens // 4 + 1 : args.text_tokens] = 0  # prompt + one padding token valid
+    inputs = {**_flux_inputs(args), "attention_mask": mask}
     model = {"double_blocks": args.double, "single_blocks": args.single, "traced_blocks": list(range(args.double))}
     return transformer, inputs, model
 
@@ -95,7 +117,7 @@ def build_sd3(args):
     return transformer, inputs, model
 
 
-BUILDERS = {"flux": build_flux, "sd3": build_sd3}
+BUILDERS = {"flux": build_flux, "sd3": build_sd3, "chroma": build_chroma}
 
 
 def build(args):
@@ -169,8 +191,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--double", type=int, help="double-stream (Flux) / joint (SD3) blocks; default 4 / 5")
-    parser.add_argument("--single", type=int, default=4, help="single-stream blocks (Flux only)")
+    parser.add_argument("--double", type=int, help="double-stream / joint blocks; default 4 (Flux, Chroma) / 5 (SD3)")
+    parser.add_argument("--single", type=int, default=4, help="single-stream blocks (Flux, Chroma)")
     parser.add_argument("--grid", type=int, default=32, help="image tokens = grid * grid")
     parser.add_argument("--text-tokens", type=int, default=128)
     parser.add_argument("--text-dim", type=int, default=512)

@@ -12,7 +12,7 @@ from functools import cache
 from typing import Any
 
 import torch
-from naive_reference import FLUX, SD3, ReferenceArch
+from naive_reference import CHROMA, FLUX, SD3, ReferenceArch
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,8 @@ class BackendCase:
         encoded_latents: ``(pipe, x_t (B, c, H', W')) -> hidden_states`` as an encode forward passes them.
         encoded_timestep: ``t -> timestep`` as an encode forward passes it.
         blocks: every block whose outputs must stay bit-identical.
+        pooled_text: the model conditions on pooled text (concepts get a zero pooled input).
+        forwards_per_step: transformer calls per denoising step under ``run`` (2: a separate negative pass).
     """
 
     name: str
@@ -40,6 +42,8 @@ class BackendCase:
     encoded_latents: Callable[[Any, torch.Tensor], torch.Tensor]
     encoded_timestep: Callable[[float], float]
     blocks: Callable[[Any], list] = field(default=lambda tr: list(tr.transformer_blocks))
+    pooled_text: bool = True
+    forwards_per_step: int = 1
 
     def pipeline(self, dtype: torch.dtype = torch.float32):
         return _cached_pipeline(self.name, dtype)
@@ -64,6 +68,12 @@ def _sd35_factory(dtype=torch.float32):
     from tiny_sd3 import make_tiny_sd3_pipeline
 
     return make_tiny_sd3_pipeline(seed=5, dtype=dtype, num_layers=4, sd35=True)
+
+
+def _chroma_factory(dtype=torch.float32):
+    from tiny_chroma import make_tiny_chroma_pipeline
+
+    return make_tiny_chroma_pipeline(seed=0, dtype=dtype, num_layers=3, num_single_layers=1)
 
 
 def _packed(pipe, latents):
@@ -97,6 +107,19 @@ CASES = [
             encoded_timestep=lambda t: t * 1000,
         )
         for name, factory in (("sd3", _sd3_factory), ("sd3.5", _sd35_factory))
+    ),
+    BackendCase(
+        name="chroma",
+        factory=_chroma_factory,
+        arch=CHROMA,
+        run=RUN,  # guidance_scale 5 by default: a separate negative-prompt forward per step
+        layers=(0, 1, 2),
+        conditional_half=False,
+        encoded_latents=_packed,
+        encoded_timestep=lambda t: t,
+        blocks=lambda tr: [*tr.transformer_blocks, *tr.single_transformer_blocks],
+        pooled_text=False,
+        forwards_per_step=2,
     ),
 ]
 CASES_BY_NAME = {case.name: case for case in CASES}

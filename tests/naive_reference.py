@@ -46,9 +46,12 @@ def merge(x):
     return x.transpose(1, 2).flatten(2)  # (B, S, H * D)
 
 
-def plain_attention(q, k, v):
-    weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)
-    return weights @ v
+def plain_attention(q, k, v, mask=None):
+    """softmax(q k^T / sqrt(d) [+ mask]) v; a float mask is added to the logits, a bool mask selects keys."""
+    logits = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    if mask is not None:
+        logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask
+    return torch.softmax(logits, dim=-1) @ v
 
 
 def maybe_norm(norm, x):
@@ -56,11 +59,11 @@ def maybe_norm(norm, x):
     return x if norm is None else norm(x)
 
 
-def stream_qkv(block, inputs, head_dim):
+def stream_qkv(block, inputs, head_dim, temb_image=None, temb_text=None):
     """(q, k, v) of the image and the text stream of a block, (B, H, S, D) each, after QK-norm (no RoPE)."""
     attn, temb = block.attn, inputs["temb"]
-    nx = block.norm1(inputs["hidden_states"], emb=temb)[0]
-    nt = block.norm1_context(inputs["encoder_hidden_states"], emb=temb)[0]
+    nx = block.norm1(inputs["hidden_states"], emb=temb if temb_image is None else temb_image)[0]
+    nt = block.norm1_context(inputs["encoder_hidden_states"], emb=temb if temb_text is None else temb_text)[0]
     qx, kx, vx = (heads(f(nx), head_dim) for f in (attn.to_q, attn.to_k, attn.to_v))
     qt, kt, vt = (heads(f(nt), head_dim) for f in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
     image = (maybe_norm(attn.norm_q, qx), maybe_norm(attn.norm_k, kx), vx)
@@ -92,15 +95,42 @@ def flux_concept_temb(tr, fwd):
     return tr.time_text_embed(t, pooled)
 
 
-def flux_image_attention(block, inputs):
+def flux_image_attention(block, inputs, qkv=None, mask=None):
     """(q_x, k_x after RoPE, v_x, o_x) of the block's real joint attention over [text; image]."""
-    (qx, kx, vx), (qt, kt, vt) = stream_qkv(block, inputs, block.attn.head_dim)
+    (qx, kx, vx), (qt, kt, vt) = qkv or stream_qkv(block, inputs, block.attn.head_dim)
     rope = inputs["image_rotary_emb"]
     q = apply_rotary_emb(torch.cat([qt, qx], 2), rope, sequence_dim=2)
     k = apply_rotary_emb(torch.cat([kt, kx], 2), rope, sequence_dim=2)
     text_len = qt.shape[2]
-    real = plain_attention(q, k, torch.cat([vt, vx], 2))
+    real = plain_attention(q, k, torch.cat([vt, vx], 2), mask)
     return q[:, :, text_len:], k[:, :, text_len:], vx, merge(real[:, :, text_len:])
+
+
+# -- Chroma ----------------------------------------------------------------------------------------
+def chroma_concept_states(pipe, concepts, pooling, encoder):
+    """Each concept alone through the T5 ``text_encoder`` (no padding), its tokens without </s>."""
+    assert encoder in (None, "t5")
+    states = []
+    for concept in concepts:
+        ids = pipe.tokenizer(concept, return_tensors="pt").input_ids
+        hidden = pipe.text_encoder(ids).last_hidden_state[0]
+        states.append(pool(hidden[:-1], pooling))
+    return torch.stack(states)
+
+
+def chroma_block_concept_temb(block_inputs):
+    """The block's text modulation slice (a function of the timestep alone)."""
+    return block_inputs["temb"][:, 6:]
+
+
+def chroma_image_attention(block, inputs):
+    """Flux's joint attention with the block's own modulation slices and the pipeline's (B, T + N) mask."""
+    temb = inputs["temb"]
+    qkv = stream_qkv(block, inputs, block.attn.head_dim, temb_image=temb[:, :6], temb_text=temb[:, 6:])
+    mask = inputs.get("attention_mask")
+    if mask is not None:
+        mask = (mask[:, None, None, :] * mask[:, None, :, None]).to(qkv[0][0].dtype)  # (B, 1, S, S), additive
+    return flux_image_attention(block, inputs, qkv, mask)
 
 
 # -- SD3 / SD3.5 -----------------------------------------------------------------------------------
@@ -142,12 +172,14 @@ def sd3_image_attention(block, inputs):
 @dataclass(frozen=True)
 class ReferenceArch:
     concept_states: Callable
-    concept_temb: Callable
+    concept_temb: Callable | None  # (transformer, forward kwargs) -> concept temb, the same for every block
     image_attention: Callable
+    block_concept_temb: Callable | None = None  # (block kwargs) -> concept temb of that block
 
 
 FLUX = ReferenceArch(flux_concept_states, flux_concept_temb, flux_image_attention)
 SD3 = ReferenceArch(sd3_concept_states, sd3_concept_temb, sd3_image_attention)
+CHROMA = ReferenceArch(chroma_concept_states, None, chroma_image_attention, chroma_block_concept_temb)
 
 
 @torch.no_grad()
@@ -183,10 +215,13 @@ def reference_maps(
         fwd = record["forward"]
         batch = fwd["hidden_states"].shape[0]
         keep = rows or (slice(batch // 2, None) if conditional_half else slice(None))
-        temb_c = arch.concept_temb(tr, fwd)[keep]
-        c = tr.context_embedder(text_states).unsqueeze(0).expand(temb_c.shape[0], -1, -1)
+        forward_temb = arch.concept_temb(tr, fwd)[keep] if arch.concept_temb else None
+        num_rows = len(range(*keep.indices(batch)))
+        c = tr.context_embedder(text_states).unsqueeze(0).expand(num_rows, -1, -1)
         for index in range(max(layers) + 1):
             block = tr.transformer_blocks[index]
+            block_temb = arch.block_concept_temb
+            temb_c = block_temb(record["blocks"][index])[keep] if block_temb else forward_temb
             attn = block.attn
             qx, kx, vx, o_x = (t[keep] for t in arch.image_attention(block, record["blocks"][index]))
             hd = qx.shape[-1]

@@ -18,7 +18,11 @@ import torch
 from conceptattention.adapters.base import Backend
 from conceptattention.errors import UnsupportedArchitectureError
 
-BACKEND_MODULES = ("conceptattention.adapters.flux", "conceptattention.adapters.sd3")
+BACKEND_MODULES = (
+    "conceptattention.adapters.flux",
+    "conceptattention.adapters.sd3",
+    "conceptattention.adapters.chroma",
+)
 
 # Transformers whose text enters only through cross-attention (or that have no text queries at all):
 # ConceptAttention needs a joint-attention MM-DiT, where text tokens are queries in the same attention.

@@ -34,6 +34,20 @@ class FluxConditioning:
     pooled: torch.Tensor
 
 
+def image_grid(inputs: Mapping[str, Any]) -> TokenGrid:
+    """The (h, w) token grid of a Flux-style forward, from its ``img_ids`` (read once per forward)."""
+    img_ids = inputs["img_ids"]
+    ids = img_ids[0] if img_ids.ndim == 3 else img_ids  # (N, 3): (unused, row, column)
+    h, w = (int(v) + 1 for v in ids[-1, 1:3].tolist())
+    num_tokens = inputs["hidden_states"].shape[1]
+    if h * w != num_tokens:
+        raise ConceptAttentionError(
+            f"The image position ids describe a {h}x{w} grid but there are {num_tokens} image tokens; "
+            "image-conditioned variants with extra tokens (Kontext, reference images) are not supported"
+        )
+    return TokenGrid(h, w)
+
+
 class FluxConceptAttnProcessor(ConceptProcessor):
     """Stock Flux joint attention plus the one-way concept attention of one double block.
 
@@ -140,19 +154,10 @@ class FluxBackend(JointBackend):
 
     def read_forward(self, transformer, inputs: Mapping[str, Any], batched_cfg: bool) -> ForwardRecord:
         timestep = inputs["timestep"]
-        img_ids = inputs["img_ids"]
-        ids = img_ids[0] if img_ids.ndim == 3 else img_ids  # (N, 3): (unused, row, column)
-        h, w = (int(v) + 1 for v in ids[-1, 1:3].tolist())  # once per forward, not per layer
-        num_tokens = inputs["hidden_states"].shape[1]
-        if h * w != num_tokens:
-            raise ConceptAttentionError(
-                f"The image position ids describe a {h}x{w} grid but there are {num_tokens} image tokens; "
-                "image-conditioned variants with extra tokens (Kontext, reference images) are not supported"
-            )
         conditioning = FluxConditioning(timestep, inputs.get("guidance"), inputs["pooled_projections"])
-        return ForwardRecord(float(timestep.flatten()[0]), TokenGrid(h, w), slice(None), conditioning)
+        return ForwardRecord(float(timestep.flatten()[0]), image_grid(inputs), slice(None), conditioning)
 
-    def concept_conditioning(self, transformer, record: ForwardRecord, dtype: torch.dtype) -> torch.Tensor:
+    def concept_conditioning(self, transformer, record: ForwardRecord, dtype: torch.dtype) -> torch.Tensor | None:
         """Timestep (+ guidance) embedding with a zero pooled-text input: nothing from the prompt."""
         inputs: FluxConditioning = record.conditioning
         rows = record.rows
@@ -168,7 +173,7 @@ class FluxBackend(JointBackend):
 
     def encode_inputs(
         self, pipe: Any, pixels: torch.Tensor, caption: str, guidance_scale: float | None, max_sequence_length: int
-    ) -> FluxEncodeInputs:
+    ) -> EncodeInputs:
         device = pipe._execution_device
         latents = self.vae_latents(pipe, pixels)  # (B, c, 2h, 2w)
         batch, dtype = latents.shape[0], latents.dtype

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from abc import abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,21 +70,15 @@ class JointConceptStream:
     Args:
         transformer: the traced transformer (its ``context_embedder`` embeds the concepts).
         state: the session's run state.
-        conditioning: ``(transformer, record, dtype) -> (B_rows, D_model)`` concept conditioning
-            (the timestep embedding without anything from the prompt).
+        backend: gives the concept conditioning of a forward and of each block.
     """
 
-    def __init__(
-        self,
-        transformer: Any,
-        state: RunState,
-        conditioning: Callable[[Any, Any, torch.dtype], torch.Tensor],
-    ) -> None:
+    def __init__(self, transformer: Any, state: RunState, backend: JointBackend) -> None:
         self.transformer = transformer
         self.state = state
-        self._conditioning = conditioning
+        self.backend = backend
         self.hidden: torch.Tensor | None = None  # (B_rows, C, D_model)
-        self.temb: torch.Tensor | None = None  # (B_rows, D_model)
+        self.temb: torch.Tensor | None = None  # the forward's concept conditioning (None: per block only)
         self.current: BlockPass | None = None
 
     def install(
@@ -121,7 +115,7 @@ class JointConceptStream:
         states = self.state.concept_states.to(device, dtype)
         concepts = self.transformer.context_embedder(states)  # (C, D_model)
         self.hidden = concepts.unsqueeze(0).expand(rows, -1, -1)  # (B_rows, C, D_model)
-        self.temb = self._conditioning(self.transformer, record, dtype)  # (B_rows, D_model)
+        self.temb = self.backend.concept_conditioning(self.transformer, record, dtype)
 
     def _pre_hook(self, index: int):
         def pre_hook(block, args, kwargs):
@@ -129,7 +123,10 @@ class JointConceptStream:
                 return None
             if index == 0 or self.hidden is None:
                 self._start(argument(args, kwargs, "hidden_states", 0))
-            self.current = BlockPass(index, *block.norm1_context(self.hidden, emb=self.temb))
+            record = self.state.forward
+            assert record is not None
+            emb = self.backend.block_conditioning(self.temb, record, args, kwargs)
+            self.current = BlockPass(index, *block.norm1_context(self.hidden, emb=emb))
             return None
 
         return pre_hook
@@ -226,10 +223,23 @@ class JointBackend(Backend):
     """
 
     @abstractmethod
-    def concept_conditioning(self, transformer: Any, record: ForwardRecord, dtype: torch.dtype) -> torch.Tensor:
-        """(B_rows, D_model) conditioning of the concept tokens: the timestep embedding, nothing from the prompt."""
+    def concept_conditioning(self, transformer: Any, record: ForwardRecord, dtype: torch.dtype) -> torch.Tensor | None:
+        """(B_rows, D_model) conditioning of the concept tokens: the timestep embedding, nothing from the prompt.
+
+        None when the conditioning is per block only (:meth:`block_conditioning`).
+        """
+
+    def block_conditioning(
+        self, forward_conditioning: torch.Tensor | None, record: ForwardRecord, args: tuple, kwargs: Mapping[str, Any]
+    ) -> torch.Tensor:
+        """The ``emb`` a block's ``norm1_context`` gets for the concepts, from the block's call arguments.
+
+        Default: the forward's concept conditioning, the same for every block.
+        """
+        assert forward_conditioning is not None
+        return forward_conditioning
 
     def install(self, transformer: Any, state: RunState, stack: contextlib.ExitStack) -> None:
         originals = self.check_processors(transformer, range(state.last_block + 1))
-        stream = JointConceptStream(transformer, state, self.concept_conditioning)
+        stream = JointConceptStream(transformer, state, self)
         stream.install(stack, self.blocks(transformer), originals, lambda i, p: self.processor_class(i, stream, p))

@@ -1,0 +1,120 @@
+"""Chroma backend (``ChromaTransformer2DModel``; Chroma1-HD / -Base, a FLUX.1-schnell derivative).
+
+The blocks are Flux.1's with the stock ``FluxAttnProcessor`` (same joint order, QK-norm and
+RoPE, text position ids 0), so the processor is Flux's. What differs:
+
+* Modulation: no pooled text and no timestep MLP per block; a "distilled guidance" network maps
+  the timestep to one modulation slice per block, passed to the block as ``temb`` (B, 12, D):
+  image slice ``[:, :6]``, text slice ``[:, 6:]``. The text slice is a function of the timestep
+  alone, which is exactly the concept conditioning of the method, so concepts use the block's own
+  text slice.
+* Text mask: the pipeline passes ``attention_mask`` (prompt tokens + one padding token valid).
+  Concept queries attend over [concepts; image] only, so no prompt key (padding or not) is in
+  their attention; image queries keep the real, masked attention (their outputs are the real ones).
+* Concepts: T5 (``text_encoder``), each concept alone with its attention mask, as the pipeline
+  encodes a prompt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from conceptattention.adapters.base import BackendSpec, ConceptEncoding, EncodeInputs, ForwardRecord, argument
+from conceptattention.adapters.flux import DEFAULT_NUM_LAYERS, FluxBackend, image_grid
+from conceptattention.concepts import ConceptEmbeddings, encode_concepts, pipeline_part
+
+
+@dataclass
+class ChromaEncodeInputs(EncodeInputs):
+    """Encode-mode conditioning: (B, T, D) prompt embeddings, (B, T + N) attention mask, ids."""
+
+    prompt_embeds: torch.Tensor
+    attention_mask: torch.Tensor
+    txt_ids: torch.Tensor
+    img_ids: torch.Tensor
+
+    batched_fields = ("prompt_embeds", "attention_mask")
+
+
+class ChromaBackend(FluxBackend):
+    spec = BackendSpec(
+        name="Chroma",
+        transformer_classes=("ChromaTransformer2DModel",),
+        pipeline_classes=("ChromaPipeline", "ChromaImg2ImgPipeline"),
+        processor_classes=("FluxAttnProcessor",),
+        double_blocks="transformer_blocks",
+        joint_order=("text", "image"),
+        layout="BSHD",
+        concept_encoders=("t5",),
+        default_layers=f"the last {DEFAULT_NUM_LAYERS} double-stream blocks (all of them when there are fewer)",
+        cfg_layout="separate",
+        concept_positions="text position ids 0 (RoPE is the identity on concepts)",
+        max_sequence_length=512,
+    )
+
+    def encode_concepts(self, pipe: Any, concepts: Sequence[str], encoding: ConceptEncoding) -> ConceptEmbeddings:
+        self.concept_encoder(encoding.encoder)
+        tokenizer = pipeline_part(pipe, "tokenizer", "concepts are encoded with the T5 prompt encoder")
+        encoder = pipeline_part(pipe, "text_encoder", "concepts are encoded with the T5 prompt encoder")
+        embeddings = encode_concepts(concepts, tokenizer, encoder, pipe._execution_device, encoding.pooling)
+        return embeddings.with_encoder("t5 (text_encoder), each concept alone with an attention mask")
+
+    def read_forward(self, transformer, inputs: Mapping[str, Any], batched_cfg: bool) -> ForwardRecord:
+        timestep = inputs["timestep"]
+        return ForwardRecord(float(timestep.flatten()[0]), image_grid(inputs), slice(None), None)
+
+    def concept_conditioning(self, transformer, record: ForwardRecord, dtype: torch.dtype) -> None:
+        return None  # per block: the block's own text modulation slice
+
+    def block_conditioning(
+        self, forward_conditioning: torch.Tensor | None, record: ForwardRecord, args: tuple, kwargs: Mapping[str, Any]
+    ) -> torch.Tensor:
+        """(B_rows, 6, D) the block's text modulation: a function of the timestep only."""
+        temb = argument(args, kwargs, "temb", 2)  # (B, 12, D): [image slice; text slice]
+        return temb[record.rows, 6:]
+
+    # -- encode mode ---------------------------------------------------------------------------
+    def encode_inputs(
+        self, pipe: Any, pixels: torch.Tensor, caption: str, guidance_scale: float | None, max_sequence_length: int
+    ) -> ChromaEncodeInputs:
+        device = pipe._execution_device
+        latents = self.vae_latents(pipe, pixels)  # (B, c, 2h, 2w)
+        batch, dtype = latents.shape[0], latents.dtype
+        prompt_embeds, text_ids, prompt_mask, *_ = pipe.encode_prompt(
+            prompt=[caption] * batch,
+            device=device,
+            do_classifier_free_guidance=False,
+            max_sequence_length=max_sequence_length,
+        )
+        height, width = (side // 2 for side in latents.shape[-2:])
+        attention_mask = pipe._prepare_attention_mask(batch, height * width, dtype, prompt_mask)
+        return ChromaEncodeInputs(
+            latents=latents,
+            guidance_scale=None,  # Chroma has no embedded guidance; its CFG is a separate forward
+            prompt_embeds=prompt_embeds.to(dtype),
+            attention_mask=attention_mask,
+            txt_ids=text_ids,
+            img_ids=pipe._prepare_latent_image_ids(batch, height, width, device, dtype),
+        )
+
+    def encode_forward(self, pipe: Any, inputs: EncodeInputs, noisy_latents: torch.Tensor, t: float) -> None:
+        assert isinstance(inputs, ChromaEncodeInputs)
+        batch, channels, height, width = noisy_latents.shape
+        packed = pipe._pack_latents(noisy_latents, batch, channels, height, width)  # (B, N, 4c)
+        timestep = torch.full((batch,), float(t), device=packed.device, dtype=packed.dtype)
+        pipe.transformer(
+            hidden_states=packed,
+            timestep=timestep,
+            encoder_hidden_states=inputs.prompt_embeds,
+            txt_ids=inputs.txt_ids,
+            img_ids=inputs.img_ids,
+            attention_mask=inputs.attention_mask,
+            return_dict=False,
+        )
+
+
+BACKEND = ChromaBackend()
