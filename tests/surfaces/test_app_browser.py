@@ -202,3 +202,28 @@ def test_generate_tab_shows_one_overlay_per_concept(page):
         record = json.loads(bundle.read("metadata.json"))
     assert record["mode"] == "generate" and record["num_steps_run"] == 4 and record["prompt"].endswith("on sand")
     _screenshot(page, "generate.png")
+
+
+def test_second_visitor_waits_in_the_queue_with_its_place_shown(browser, server):
+    """Two visitors: the second one's run waits for the first (one job on the model) and shows its place."""
+    pages = []
+    for _ in range(2):
+        context = browser.new_context(viewport={"width": 1280, "height": 900})
+        page = context.new_page()
+        page.set_default_timeout(RUN_TIMEOUT_MS)
+        page.goto(server[0])
+        pages.append(page)
+    first, second = pages
+    _set_number(first, "#gen-steps", "60")  # a few seconds of denoising
+    second.get_by_role("tab", name="Explain an image").click()
+    first.locator("#gen-run").click()
+    first.wait_for_function("() => document.querySelector('#gen-overlays [data-testid=status-tracker]')"
+                            ".innerText.includes('/60')")  # fmt: skip  # the first job is denoising
+    second.locator("#exp-run").click()
+    second.wait_for_function(
+        "() => /queue: 1\\/1/.test(document.querySelector('#exp-overlays [data-testid=status-tracker]').innerText)"
+    )
+    assert _overlay_captions(first, "gen", 3) and first.locator("#gen-status").inner_text().startswith("Done")
+    assert _overlay_captions(second, "exp", 3) and second.locator("#exp-status").inner_text().startswith("Done")
+    for page in pages:
+        page.context.close()

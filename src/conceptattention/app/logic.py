@@ -121,7 +121,7 @@ def parse_layers(pipe: Any, selected: Iterable[Any] | None) -> tuple[int, ...]:
             indices.append(int(str(value).strip()))
         except ValueError:
             raise ConceptAttentionError(f"Layer {value!r} is not a block index (a whole number)") from None
-    layers = ConceptAttentionConfig(layers=indices).layers
+    layers = ConceptAttentionConfig(layers=tuple(indices)).layers
     assert layers is not None
     return backend.resolve_layers(transformer, layers)
 

@@ -111,8 +111,10 @@ def _outputs(prefix: str) -> Outputs:
         format="png",
         elem_id=f"{prefix}-overlays",
     )
+    gr.Markdown("**Concept x block**: the same maps from each selected block alone (where grounding appears)")
     strip = gr.Image(
-        label="Concept x block (per-block maps: where grounding appears)",
+        label="Concept x block",
+        show_label=False,  # the floating label would cover the strip's first column heading
         type="pil",
         format="png",
         interactive=False,
