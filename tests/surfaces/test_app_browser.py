@@ -189,8 +189,28 @@ def test_explain_an_uploaded_scene_then_bad_input(page, server, tmp_path):
           f"(server answering after {TIMINGS['server_up_s']:.1f} s)")  # fmt: skip
 
 
+def _status_error(page, prefix: str) -> str:
+    error = page.locator(f"#{prefix}-status .ca-status-error")
+    error.wait_for()
+    return error.inner_text()
+
+
 def test_generate_tab_shows_one_overlay_per_concept(page):
     page.get_by_role("tab", name="Generate").click()
+    # invalid choices first: a size the model cannot take, then no layer selected; both leave the app usable
+    _set_number(page, "#gen-height", "33")
+    page.locator("#gen-run").click()
+    assert "height=33 cannot be taken by FluxPipeline" in _status_error(page, "gen")
+    assert "must be a positive multiple of 2" in page.locator("#gen-status").inner_text()
+    _set_number(page, "#gen-height", "32")
+    page.locator("#layers .remove-all").click()
+    page.locator("#gen-run").click()
+    page.wait_for_function("() => document.querySelector('#gen-status').innerText.includes('No layers selected')")
+    assert page.locator("#gen-status").inner_text() == (
+        "Error: No layers selected: choose at least one block (0-3 for this model)"
+    )
+    page.reload()  # back to the default layers
+    page.locator("#gen-run").wait_for()
     page.locator("#gen-prompt textarea").fill("a photo of apple and plum on sand")
     page.locator("#gen-concepts textarea").fill("apple, plum, sand")
     _set_number(page, "#gen-steps", "4")

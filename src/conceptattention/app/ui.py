@@ -282,12 +282,11 @@ def build_app(pipe: Any, workdir: str | Path | None = None) -> gr.Blocks:
                             label="Steps",
                             elem_id="gen-steps",
                         )
-                        gen_seed = gr.Number(0, precision=0, minimum=0, label="Seed", elem_id="gen-seed")
+                        gen_seed = gr.Number(0, precision=0, label="Seed", elem_id="gen-seed")
                         height = gr.Number(
                             info.size[0],
                             precision=0,
-                            minimum=info.pixels_per_token,
-                            maximum=logic.MAX_SIDE,
+                            info=f"multiple of {info.pixels_per_token}, at most {logic.MAX_SIDE}",
                             step=info.pixels_per_token,
                             label="Height",
                             elem_id="gen-height",
@@ -295,8 +294,7 @@ def build_app(pipe: Any, workdir: str | Path | None = None) -> gr.Blocks:
                         width = gr.Number(
                             info.size[1],
                             precision=0,
-                            minimum=info.pixels_per_token,
-                            maximum=logic.MAX_SIDE,
+                            info=f"multiple of {info.pixels_per_token}, at most {logic.MAX_SIDE}",
                             step=info.pixels_per_token,
                             label="Width",
                             elem_id="gen-width",
@@ -341,7 +339,7 @@ def build_app(pipe: Any, workdir: str | Path | None = None) -> gr.Blocks:
                                     label="Noise samples",
                                     elem_id="exp-samples",
                                 )
-                                exp_seed = gr.Number(0, precision=0, minimum=0, label="Seed", elem_id="exp-seed")
+                                exp_seed = gr.Number(0, precision=0, label="Seed", elem_id="exp-seed")
                     gr.Markdown(
                         f"Uploads: at most {logic.MAX_UPLOAD_BYTES // (1024 * 1024)} MiB and "
                         f"{logic.MAX_UPLOAD_PIXELS / 1e6:g} megapixels; resized to the model's "
