@@ -12,7 +12,7 @@ from functools import cache
 from typing import Any
 
 import torch
-from naive_reference import CHROMA, FLUX, SD3, ReferenceArch
+from naive_reference import CHROMA, FLUX, QWEN_IMAGE, SD3, ReferenceArch
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,7 @@ class BackendCase:
         encoded_latents: ``(pipe, x_t (B, c, H', W')) -> hidden_states`` as an encode forward passes them.
         encoded_timestep: ``t -> timestep`` as an encode forward passes it.
         blocks: every block whose outputs must stay bit-identical.
+        clean_latents: ``(pipe, pixels (1, 3, H, W) in [-1, 1]) -> z`` as the pipeline's img2img encodes an image.
         pooled_text: the model conditions on pooled text (concepts get a zero pooled input).
         forwards_per_step: transformer calls per denoising step under ``run`` (2: a separate negative pass).
     """
@@ -42,6 +43,7 @@ class BackendCase:
     encoded_latents: Callable[[Any, torch.Tensor], torch.Tensor]
     encoded_timestep: Callable[[float], float]
     blocks: Callable[[Any], list] = field(default=lambda tr: list(tr.transformer_blocks))
+    clean_latents: Callable[[Any, torch.Tensor], torch.Tensor] = field(default=lambda pipe, x: _shifted_scaled(pipe, x))
     pooled_text: bool = True
     forwards_per_step: int = 1
 
@@ -74,6 +76,25 @@ def _chroma_factory(dtype=torch.float32):
     from tiny_chroma import make_tiny_chroma_pipeline
 
     return make_tiny_chroma_pipeline(seed=0, dtype=dtype, num_layers=3, num_single_layers=1)
+
+
+def _qwenimage_factory(dtype=torch.float32):
+    from tiny_qwenimage import make_tiny_qwenimage_pipeline
+
+    return make_tiny_qwenimage_pipeline(seed=0, dtype=dtype, num_layers=4)
+
+
+def _shifted_scaled(pipe, pixels):
+    z = pipe.vae.encode(pixels).latent_dist.mode()
+    return (z - (pipe.vae.config.shift_factor or 0.0)) * pipe.vae.config.scaling_factor
+
+
+def _qwen_normalised(pipe, pixels):
+    """Qwen-Image img2img: the video VAE on one frame, then (z - mean) / std per channel."""
+    z = pipe.vae.encode(pixels[:, :, None]).latent_dist.mode()[:, :, 0]
+    mean = torch.tensor(pipe.vae.config.latents_mean).view(1, -1, 1, 1)
+    std = torch.tensor(pipe.vae.config.latents_std).view(1, -1, 1, 1)
+    return (z - mean) / std
 
 
 def _packed(pipe, latents):
@@ -118,6 +139,19 @@ CASES = [
         encoded_latents=_packed,
         encoded_timestep=lambda t: t,
         blocks=lambda tr: [*tr.transformer_blocks, *tr.single_transformer_blocks],
+        pooled_text=False,
+        forwards_per_step=2,
+    ),
+    BackendCase(
+        name="qwenimage",
+        factory=_qwenimage_factory,
+        arch=QWEN_IMAGE,
+        run={**RUN, "true_cfg_scale": 4.0, "negative_prompt": " "},  # a separate negative forward per step
+        layers=(0, 1, 2),  # block 3, the last, is never scored
+        conditional_half=False,
+        encoded_latents=_packed,
+        encoded_timestep=lambda t: t,
+        clean_latents=_qwen_normalised,
         pooled_text=False,
         forwards_per_step=2,
     ),

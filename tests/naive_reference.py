@@ -169,17 +169,132 @@ def sd3_image_attention(block, inputs):
     return qx, kx, vx, merge(real[:, :, :n])
 
 
+def dual_stream_embed(tr, states):
+    return tr.context_embedder(states)
+
+
+def dual_stream_modulation(block, c, temb):
+    return block.norm1_context(c, emb=temb)
+
+
+def dual_stream_feedforward(block):
+    return block.norm2_context, block.ff_context
+
+
 @dataclass(frozen=True)
 class ReferenceArch:
     concept_states: Callable
     concept_temb: Callable | None  # (transformer, forward kwargs) -> concept temb, the same for every block
-    image_attention: Callable
+    image_attention: Callable  # (block, block kwargs) -> (q_x, k_x, v_x, o_x) of every image token
     block_concept_temb: Callable | None = None  # (block kwargs) -> concept temb of that block
+    embed: Callable = dual_stream_embed  # (transformer, (C, D_text)) -> (C, D)
+    modulation: Callable = dual_stream_modulation  # (block, c, temb) -> normed, gate, shift_mlp, scale_mlp, gate_mlp
+    feedforward: Callable = dual_stream_feedforward  # block -> (norm2, ff) of the text stream
+    concept_rope: Callable | None = None  # (block kwargs) -> rotation of (B, H, C, D) concept q/k
+    target_tokens: Callable | None = None  # (forward kwargs) -> the first n image tokens the maps describe
+
+
+# -- Qwen-Image ------------------------------------------------------------------------------------
+def qwen_concept_states(pipe, concepts, pooling, encoder):
+    """Each concept alone through the text-to-image pipeline's own prompt path; its tokens lead the result."""
+    assert encoder in (None, "qwen2.5-vl")
+    states = []
+    for concept in concepts:
+        hidden = pipe._get_qwen_prompt_embeds([concept])[0][0]  # (L, D), template prefix already dropped
+        own = len(pipe.tokenizer(concept, add_special_tokens=False).input_ids)
+        states.append(pool(hidden[:own], pooling))
+    return torch.stack(states)
+
+
+def qwen_block_concept_temb(block_inputs):
+    temb = block_inputs["temb"]
+    return temb.chunk(2, dim=0)[0] if block_inputs.get("modulate_index") is not None else temb
+
+
+def qwen_embed(tr, states):
+    return tr.txt_in(tr.txt_norm(states))
+
+
+def _qwen_modulate(x, mod):
+    shift, scale, gate = mod.chunk(3, dim=-1)
+    return x * (1 + scale[:, None]) + shift[:, None], gate
+
+
+def qwen_modulation(block, c, temb):
+    mod1, mod2 = block.txt_mod(temb).chunk(2, dim=-1)
+    normed, gate = _qwen_modulate(block.txt_norm1(c), mod1)
+    shift2, scale2, gate2 = mod2.chunk(3, dim=-1)
+    return normed, gate, shift2, scale2, gate2
+
+
+def qwen_feedforward(block):
+    return block.txt_norm2, block.txt_mlp
+
+
+def _qwen_rotate(x, freqs):
+    """RoPE of (B, H, S, D) by complex (S, D/2) frequencies, written out (pairs of channels as complex numbers)."""
+    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(pairs * freqs).flatten(-2).type_as(x)
+
+
+def qwen_concept_rope(block_inputs):
+    first_text_position = block_inputs["image_rotary_emb"][1][:1]  # (1, D/2)
+    return lambda x: _qwen_rotate(x, first_text_position)
+
+
+def qwen_image_attention(block, inputs):
+    """(q_x, k_x after RoPE, v_x, o_x) of the real joint attention over [text; image] with the text mask."""
+    temb = inputs["temb"]
+    text_temb = temb.chunk(2, dim=0)[0] if inputs.get("modulate_index") is not None else temb
+    img_mod1 = block.img_mod(temb).chunk(2, dim=-1)[0]
+    if inputs.get("modulate_index") is not None:  # [target; reference] image tokens use the two temb halves
+        half = img_mod1.shape[0] // 2
+        index = inputs["modulate_index"].unsqueeze(-1)  # (B, N, 1)
+        shift0, scale0, _ = img_mod1[:half].chunk(3, dim=-1)
+        shift1, scale1, _ = img_mod1[half:].chunk(3, dim=-1)
+        shift = torch.where(index == 0, shift0[:, None], shift1[:, None])
+        scale = torch.where(index == 0, scale0[:, None], scale1[:, None])
+        nx = block.img_norm1(inputs["hidden_states"]) * (1 + scale) + shift
+    else:
+        nx, _ = _qwen_modulate(block.img_norm1(inputs["hidden_states"]), img_mod1)
+    nt, _ = _qwen_modulate(block.txt_norm1(inputs["encoder_hidden_states"]), block.txt_mod(text_temb).chunk(2, -1)[0])
+    attn = block.attn
+    hd = attn.inner_dim // attn.heads
+    qx, kx, vx = (heads(f(nx), hd) for f in (attn.to_q, attn.to_k, attn.to_v))
+    qt, kt, vt = (heads(f(nt), hd) for f in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
+    qx, kx = attn.norm_q(qx), attn.norm_k(kx)
+    qt, kt = attn.norm_added_q(qt), attn.norm_added_k(kt)
+    image_freqs, text_freqs = inputs["image_rotary_emb"]
+    qx, kx = _qwen_rotate(qx, image_freqs), _qwen_rotate(kx, image_freqs)
+    qt, kt = _qwen_rotate(qt, text_freqs), _qwen_rotate(kt, text_freqs)
+    mask = inputs.get("encoder_hidden_states_mask")
+    if mask is not None:
+        keys_valid = torch.cat([mask.bool(), torch.ones(qx.shape[0], qx.shape[2], dtype=torch.bool)], dim=1)
+        mask = keys_valid[:, None, None, :]
+    text_len = qt.shape[2]
+    real = plain_attention(torch.cat([qt, qx], 2), torch.cat([kt, kx], 2), torch.cat([vt, vx], 2), mask)
+    return qx, kx, vx, merge(real[:, :, text_len:])
+
+
+def qwen_target_tokens(fwd):
+    frames, h, w = fwd["img_shapes"][0][0]
+    return frames * h * w
 
 
 FLUX = ReferenceArch(flux_concept_states, flux_concept_temb, flux_image_attention)
 SD3 = ReferenceArch(sd3_concept_states, sd3_concept_temb, sd3_image_attention)
 CHROMA = ReferenceArch(chroma_concept_states, None, chroma_image_attention, chroma_block_concept_temb)
+QWEN_IMAGE = ReferenceArch(
+    qwen_concept_states,
+    None,
+    qwen_image_attention,
+    qwen_block_concept_temb,
+    embed=qwen_embed,
+    modulation=qwen_modulation,
+    feedforward=qwen_feedforward,
+    concept_rope=qwen_concept_rope,
+    target_tokens=qwen_target_tokens,
+)
 
 
 @torch.no_grad()
@@ -217,7 +332,8 @@ def reference_maps(
         keep = rows or (slice(batch // 2, None) if conditional_half else slice(None))
         forward_temb = arch.concept_temb(tr, fwd)[keep] if arch.concept_temb else None
         num_rows = len(range(*keep.indices(batch)))
-        c = tr.context_embedder(text_states).unsqueeze(0).expand(num_rows, -1, -1)
+        c = arch.embed(tr, text_states).unsqueeze(0).expand(num_rows, -1, -1)
+        n = arch.target_tokens(fwd) if arch.target_tokens else None
         for index in range(max(layers) + 1):
             block = tr.transformer_blocks[index]
             block_temb = arch.block_concept_temb
@@ -225,9 +341,12 @@ def reference_maps(
             attn = block.attn
             qx, kx, vx, o_x = (t[keep] for t in arch.image_attention(block, record["blocks"][index]))
             hd = qx.shape[-1]
-            nc, c_gate, c_shift, c_scale, c_gate_mlp = block.norm1_context(c, emb=temb_c)
+            nc, c_gate, c_shift, c_scale, c_gate_mlp = arch.modulation(block, c, temb_c)
             qc, kc, vc = (heads(f(nc), hd) for f in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
             qc, kc = maybe_norm(attn.norm_added_q, qc), maybe_norm(attn.norm_added_k, kc)
+            if arch.concept_rope:
+                rotate = arch.concept_rope(record["blocks"][index])
+                qc, kc = rotate(qc), rotate(kc)
             # Naive concept attention: every query of [concepts; image], then keep the concept rows.
             keys = {
                 "both": (torch.cat([kc, kx], 2), torch.cat([vc, vx], 2)),
@@ -237,11 +356,11 @@ def reference_maps(
             o_c = merge(plain_attention(torch.cat([qc, qx], 2), *keys)[:, :, :num_concepts])  # (B, C, HD)
             if index in layers:
                 if score_space == "output":
-                    s = o_c @ o_x.transpose(1, 2)
+                    s = o_c @ o_x[:, :n].transpose(1, 2)
                 elif score_space == "value":
-                    s = merge(vc) @ merge(vx).transpose(1, 2)
+                    s = merge(vc) @ merge(vx[:, :, :n]).transpose(1, 2)
                 else:
-                    logits = qx @ kc.transpose(-1, -2) / math.sqrt(hd)  # (B, H, N, C)
+                    logits = qx[:, :, :n] @ kc.transpose(-1, -2) / math.sqrt(hd)  # (B, H, N, C)
                     if use_softmax:
                         logits = logits.softmax(-1)
                     s = logits.mean(1).transpose(1, 2)
@@ -251,8 +370,9 @@ def reference_maps(
                 count += 1
             # The concept residual stream always takes the attention output, whatever the score.
             c = c + c_gate.unsqueeze(1) * attn.to_add_out(o_c)
-            normed = block.norm2_context(c) * (1 + c_scale[:, None]) + c_shift[:, None]
-            c = c + c_gate_mlp.unsqueeze(1) * block.ff_context(normed)
+            norm2, ff = arch.feedforward(block)
+            normed = norm2(c) * (1 + c_scale[:, None]) + c_shift[:, None]
+            c = c + c_gate_mlp.unsqueeze(1) * ff(normed)
     mean = total / count
     if num_concepts == 1:
         low, high = mean.amin(-1, keepdim=True), mean.amax(-1, keepdim=True)

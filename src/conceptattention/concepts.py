@@ -134,6 +134,51 @@ def locate_span(sequence: Sequence[int], word: Sequence[int]) -> int:
     )
 
 
+def concept_token_ids(concepts: Sequence[str], tokenizer: Any) -> list[list[int]]:
+    """Each concept's own token ids (no special tokens), checked before any encoder runs.
+
+    Raises:
+        ConceptAttentionError: a concept gives no tokens, contains the unknown token, or two
+            concepts give identical ids.
+    """
+    words = [tokenizer(concept, add_special_tokens=False).input_ids for concept in concepts]
+    empty = [c for c, word in zip(concepts, words) if not word]
+    if empty:
+        raise ConceptAttentionError(f"The tokenizer produced no tokens for concept(s) {empty}; use other words")
+    check_concept_tokens(concepts, words, tokenizer)
+    return words
+
+
+def pool_spans(
+    hidden: torch.Tensor,
+    sequences: Sequence[Sequence[int]],
+    words: Sequence[Sequence[int]],
+    tokenizer: Any,
+    pooling: Pooling,
+    encoder: str,
+) -> ConceptEmbeddings:
+    """Pool each concept's own sub-token states, located by token ids inside its encoded sequence.
+
+    For pipelines whose prompt path pads or wraps the text (templates, fixed lengths): the
+    concept's span is found in the sequence the encoder actually saw, not assumed at an index.
+
+    Args:
+        hidden: (C, S, D) encoder states of each concept's sequence.
+        sequences: the token ids behind ``hidden``, one sequence (of length <= S) per concept.
+        words: each concept's own token ids (:func:`concept_token_ids`).
+        tokenizer: names the sub-tokens for the record.
+        pooling: ``"first"`` or ``"mean"`` over the span.
+        encoder: the encoding, in words, for the record.
+    """
+    keep = torch.zeros(hidden.shape[:2], dtype=torch.bool)
+    for row, word in enumerate(words):
+        start = locate_span(sequences[row], word)
+        keep[row, start : start + len(word)] = True
+    tokens = tuple(tuple(tokenizer.convert_ids_to_tokens(list(word))) for word in words)
+    states = pool_token_states(hidden, keep.to(hidden.device), pooling)
+    return ConceptEmbeddings(states, tokens, pooling, encoder)
+
+
 def pool_token_states(hidden: torch.Tensor, keep: torch.Tensor, pooling: Pooling) -> torch.Tensor:
     """One vector per sequence from its own sub-token states.
 

@@ -22,6 +22,7 @@ BACKEND_MODULES = (
     "conceptattention.adapters.flux",
     "conceptattention.adapters.sd3",
     "conceptattention.adapters.chroma",
+    "conceptattention.adapters.qwenimage",
 )
 
 # Transformers whose text enters only through cross-attention (or that have no text queries at all):

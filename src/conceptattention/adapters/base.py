@@ -90,12 +90,15 @@ class ForwardRecord(Generic[Conditioning]):
         grid: layout of the image tokens.
         rows: batch rows whose maps are kept: all, or the conditional half under batched CFG.
         conditioning: the backend's typed record of what the concept conditioning needs.
+        target: the image tokens the maps describe, within the image sequence (all of them, or the
+            target grid when reference-image tokens follow it, as in image-editing pipelines).
     """
 
     t: float
     grid: TokenGrid
     rows: slice
     conditioning: Conditioning
+    target: slice = dataclasses.field(default_factory=lambda: slice(None))
 
 
 @dataclass

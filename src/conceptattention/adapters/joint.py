@@ -113,7 +113,7 @@ class JointConceptStream:
         dtype, device = hidden_states.dtype, hidden_states.device
         rows = len(range(*record.rows.indices(hidden_states.shape[0])))
         states = self.state.concept_states.to(device, dtype)
-        concepts = self.transformer.context_embedder(states)  # (C, D_model)
+        concepts = self.backend.embed_concepts(self.transformer, states)  # (C, D_model)
         self.hidden = concepts.unsqueeze(0).expand(rows, -1, -1)  # (B_rows, C, D_model)
         self.temb = self.backend.concept_conditioning(self.transformer, record, dtype)
 
@@ -126,7 +126,7 @@ class JointConceptStream:
             record = self.state.forward
             assert record is not None
             emb = self.backend.block_conditioning(self.temb, record, args, kwargs)
-            self.current = BlockPass(index, *block.norm1_context(self.hidden, emb=emb))
+            self.current = BlockPass(index, *self.backend.text_modulation(block, self.hidden, emb))
             return None
 
         return pre_hook
@@ -138,8 +138,9 @@ class JointConceptStream:
             step, self.current = self.current, None
             assert step is not None and step.index == index and step.attended and self.hidden is not None
             concepts = self.hidden
-            normed = block.norm2_context(concepts) * (1 + step.scale_mlp[:, None]) + step.shift_mlp[:, None]
-            concepts = concepts + step.gate_mlp.unsqueeze(1) * block.ff_context(normed)
+            norm, feedforward = self.backend.text_feedforward(block)
+            normed = norm(concepts) * (1 + step.scale_mlp[:, None]) + step.shift_mlp[:, None]
+            concepts = concepts + step.gate_mlp.unsqueeze(1) * feedforward(normed)
             if concepts.dtype == torch.float16:
                 concepts = concepts.clip(-65504, 65504)
             self.hidden = concepts
@@ -158,6 +159,7 @@ class JointConceptStream:
         k_x: torch.Tensor,
         v_x: torch.Tensor,
         o_x: torch.Tensor,
+        concept_rope: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         """The concept query rows of a block and its saliency, from the real pass's image tensors.
 
@@ -165,36 +167,44 @@ class JointConceptStream:
             index: the block.
             attn: the block's attention module (its text-stream projections are used).
             q_x, k_x, v_x: (B, H, N, D) image queries, keys, values exactly as the real attention
-                used them (after QK-norm and RoPE).
+                used them (after QK-norm and RoPE); all image tokens, reference images included.
             o_x: (B, N, H * D) image attention output before the output projection.
+            concept_rope: rotates (B, C, H, D) concept queries/keys with the model's own RoPE at the
+                backend's concept position; None where concepts carry no rotation (Flux.1 and
+                Chroma: text position 0; SD3: no RoPE on text).
         """
         state = self.state
         config = state.config
         step = self.current
-        assert step is not None and step.index == index and state.forward is not None
-        rows = state.forward.rows  # the conditional half under batched CFG
+        record = state.forward
+        assert step is not None and step.index == index and record is not None
+        rows = record.rows  # the conditional half under batched CFG
         q_x, k_x, v_x, o_x = q_x[rows], k_x[rows], v_x[rows], o_x[rows]
         assert step.normed is not None and self.hidden is not None
         q_c, k_c, v_c = projections(attn, step.normed, added=True)
         step.normed = None  # not needed past the projections
         heads = (q_x.shape[1], q_x.shape[-1])  # (H, D)
-        q_c = apply_norm(attn.norm_added_q, q_c.unflatten(-1, heads)).transpose(1, 2)  # (B, H, C, D)
-        k_c = apply_norm(attn.norm_added_k, k_c.unflatten(-1, heads)).transpose(1, 2)
+        q_c = apply_norm(attn.norm_added_q, q_c.unflatten(-1, heads))  # (B, C, H, D)
+        k_c = apply_norm(attn.norm_added_k, k_c.unflatten(-1, heads))
+        if concept_rope is not None:
+            q_c, k_c = concept_rope(q_c), concept_rope(k_c)
+        q_c, k_c = q_c.transpose(1, 2), k_c.transpose(1, 2)  # (B, H, C, D)
         v_c = v_c.unflatten(-1, heads).transpose(1, 2)
-        # Concept tokens carry no RoPE rotation in these backends (Flux.1: text position 0; SD3: none).
+        # Concepts attend over every image token, as text does in the real attention.
         o_c = concept_attention(q_c, k_c, v_c, k_x, v_x, keys=config.concept_keys)  # (B, H, C, D)
         o_c = o_c.transpose(1, 2).flatten(2).to(o_x.dtype)  # (B, C, H * D)
         if index in state.accumulator.blocks:
+            target = record.target  # scores only for the target grid (not reference-image tokens)
             saliency = block_saliency(
                 config.score_space,
                 o_c=o_c,
-                o_x=o_x,
-                q_x=q_x,
+                o_x=o_x[:, target],
+                q_x=q_x[:, :, target],
                 k_c=k_c,
                 v_c=v_c,
-                v_x=v_x,
+                v_x=v_x[:, :, target],
                 softmax=state.softmax,
-            )  # (B, C, N)
+            )  # (B, C, N_target)
             state.accumulator.add(saliency, index, items=state.row_items, num_items=state.num_items)
         # The attention half of the residual update, as the text stream's: to_add_out, gate.
         self.hidden = self.hidden + step.gate_msa.unsqueeze(1) * attn.to_add_out(o_c)
@@ -238,6 +248,25 @@ class JointBackend(Backend):
         """
         assert forward_conditioning is not None
         return forward_conditioning
+
+    # -- the text-stream modules the concepts go through (diffusers' dual-stream names by default) --
+    def embed_concepts(self, transformer: Any, states: torch.Tensor) -> torch.Tensor:
+        """(C, D_text) pooled encoder states -> (C, D_model) concept tokens, as the prompt is embedded."""
+        return transformer.context_embedder(states)
+
+    def text_modulation(
+        self, block: Any, hidden: torch.Tensor, emb: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The block's text-stream norm and modulation of (B, C, D) concepts.
+
+        Returns:
+            normed (B, C, D) and the (B, D) attention gate, MLP shift, MLP scale and MLP gate.
+        """
+        return block.norm1_context(hidden, emb=emb)
+
+    def text_feedforward(self, block: Any) -> tuple[Callable, Callable]:
+        """The block's text-stream (norm, feed-forward) applied after the attention residual."""
+        return block.norm2_context, block.ff_context
 
     def install(self, transformer: Any, state: RunState, stack: contextlib.ExitStack) -> None:
         originals = self.check_processors(transformer, range(state.last_block + 1))

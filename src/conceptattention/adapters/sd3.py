@@ -21,15 +21,8 @@ import torch.nn.functional as F
 
 from conceptattention.adapters.base import BackendSpec, ConceptEncoding, EncodeInputs, ForwardRecord
 from conceptattention.adapters.joint import ConceptProcessor, JointBackend, apply_norm, projections
-from conceptattention.concepts import (
-    ConceptEmbeddings,
-    check_concept_tokens,
-    locate_span,
-    pipeline_part,
-    pool_token_states,
-)
+from conceptattention.concepts import ConceptEmbeddings, concept_token_ids, pipeline_part, pool_spans
 from conceptattention.core import TokenGrid
-from conceptattention.errors import ConceptAttentionError
 
 
 @dataclass(frozen=True)
@@ -148,11 +141,7 @@ class SD3Backend(JointBackend):
             tokenizer = pipeline_part(pipe, "tokenizer", why)
             for name in ("text_encoder", "tokenizer_2", "text_encoder_2"):
                 pipeline_part(pipe, name, why)
-        words = [tokenizer(concept, add_special_tokens=False).input_ids for concept in prompts]
-        empty = [c for c, word in zip(prompts, words) if not word]
-        if empty:
-            raise ConceptAttentionError(f"The tokenizer produced no tokens for concept(s) {empty}; use other words")
-        check_concept_tokens(prompts, words, tokenizer)  # before any encoder runs
+        words = concept_token_ids(prompts, tokenizer)  # checked before any encoder runs
         if choice == "t5":
             length = encoding.max_sequence_length or self.spec.max_sequence_length
             hidden = pipe._get_t5_prompt_embeds(prompt=prompts, max_sequence_length=length, device=device)
@@ -164,13 +153,7 @@ class SD3Backend(JointBackend):
             length = hidden.shape[1]
             described = "clip (CLIP-L + CLIP-G penultimate states, zero-padded to the T5 width), each concept alone"
         ids = tokenizer(prompts, padding="max_length", max_length=length, truncation=True).input_ids
-        keep = torch.zeros(hidden.shape[:2], dtype=torch.bool)
-        for row, word in enumerate(words):
-            start = locate_span(ids[row], word)
-            keep[row, start : start + len(word)] = True
-        tokens = tuple(tuple(tokenizer.convert_ids_to_tokens(word)) for word in words)
-        states = pool_token_states(hidden, keep.to(hidden.device), encoding.pooling)
-        return ConceptEmbeddings(states, tokens, encoding.pooling, described)
+        return pool_spans(hidden, ids, words, tokenizer, encoding.pooling, described)
 
     # -- forwards ------------------------------------------------------------------------------
     def read_forward(self, transformer, inputs: Mapping[str, Any], batched_cfg: bool) -> ForwardRecord:
