@@ -10,9 +10,11 @@ of paired runs.
   every block but the last is traced (the last is ``context_pre_only`` and is never scored).
 - ``--arch chroma``: ``ChromaTransformer2DModel``, 4 double + 4 single blocks, a text mask with
   a quarter of the prompt valid (as the pipeline pads); every double block is traced.
+- ``--arch qwenimage``: ``QwenImageTransformer2DModel``, 5 dual-stream blocks, text RoPE, a text
+  mask with a quarter of the prompt valid; every block but the dead last one is traced.
 
 Usage:
-    python benchmarks/overhead.py [--arch {flux,sd3,chroma}] [--device cuda] [--repeats 21]
+    python benchmarks/overhead.py [--arch {flux,sd3,chroma,qwenimage}] [--device cuda] [--repeats 21]
 
 The last line of output is one JSON object.
 """
@@ -26,7 +28,12 @@ import statistics
 import time
 
 import torch
-from diffusers import ChromaTransformer2DModel, FluxTransformer2DModel, SD3Transformer2DModel
+from diffusers import (
+    ChromaTransformer2DModel,
+    FluxTransformer2DModel,
+    QwenImageTransformer2DModel,
+    SD3Transformer2DModel,
+)
 from torch.profiler import ProfilerActivity, profile
 
 from conceptattention import ConceptAttentionConfig
@@ -35,7 +42,7 @@ from conceptattention.bundled.components import rope_axes_for_head_dim
 from conceptattention.concepts import ConceptEmbeddings
 from conceptattention.tracing import ConceptSession
 
-DEFAULT_DOUBLE = {"flux": 4, "sd3": 5, "chroma": 4}
+DEFAULT_DOUBLE = {"flux": 4, "sd3": 5, "chroma": 4, "qwenimage": 5}
 POOLED_DIM = 256
 
 
@@ -117,7 +124,33 @@ def build_sd3(args):
     return transformer, inputs, model
 
 
-BUILDERS = {"flux": build_flux, "sd3": build_sd3, "chroma": build_chroma}
+def build_qwenimage(args):
+    """Random Qwen-Image transformer and a masked prompt (a quarter valid); the last block is never traced."""
+    sizes = _flux_sizes(args)
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2,
+        in_channels=64,
+        out_channels=16,
+        num_layers=args.double,
+        attention_head_dim=sizes["attention_head_dim"],
+        num_attention_heads=args.heads,
+        joint_attention_dim=args.text_dim,
+        axes_dims_rope=sizes["axes_dims_rope"],
+    )
+    mask = torch.zeros(1, args.text_tokens, dtype=torch.bool)
+    mask[:, : args.text_tokens // 4] = True
+    inputs = {
+        "hidden_states": torch.randn(1, args.grid * args.grid, 64),
+        "encoder_hidden_states": torch.randn(1, args.text_tokens, args.text_dim),
+        "encoder_hidden_states_mask": mask,
+        "timestep": torch.tensor([0.5]),
+        "img_shapes": [[(1, args.grid, args.grid)]],
+    }
+    model = {"double_blocks": args.double, "traced_blocks": list(range(args.double - 1))}
+    return transformer, inputs, model
+
+
+BUILDERS = {"flux": build_flux, "sd3": build_sd3, "chroma": build_chroma, "qwenimage": build_qwenimage}
 
 
 def build(args):
@@ -125,7 +158,10 @@ def build(args):
     torch.manual_seed(0)
     transformer, inputs, model = BUILDERS[args.arch](args)
     transformer = transformer.to(args.device, args.dtype).eval()
-    inputs = {k: v.to(args.device, args.dtype if v.is_floating_point() else v.dtype) for k, v in inputs.items()}
+    inputs = {
+        k: v.to(args.device, args.dtype if v.is_floating_point() else v.dtype) if torch.is_tensor(v) else v
+        for k, v in inputs.items()
+    }
     concepts = [f"concept{i}" for i in range(args.concepts)]
     embeddings = ConceptEmbeddings(
         states=torch.randn(args.concepts, args.text_dim, device=args.device, dtype=args.dtype),

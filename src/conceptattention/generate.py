@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from conceptattention.adapters import backend_for
 from conceptattention.config import ConceptAttentionConfig
 from conceptattention.errors import ConceptAttentionError
 from conceptattention.loading import model_defaults
@@ -60,6 +61,7 @@ def generate(
     for key, value in model_defaults(pipe).items():
         if key in ("height", "width", "max_sequence_length", "num_inference_steps"):
             pipe_kwargs.setdefault(key, value)
+    backend_for(getattr(pipe, "transformer", None), pipe).check_call(pipe, pipe_kwargs)
     with trace(pipe, concepts, config) as tracer:
         output = pipe(prompt, **pipe_kwargs)
     scalars = {k: v for k, v in pipe_kwargs.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}

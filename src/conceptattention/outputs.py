@@ -65,6 +65,7 @@ class RunRecord:
         architecture: the backend's ``spec.name``.
         concept_tokens: each concept's sub-tokens, as the tokenizer split it.
         concept_encoder: which prompt encoder encoded the concepts, in words.
+        concept_positions: the position policy of concept tokens under the model's text RoPE.
         layers: the scored blocks; excluded_blocks: blocks that can never be scored, with why.
         grid: token grid (h, w) or (F, h, w).
         cfg: which forwards/batch rows the maps describe.
@@ -78,6 +79,7 @@ class RunRecord:
     concepts: list[str]
     concept_tokens: dict[str, list[str]]
     concept_encoder: str
+    concept_positions: str
     layers: list[int]
     num_double_blocks: int
     excluded_blocks: dict[int, str]

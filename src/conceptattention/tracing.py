@@ -214,6 +214,7 @@ class ConceptSession:
             concepts=list(self.concepts),
             concept_tokens={c: list(t) for c, t in zip(self.concepts, self.embeddings.tokens)},
             concept_encoder=self.embeddings.encoder,
+            concept_positions=backend.spec.concept_positions,
             layers=list(self.layers),
             num_double_blocks=backend.num_blocks(transformer),
             excluded_blocks=backend.excluded_blocks(transformer),

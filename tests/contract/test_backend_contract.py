@@ -288,6 +288,7 @@ def test_generate_returns_images_maps_and_record(case):
     assert meta["seed"] == 5 and meta["prompt"] == "a dog on the grass" and meta["num_inference_steps"] == 3
     assert meta["normalization"] == "softmax" and meta["pooling"] == "first" and meta["score_space"] == "output"
     assert meta["concept_tokens"]["dog"] and meta["concept_encoder"].startswith(backend.spec.concept_encoders[0])
+    assert meta["concept_positions"] == backend.spec.concept_positions
     assert ("conditional half" in meta["cfg"]) == case.conditional_half
     assert meta["versions"]["diffusers"] and meta["versions"]["torch"]
     torch.testing.assert_close(maps.maps.sum(1), torch.ones(1, 8, 16))  # softmax over concepts, then mean

@@ -40,12 +40,12 @@ def test_peers_images_identical_and_ratios_reported():
     assert all(result["same_image_as_untraced"].values())  # no variant changes the generated image
 
 
-@pytest.mark.parametrize("arch", ["flux", "sd3", "chroma"])
+@pytest.mark.parametrize("arch", ["flux", "sd3", "chroma", "qwenimage"])
 def test_overhead_smoke_reports_consistent_ratios(arch):
     result = _run("overhead.py", "--arch", arch, "--repeats", "3", "--warmup", "0", "--hidden", "64", "--heads", "2",
                   "--grid", "8", "--text-tokens", "16", "--text-dim", "32")  # fmt: skip
     assert result["config"]["arch"] == arch and result["config"]["image_tokens"] == 64
     # the ratio is of unrounded bytes; the MB fields are rounded to 0.01
     assert result["peak_traced_mb"] == pytest.approx(result["peak_mem_ratio"] * result["peak_plain_mb"], abs=0.02)
-    # every double block is traced; SD3's last (context_pre_only) block never is
+    # every double block is traced; SD3's pre-only and Qwen-Image's dead last block never are
     assert result["config"]["traced_blocks"] == [0, 1, 2, 3]

@@ -264,6 +264,9 @@ class Backend(ABC):
     def install(self, transformer: torch.nn.Module, state: RunState, stack: contextlib.ExitStack) -> None:
         """Install processors and block hooks on the blocks 0..last selected, pushing undo steps."""
 
+    def check_call(self, pipe: Any, call: Mapping[str, Any]) -> None:
+        """Refuse pipeline-call arguments the pipeline needs but lacks, before any compute (default: none)."""
+
     # -- encode mode ---------------------------------------------------------------------------
     @abstractmethod
     def pixels_per_token(self, pipe: Any) -> int:

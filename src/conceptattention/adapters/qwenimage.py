@@ -252,6 +252,13 @@ class QwenImageBackend(JointBackend):
             temb = temb.chunk(2, dim=0)[0]  # [target; reference (t = 0)]: text uses the target half
         return temb[record.rows]
 
+    def check_call(self, pipe: Any, call: Mapping[str, Any]) -> None:
+        if type(pipe).__name__.startswith("QwenImageEdit") and call.get("image") is None:
+            raise ConceptAttentionError(
+                f"{type(pipe).__name__} edits a reference image: pass `image=` (the picture to edit) along with the "
+                "instruction; the maps then show where the instruction acts on the edited image"
+            )
+
     # -- encode mode ---------------------------------------------------------------------------
     def pixels_per_token(self, pipe: Any) -> int:
         return int(getattr(pipe, "vae_scale_factor", 8)) * 2  # 2x2 latent patches
