@@ -266,6 +266,7 @@ class Backend(ABC):
 
     def check_call(self, pipe: Any, call: Mapping[str, Any]) -> None:
         """Refuse pipeline-call arguments the pipeline needs but lacks, before any compute (default: none)."""
+        return None
 
     # -- encode mode ---------------------------------------------------------------------------
     @abstractmethod
