@@ -31,11 +31,11 @@ from tqdm import tqdm
 from conceptattention import load_pipeline
 from conceptattention.bundled.model import BundledModelConfig, build_untrained
 from conceptattention.data.scenes import CLASSES, SyntheticScenes
+from conceptattention.eval.config import EvalConfig
 from conceptattention.eval.datasets import SceneDataset
-from conceptattention.eval.harness import METHODS, evaluate
+from conceptattention.eval.harness import METHODS, score_dataset
 from conceptattention.eval.protocol import multiclass_stats
-from conceptattention.eval.report import summarize, summarize_stats, write_report
-from conceptattention.eval.run import PROTOCOLS
+from conceptattention.eval.report import summarize_stats, write_report
 from conceptattention.loading import bundled_model_path
 
 
@@ -90,17 +90,15 @@ def main() -> None:
     pipe = load_pipeline(args.model, dtype="float32")
     pipe.set_progress_bar_config(disable=True)
     dataset = SceneDataset("test", args.scenes)
-    protocol = PROTOCOLS["scenes"]
-    evaluate(pipe, dataset, args.out / "trained", methods=list(METHODS), protocol=protocol, per_block=True,
-             progress=_bar)  # fmt: skip
-    trained_rows = summarize(args.out / "trained", len(CLASSES), dataset.ids())
+    config = EvalConfig(dataset="scenes", methods=tuple(METHODS), per_block=True)
+    trained_rows = score_dataset(pipe, dataset, config, out=args.out / "trained", progress=_bar)
     write_report(args.out / "trained", trained_rows, f"scenes ({args.scenes} test scenes), bundled model")
     rows = {row["method"]: row for row in trained_rows}
 
     architecture = BundledModelConfig.of_model(args.model or bundled_model_path())
     pipe.transformer = build_untrained(architecture, seed=0).transformer.to(pipe.transformer.dtype)
-    evaluate(pipe, dataset, args.out / "untrained", protocol=protocol, progress=_bar)
-    rows["untrained"] = summarize(args.out / "untrained", len(CLASSES))[0]
+    rows["untrained"] = score_dataset(pipe, dataset, EvalConfig(dataset="scenes"), out=args.out / "untrained",
+                                      progress=_bar)[0]  # fmt: skip
     rows["layout_prior"] = layout_prior(dataset, args.prior_scenes)
 
     results = {name: _summary(row) for name, row in rows.items()}

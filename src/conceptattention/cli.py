@@ -341,29 +341,19 @@ def eval_command(
     overwrite: Annotated[bool, typer.Option(help="Delete results computed with other settings in --out.")] = False,
 ) -> None:
     """Zero-shot segmentation benchmark; resumable (rerun the same command), shardable with accelerate launch."""
-    from conceptattention.eval.harness import METHODS
-    from conceptattention.eval.run import PROTOCOLS, run_eval
+    from conceptattention.eval.config import EvalConfig
+    from conceptattention.eval.run import run_eval
 
-    if words not in ("short", "lemma"):
-        raise ConceptAttentionError(f"`--words` must be short or lemma, got {words!r}")
     check_positive(limit=limit, batch_size=batch_size, num_samples=num_samples, resolution=resolution)
     check_seed(seed)
-    if dataset not in PROTOCOLS:
-        raise ConceptAttentionError(f"unknown dataset {dataset!r}; choose one of {', '.join(PROTOCOLS)}")
-    methods = method or ["concept_attention"]
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise ConceptAttentionError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
-    overrides = {
-        "num_samples": num_samples,
-        "blur": blur,
-        "resolution": (resolution, resolution) if resolution else None,
-    }
+    config = EvalConfig(
+        dataset=dataset, data=data, model=model, out=out, methods=tuple(method or ["concept_attention"]),
+        t_values=tuple(t or [0.5]), num_samples=num_samples, resolution=resolution, blur=blur, per_block=per_block,
+        layers=tuple(parse_indices(layers, "layers") or ()) or None, seed=seed, limit=limit, batch_size=batch_size,
+        words=words, dtype=dtype, overwrite=overwrite,
+    )  # fmt: skip
     _quiet_loading()
-    written = run_eval(dataset, data, model, out, methods=methods, t_values=t or [0.5], overrides=overrides,
-                       per_block=per_block, layers=tuple(parse_indices(layers, "layers") or ()) or None, seed=seed,
-                       limit=limit, batch_size=batch_size, dtype=dtype, console=console, words=words,
-                       overwrite=overwrite)  # fmt: skip
+    written = run_eval(config, console)
     if written:
         Console().print((out / "report.md").read_text())
         _summary(f"Wrote {out}", written)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -11,10 +10,9 @@ import torch
 
 import conceptattention as ca
 from conceptattention.errors import ConceptAttentionError
+from conceptattention.eval.config import EvalConfig
 from conceptattention.eval.datasets import SceneDataset
-from conceptattention.eval.protocol import evaluate_batch
-from conceptattention.eval.report import summarize_stats
-from conceptattention.eval.run import PROTOCOLS
+from conceptattention.eval.harness import score_dataset
 from conceptattention.loading import bundled_model_path
 
 # Measured on the first 40 held-out test scenes with the shipped weights (see docs/bundled_model.md):
@@ -43,12 +41,7 @@ def test_bundled_model_is_a_flux_pipeline_within_budget(bundled):
 
 
 def _miou(pipe, scenes: SceneDataset) -> float:
-    stats = [
-        asdict(evaluate_batch(pipe, [scenes[i]], "multiclass", len(scenes.class_names), PROTOCOLS["scenes"],
-                              ca.ConceptAttentionConfig())[0][0])
-        for i in range(len(scenes))
-    ]  # fmt: skip
-    return summarize_stats(stats, len(scenes.class_names))["miou"]
+    return score_dataset(pipe, scenes, EvalConfig(dataset="scenes"))[0]["miou"]
 
 
 def test_maps_localise_the_named_things(bundled):

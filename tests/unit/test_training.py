@@ -83,14 +83,10 @@ def test_a_training_run_keeps_the_architecture_it_started_with(tmp_path):
 
 
 def test_held_out_grounding_is_measured_at_the_training_resolution():
-    from dataclasses import asdict, replace
-
     from conceptattention.bundled.train import TrainSettings, grounding
-    from conceptattention.config import ConceptAttentionConfig
+    from conceptattention.eval.config import EvalConfig
     from conceptattention.eval.datasets import SceneDataset
-    from conceptattention.eval.protocol import evaluate_batch
-    from conceptattention.eval.report import summarize_stats
-    from conceptattention.eval.run import PROTOCOLS
+    from conceptattention.eval.harness import score_dataset
 
     config = _tiny_config()
     pipe = build_untrained(config, seed=0)
@@ -98,16 +94,11 @@ def test_held_out_grounding_is_measured_at_the_training_resolution():
     scenes = SceneDataset("val", 3)
 
     def miou(resolution):
-        protocol = replace(PROTOCOLS["scenes"], resolution=resolution)
-        stats = [
-            asdict(evaluate_batch(pipe, [scenes[i]], "multiclass", 10, protocol, ConceptAttentionConfig(),
-                                  max_sequence_length=16)[0][0])
-            for i in range(len(scenes))
-        ]  # fmt: skip
-        return summarize_stats(stats, 10)["miou"]
+        settings = EvalConfig(dataset="scenes", resolution=resolution)
+        return score_dataset(pipe, scenes, settings, max_sequence_length=16)[0]["miou"]
 
     val = grounding(pipe, pipe.transformer, TrainSettings(val_scenes=3), config)
-    assert val["miou"] == miou((32, 32))
-    assert miou(None) == miou((32, 32))  # the built pipeline's default size is the scenes' size
-    assert val["miou"] != miou((128, 128))  # FluxPipeline's own default, which the criterion once used
+    assert val["miou"] == miou(32)
+    assert miou(None) == miou(32)  # the built pipeline's default size is the scenes' size
+    assert val["miou"] != miou(128)  # FluxPipeline's own default, which the criterion once used
     assert len(val["blocks"]) == config.num_layers

@@ -23,7 +23,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conceptattention.bundled.model import BundledModelConfig, build_untrained
-from conceptattention.config import ConceptAttentionConfig
 from conceptattention.data.scenes import make_scene
 
 logger = logging.getLogger("conceptattention.train")
@@ -149,29 +148,19 @@ def grounding(pipe, ema_transformer, settings: TrainSettings, config: BundledMod
     Evaluated at the pipeline's default size, which :func:`build_untrained` sets to the training
     resolution. Returns ``{"miou": ..., "blocks": [per-block mIoU]}``.
     """
+    from conceptattention.eval.config import EvalConfig
     from conceptattention.eval.datasets import SceneDataset
-    from conceptattention.eval.protocol import evaluate_batch
-    from conceptattention.eval.report import summarize_stats
-    from conceptattention.eval.run import PROTOCOLS
+    from conceptattention.eval.harness import score_dataset
 
-    dataset = SceneDataset("val", settings.val_scenes)
-    num_classes = len(dataset.class_names)
     trained = pipe.transformer
     pipe.transformer = ema_transformer
     try:
-        results = [
-            evaluate_batch(pipe, [dataset[i]], "multiclass", num_classes, PROTOCOLS["scenes"],
-                           ConceptAttentionConfig(per_block=True), max_sequence_length=config.max_sequence_length)[0]
-            for i in range(len(dataset))
-        ]  # fmt: skip
+        dataset = SceneDataset("val", settings.val_scenes)
+        [row] = score_dataset(pipe, dataset, EvalConfig(dataset="scenes", per_block=True),
+                              max_sequence_length=config.max_sequence_length)  # fmt: skip
     finally:
         pipe.transformer = trained
-    overall = summarize_stats([asdict(overall) for overall, _ in results], num_classes)["miou"]
-    blocks = [
-        summarize_stats([asdict(per_block[b]) for _, per_block in results], num_classes)["miou"]
-        for b in range(len(results[0][1]))
-    ]
-    return {"miou": overall, "blocks": blocks}
+    return {"miou": row["miou"], "blocks": [block["miou"] for block in row["blocks"]]}
 
 
 def save_checkpoint(path: Path, pipe, ema, optimizer, step: int, elapsed: float, best: float) -> None:

@@ -6,6 +6,8 @@ a confusion matrix over a dataset and computes the dataset-level values.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
+
 import torch
 
 
@@ -117,6 +119,18 @@ class SegmentationCounts:
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self.confmat = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+
+    @classmethod
+    def from_sparse(cls, entries: Iterable[Sequence[int]], num_classes: int) -> SegmentationCounts:
+        """Counts from :meth:`sparse` rows ``[target, pred, count]`` (e.g. read back from JSON)."""
+        counts = cls(num_classes)
+        for target, pred, count in entries:
+            counts.confmat[target, pred] += count
+        return counts
+
+    def sparse(self) -> list[list[int]]:
+        """The non-zero cells as ``[target, pred, count]`` rows: a compact, JSON-friendly form."""
+        return [[t, p, int(self.confmat[t, p])] for t, p in self.confmat.nonzero().tolist()]
 
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
         self.confmat += confusion_matrix(pred.cpu(), target.cpu(), self.num_classes, self.ignore_index)

@@ -1,91 +1,35 @@
-"""Resumable, shardable evaluation: per-image records appended to JSONL, reports computed from them.
+"""Resumable, shardable evaluation, and :func:`score_dataset`: evaluate, then summarise.
 
 Each process (``accelerate launch``) takes every ``world``-th pending image and appends
-one JSON line per (method, image) to its own ``records.rank<k>.jsonl``, flushed as
-written. A restarted run skips what is already recorded; the report merges all rank
-files and drops duplicates, so kills, restarts and changes of world size lose nothing.
+one JSON line per (method, t, image) to its own ``records.rank<k>.jsonl``, flushed as
+written (:mod:`conceptattention.eval.records`). A restarted run skips what is already
+recorded; the report merges all rank files and drops duplicates, so kills, restarts and
+changes of world size lose nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable
-from dataclasses import asdict
+from collections.abc import Callable
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from conceptattention.config import ConceptAttentionConfig
-from conceptattention.eval.protocol import Protocol, concepts_for, evaluate_batch, layers_used
+from conceptattention.eval.config import EvalConfig
+from conceptattention.eval.protocol import METHODS, EvalProtocol, concepts_for, evaluate_batch, layers_used
+from conceptattention.eval.records import group_records, open_for_append, read_records, run_key
+from conceptattention.eval.report import summarize_records
 
-logger = logging.getLogger(__name__)
+__all__ = ["METHODS", "evaluate", "read_records", "run_key", "score_dataset"]
 
-METHODS: dict[str, ConceptAttentionConfig] = {
-    "concept_attention": ConceptAttentionConfig(),
-    "concept_attention_no_softmax": ConceptAttentionConfig(softmax=False),
-    "concept_keys_image": ConceptAttentionConfig(concept_keys="image"),
-    "concept_keys_concepts": ConceptAttentionConfig(concept_keys="concepts"),
-    "cross_attention": ConceptAttentionConfig(score_space="cross_attention"),
-    "value_space": ConceptAttentionConfig(score_space="value"),
-}
+Progress = Callable[[int, int], Callable[[int], None]]
+"""``progress(todo, planned)`` -> ``advance(n)``: told how many triples run now and are planned in all."""
 
 
-def run_key(method: str, t: float) -> str:
-    return f"{method}@t={t:g}"
-
-
-_RECORD_FIELDS: dict[str, type | tuple[type, ...]] = {
-    "key": str, "id": str, "method": str, "t": (int, float), "stats": dict, "blocks": list,
-}  # fmt: skip
-
-
-def _valid_record(record: Any) -> bool:
-    return isinstance(record, dict) and all(isinstance(record.get(k), t) for k, t in _RECORD_FIELDS.items())
-
-
-def read_records(folder: Path) -> dict[str, dict[str, dict]]:
-    """All complete records under ``folder``: {run key: {image id: record}} (first wins on duplicates).
-
-    A last line without its newline (cut by a kill) is dropped quietly: its image is simply
-    evaluated again. Other lines that do not parse or lack a record's fields are skipped with
-    one warning per file naming their count and line numbers.
-    """
-    records: dict[str, dict[str, dict]] = defaultdict(dict)
-    for path in sorted(folder.glob("records.rank*.jsonl")):
-        data = path.read_bytes()
-        lines = data.split(b"\n")
-        if lines and lines[-1] == b"":
-            lines.pop()  # the file ends with a newline
-        elif lines:
-            lines.pop()  # a partial last line
-        bad = []
-        for number, raw in enumerate(lines, start=1):
-            try:
-                record = json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError):
-                record = None
-            if not _valid_record(record):
-                bad.append(number)
-                continue
-            records[record["key"]].setdefault(record["id"], record)
-        if bad:
-            shown = ", ".join(map(str, bad[:10])) + (" ..." if len(bad) > 10 else "")
-            logger.warning("%s: skipped %d unreadable record line(s) (line %s)", path, len(bad), shown)
-    return records
-
-
-def _open_for_append(path: Path):
-    """Append handle; a trailing partial line (killed mid-write) is cut first."""
-    if path.exists():
-        data = path.read_bytes()
-        if data and not data.endswith(b"\n"):
-            path.write_bytes(data[: data.rfind(b"\n") + 1])
-    return path.open("a", encoding="utf-8")
-
-
-def _batches(items: list[Any], protocol: Protocol, batch_size: int) -> list[list[Any]]:
+def _batches(items: list[Any], protocol: EvalProtocol, batch_size: int) -> list[list[Any]]:
     """Batches of items sharing one concept list (encode_image takes one concept list per call).
 
     ``batch_size`` counts forwards (image x noise draw rows): a call takes
@@ -102,43 +46,40 @@ def _batches(items: list[Any], protocol: Protocol, batch_size: int) -> list[list
 def evaluate(
     pipe: Any,
     dataset: Any,
-    out: Path,
+    config: EvalConfig,
     *,
-    methods: Iterable[str] = ("concept_attention",),
-    t_values: Iterable[float] = (0.5,),
-    protocol: Protocol,
-    per_block: bool = False,
-    layers: tuple[int, ...] | None = None,
-    seed: int = 0,
-    limit: int | None = None,
-    batch_size: int = 1,
+    out: Path | None = None,
     rank: int = 0,
     world: int = 1,
-    progress: Callable[[int, int], Callable[[int], None]] | None = None,
+    progress: Progress | None = None,
     **encode_kwargs: Any,
-) -> int:
-    """Evaluate this process's share of the pending (method, t, image) triples; returns how many ran."""
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise ValueError(f"unknown method(s) {unknown}; choose from {sorted(METHODS)}")
-    out.mkdir(parents=True, exist_ok=True)
-    done = read_records(out)
-    ids = dataset.ids()[: limit or None]
+) -> list[dict[str, Any]]:
+    """Evaluate this process's share of the pending (method, t, image) triples; returns their records.
+
+    With ``out``, the records already there are skipped and the new ones are appended to
+    ``out/records.rank<rank>.jsonl`` as they are computed; without it nothing is written.
+    ``encode_kwargs`` go to :func:`~conceptattention.encode.encode_image` (e.g. ``max_sequence_length``).
+    """
+    done = {} if out is None else read_records(out)
+    ids = dataset.ids()[: config.limit or None]
     mine = [i for i in range(len(ids)) if i % world == rank]
-    plan = [(m, t) for m in methods for t in t_values]
+    plan = [(m, t) for m in config.methods for t in config.t_values]
     todo = {(m, t): [i for i in mine if ids[i] not in done.get(run_key(m, t), {})] for m, t in plan}
-    total = sum(len(v) for v in todo.values())
-    advance = progress(total, len(ids) * len(plan)) if progress else (lambda n: None)
-    count = 0
-    with _open_for_append(out / f"records.rank{rank}.jsonl") as sink:
+    advance = progress(sum(map(len, todo.values())), len(ids) * len(plan)) if progress else (lambda n: None)
+    protocol = config.protocol()
+    records: list[dict[str, Any]] = []
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    with open_for_append(out / f"records.rank{rank}.jsonl") if out is not None else contextlib.nullcontext() as sink:
         for (method, t), indices in todo.items():
-            config = ConceptAttentionConfig(**{**METHODS[method].to_dict(), "per_block": per_block, "layers": layers})
-            run_protocol = Protocol(**{**protocol.to_dict(), "t": t})
-            used_layers = layers_used(pipe, config)
-            for batch in _batches([dataset[i] for i in indices], run_protocol, batch_size):
+            method_config = config.method_config(method)
+            run_protocol = replace(protocol, t=t)
+            used_layers = layers_used(pipe, method_config)
+            for batch in _batches([dataset[i] for i in indices], run_protocol, config.batch_size):
                 start = time.perf_counter()
-                results = evaluate_batch(pipe, batch, dataset.kind, len(dataset.class_names), run_protocol, config,
-                                         seed, max_batch=batch_size, **encode_kwargs)  # fmt: skip
+                results = evaluate_batch(pipe, batch, dataset_kind=dataset.kind, num_classes=len(dataset.class_names),
+                                         protocol=run_protocol, config=method_config, seed=config.seed,
+                                         max_batch=config.batch_size, **encode_kwargs)  # fmt: skip
                 seconds = (time.perf_counter() - start) / len(batch)
                 for item, (stats, blocks) in zip(batch, results):
                     record = {
@@ -151,8 +92,43 @@ def evaluate(
                         "blocks": [asdict(b) for b in blocks],
                         "seconds": round(seconds, 4),
                     }
-                    sink.write(json.dumps(record) + "\n")
-                    sink.flush()
-                count += len(batch)
+                    records.append(record)
+                    if sink is not None:
+                        sink.write(json.dumps(record) + "\n")
+                        sink.flush()
                 advance(len(batch))
-    return count
+    return records
+
+
+def score_dataset(
+    pipe: Any,
+    dataset: Any,
+    config: EvalConfig,
+    *,
+    out: Path | None = None,
+    rank: int = 0,
+    world: int = 1,
+    progress: Progress | None = None,
+    wait: Callable[[], Any] | None = None,
+    **encode_kwargs: Any,
+) -> list[dict[str, Any]]:
+    """Evaluate ``dataset`` under ``config`` and summarise it: one row per (method, t), sorted by run key.
+
+    The one evaluate -> summarise path of the CLI, the training criterion and the tests. Rows hold
+    ``acc``, ``miou``, ``miou_paper_compat``, ``map`` (binary datasets also ``acc_argmax`` and
+    ``miou_argmax``), ``iou_per_class``, ``seconds_per_image``, ``layers``, ``blocks`` (the same per
+    selected block with ``per_block``) and ``missing`` (image ids without a record).
+
+    Without ``out`` the records stay in memory and the rows summarise this call's images. With
+    ``out`` they are appended there (a rerun resumes) and the rows summarise every record in the
+    folder; several processes each pass their ``rank`` and ``world`` and a ``wait`` barrier, and
+    only rank 0 gets the rows (the others get ``[]``).
+    """
+    records = evaluate(pipe, dataset, config, out=out, rank=rank, world=world, progress=progress, **encode_kwargs)
+    if out is not None:
+        if wait is not None:
+            wait()
+        if rank != 0:
+            return []
+    grouped = group_records(records) if out is None else read_records(out)
+    return summarize_records(grouped, len(dataset.class_names), dataset.ids()[: config.limit or None])

@@ -14,11 +14,15 @@ import json
 import os
 import socket
 import time
+from collections.abc import Sequence
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
+from conceptattention.config import ConceptAttentionConfig
 from conceptattention.errors import ConceptAttentionError
+from conceptattention.eval.config import EvalConfig
+from conceptattention.eval.protocol import layers_used
 
 MANIFEST = "manifest.json"
 LOCK = "eval.lock"
@@ -39,12 +43,44 @@ def model_identity(model: str | None, pipe: Any) -> dict[str, Any]:
     return {"name": name, "transformer": type(transformer).__name__, "fingerprint": digest[:16]}
 
 
-def build_manifest(**settings: Any) -> dict[str, Any]:
+def build_manifest(
+    config: EvalConfig, *, dataset_size: int, model: dict[str, Any], dtype: str, layers: Sequence[int]
+) -> dict[str, Any]:
+    """The settings of ``config`` that change a record: the one list a resumed run must match.
+
+    Not listed, so free to differ between runs into one folder: ``methods`` and ``t_values`` (new
+    records), ``batch_size`` (results do not depend on it), ``out``, ``data`` (the dataset is
+    identified by name and size), ``overwrite``; ``model`` and ``dtype`` count as what they load
+    (``model``: :func:`model_identity`; ``dtype``: the transformer's), and ``layers`` as resolved.
+    """
+    settings = {
+        "dataset": config.dataset,
+        "dataset_size": dataset_size,
+        "limit": config.limit,
+        "words": config.dataset_options().get("words"),
+        "model": model,
+        "dtype": dtype,
+        "protocol": {k: v for k, v in config.protocol().to_dict().items() if k != "t"},  # t: per run
+        "layers": list(layers),
+        "seed": config.seed,
+        "per_block": config.per_block,
+    }
     try:
         version = importlib_metadata.version("conceptattention")
     except importlib_metadata.PackageNotFoundError:
         version = None
     return json.loads(json.dumps({**settings, "package_version": version}, default=str))
+
+
+def manifest_of(config: EvalConfig, pipe: Any, dataset_size: int) -> dict[str, Any]:
+    """:func:`build_manifest` for ``config`` run on ``pipe`` (its identity, dtype and resolved layers)."""
+    return build_manifest(
+        config,
+        dataset_size=dataset_size,
+        model=model_identity(config.model, pipe),
+        dtype=str(pipe.transformer.dtype).replace("torch.", ""),
+        layers=layers_used(pipe, ConceptAttentionConfig(layers=config.layers)),
+    )
 
 
 def check_or_write(out: Path, manifest: dict[str, Any], overwrite: bool, write: bool = True) -> None:

@@ -4,25 +4,33 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from conceptattention.config import ConceptAttentionConfig
-from conceptattention.core import binary_map_ap, confusion_matrix, gaussian_blur3x3
+from conceptattention.core import (
+    SegmentationCounts,
+    binary_map_ap,
+    binary_mask,
+    finalize_maps,
+    gaussian_blur3x3,
+    segment,
+    upsample,
+)
 from conceptattention.core.metrics import average_precision
 from conceptattention.encode import encode_image
+from conceptattention.eval.datasets.base import VOID
 
 IMAGENET_BACKGROUNDS = ("background", "floor", "tree", "person", "grass", "face")
 VOC_BACKGROUNDS = ("background", "floor", "grass", "tree", "sky")
 
 
-@dataclass(frozen=True)
-class Protocol:
+@dataclass(frozen=True, kw_only=True)
+class EvalProtocol:
     """Evaluation protocol of a dataset.
 
     Attributes:
@@ -51,6 +59,31 @@ class Protocol:
         return asdict(self)
 
 
+PAPER_PROTOCOL = EvalProtocol(num_samples=5, blur=True, gt_size=(224, 224), image_via_gt_size=True)
+"""The paper's real-image configuration (method.md section 7): 5 noise draws, blur, GT at 224 px."""
+
+PROTOCOLS: dict[str, EvalProtocol] = {
+    "imagenet-seg": replace(PAPER_PROTOCOL, background_concepts=IMAGENET_BACKGROUNDS),
+    "voc-single": replace(PAPER_PROTOCOL, background_concepts=VOC_BACKGROUNDS),
+    "voc-multi": replace(PAPER_PROTOCOL, background_concepts=VOC_BACKGROUNDS),
+    # Synthetic scenes: the caption lists the scene's concepts; labels compared at native size.
+    "scenes": EvalProtocol(caption="a photo of {classes}"),
+}
+"""Dataset name -> its protocol."""
+
+METHODS: dict[str, ConceptAttentionConfig] = {
+    "concept_attention": ConceptAttentionConfig(),
+    "concept_attention_no_softmax": ConceptAttentionConfig(softmax=False),
+    "concept_keys_image": ConceptAttentionConfig(concept_keys="image"),
+    "concept_keys_concepts": ConceptAttentionConfig(concept_keys="concepts"),
+    "cross_attention": ConceptAttentionConfig(score_space="cross_attention"),
+    "value_space": ConceptAttentionConfig(score_space="value"),
+}
+"""Method name (``--method``) -> the variant it evaluates."""
+
+
+
+
 def join_words(words: Sequence[str]) -> str:
     """``["a"]`` -> ``"a"``; ``["a", "b", "c"]`` -> ``"a, b and c"``."""
     return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
@@ -61,7 +94,7 @@ def item_seed(seed: int, item_id: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(item_id.encode())) % 2**31
 
 
-def concepts_for(item, protocol: Protocol) -> tuple[str, ...]:
+def concepts_for(item, protocol: EvalProtocol) -> tuple[str, ...]:
     """The image's class words, then the background concepts that are not already among them."""
     extra = tuple(c for c in protocol.background_concepts if c not in item.classes)
     return (*item.classes, *extra)
@@ -74,7 +107,7 @@ def _resize_labels(labels: np.ndarray, size: tuple[int, int] | None) -> torch.Te
     return torch.from_numpy(np.asarray(resized).astype(np.int64))
 
 
-def _prepare_image(image: np.ndarray, protocol: Protocol) -> Image.Image:
+def _prepare_image(image: np.ndarray, protocol: EvalProtocol) -> Image.Image:
     picture = Image.fromarray(image)
     if protocol.image_via_gt_size and protocol.gt_size is not None:
         picture = picture.resize(protocol.gt_size[::-1], Image.Resampling.LANCZOS)
@@ -90,22 +123,24 @@ class ItemStats:
     ap: float | None = None
 
 
-def _sparse(cm: torch.Tensor) -> list[list[int]]:
-    nz = cm.nonzero().tolist()
-    return [[t, p, int(cm[t, p])] for t, p in nz]
+def _counts(pred: torch.Tensor, labels: torch.Tensor, num_classes: int) -> list[list[int]]:
+    counts = SegmentationCounts(num_classes, ignore_index=VOID)
+    counts.update(pred, labels)
+    return counts.sparse()
 
 
-def _binary_stats(maps: torch.Tensor, labels: torch.Tensor) -> ItemStats:
-    """maps: (C, height, width) with the target concept first; labels: (height, width) 0/1/255."""
-    target = maps[0]
-    soft = (target - target.min()) / (target.max() - target.min()).clamp(min=1e-12)
-    mean_mask = (soft > soft.mean()).long()
-    argmax_mask = (maps.argmax(0) == 0).long()
-    valid = labels != 255
+def binary_stats(maps: torch.Tensor, labels: torch.Tensor) -> ItemStats:
+    """maps: (C, height, width) with the target concept first; labels: (height, width) 0/1/255.
+
+    The target map is min-max scaled (the soft map of AP) and binarised at its mean; the argmax
+    variant takes the pixels where the target wins over every other concept.
+    """
+    soft = finalize_maps(maps[None, :1].flatten(2), "minmax").view(1, 1, *maps.shape[1:])
+    valid = labels != VOID
     return ItemStats(
-        confusion=_sparse(confusion_matrix(mean_mask, labels, 2, ignore_index=255)),
-        confusion_argmax=_sparse(confusion_matrix(argmax_mask, labels, 2, ignore_index=255)),
-        ap=binary_map_ap(soft[valid], labels[valid].bool()),
+        confusion=_counts(binary_mask(soft, 0)[0].long(), labels, 2),
+        confusion_argmax=_counts((segment(maps[None])[0] == 0).long(), labels, 2),
+        ap=binary_map_ap(soft[0, 0][valid], labels[valid].bool()),
     )
 
 
@@ -114,15 +149,14 @@ def multiclass_stats(
 ) -> ItemStats:
     """maps: (C, height, width); class_ids: label of each concept (backgrounds -> 0); AP over the own classes."""
     ids = torch.tensor(list(class_ids))
-    pred = ids[maps.argmax(0)]
-    valid = labels != 255
+    valid = labels != VOID
     aps = [
         average_precision(maps[i][valid], labels[valid] == ids[i])
         for i in range(num_own)
         if (labels[valid] == ids[i]).any()
     ]
     return ItemStats(
-        confusion=_sparse(confusion_matrix(pred, labels, num_classes, ignore_index=255)),
+        confusion=_counts(ids[segment(maps[None])[0]], labels, num_classes),
         ap=float(np.mean(aps)) if aps else None,
     )
 
@@ -138,9 +172,10 @@ def layers_used(pipe: Any, config: ConceptAttentionConfig) -> list[int]:
 def evaluate_batch(
     pipe: Any,
     items: Sequence[Any],
+    *,
     dataset_kind: Literal["binary", "multiclass"],
     num_classes: int,
-    protocol: Protocol,
+    protocol: EvalProtocol,
     config: ConceptAttentionConfig,
     seed: int = 0,
     **encode_kwargs: Any,
@@ -168,9 +203,9 @@ def evaluate_batch(
         stats = []
         for grid in grids:  # (C, h, w)
             grid = gaussian_blur3x3(grid[None])[0] if protocol.blur else grid
-            up = F.interpolate(grid[None].float(), size=tuple(labels.shape), mode="bilinear", align_corners=False)[0]
+            up = upsample(grid[None], (labels.shape[0], labels.shape[1]))[0]
             if dataset_kind == "binary":
-                stats.append(_binary_stats(up, labels))
+                stats.append(binary_stats(up, labels))
             else:
                 class_ids = (*item.class_ids, *([0] * (len(concepts) - len(item.classes))))
                 stats.append(multiclass_stats(up, labels, class_ids, len(item.classes), num_classes))

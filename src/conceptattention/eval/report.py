@@ -9,56 +9,61 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from conceptattention.core import iou_per_class, mean_iou, miou_paper_compat, pixel_accuracy
-from conceptattention.eval.harness import read_records
+from conceptattention.core import SegmentationCounts
+from conceptattention.eval.records import Records, read_records
 
 COLUMNS = ("method", "t", "images", "acc", "miou", "miou_paper_compat", "map", "acc_argmax", "miou_argmax",
            "seconds_per_image")  # fmt: skip
 
 
-def _confusion(entries: Sequence[Sequence[int]], num_classes: int) -> torch.Tensor:
-    cm = torch.zeros(num_classes, num_classes, dtype=torch.int64)
-    for target, pred, count in entries:
-        cm[target, pred] += count
-    return cm
+def _counts(entries: Sequence[dict], field: str, num_classes: int) -> SegmentationCounts:
+    """The sum of the images' sparse confusion matrices under ``field``."""
+    counts = SegmentationCounts(num_classes)
+    for stats in entries:
+        counts.merge(SegmentationCounts.from_sparse(stats[field], num_classes))
+    return counts
 
 
 def summarize_stats(stats: Sequence[dict], num_classes: int) -> dict[str, Any]:
     """Dataset-level metrics from per-image statistics (sums of confusion matrices, mean of AP)."""
-    cm = torch.zeros(num_classes, num_classes, dtype=torch.int64)
-    for s in stats:
-        cm += _confusion(s["confusion"], num_classes)
+    counts = _counts(stats, "confusion", num_classes)
     aps = [s["ap"] for s in stats if s.get("ap") is not None]
     row: dict[str, Any] = {
-        "acc": pixel_accuracy(cm),
-        "miou": mean_iou(cm),
-        "miou_paper_compat": miou_paper_compat(cm),
+        "acc": counts.accuracy(),
+        "miou": counts.miou(),
+        "miou_paper_compat": counts.miou_paper_compat(),
         "map": float(np.mean(aps)) if aps else float("nan"),
-        "iou_per_class": iou_per_class(cm).tolist(),
+        "iou_per_class": counts.ious().tolist(),
     }
     if any(s.get("confusion_argmax") for s in stats):
-        cm_argmax = sum((_confusion(s["confusion_argmax"], num_classes) for s in stats), torch.zeros_like(cm))
-        row.update(acc_argmax=pixel_accuracy(cm_argmax), miou_argmax=mean_iou(cm_argmax))
+        argmax = _counts(stats, "confusion_argmax", num_classes)
+        row.update(acc_argmax=argmax.accuracy(), miou_argmax=argmax.miou())
     return row
 
 
-def summarize(folder: Path, num_classes: int, expected_ids: Sequence[str] | None = None) -> list[dict[str, Any]]:
+def summarize_records(
+    records: Records, num_classes: int, expected_ids: Sequence[str] | None = None
+) -> list[dict[str, Any]]:
     """One row per (method, t), with per-block rows under ``"blocks"`` and any missing image ids."""
     rows = []
-    for _, by_id in sorted(read_records(folder).items()):
-        records = list(by_id.values())
-        row = {"method": records[0]["method"], "t": records[0]["t"], "images": len(records)}
-        row.update(summarize_stats([r["stats"] for r in records], num_classes))
-        row["seconds_per_image"] = float(np.median([r["seconds"] for r in records]))
-        num_blocks = len(records[0]["blocks"])
-        row["blocks"] = [summarize_stats([r["blocks"][b] for r in records], num_classes) for b in range(num_blocks)]
-        row["layers"] = records[0].get("layers")
+    for _, by_id in sorted(records.items()):
+        kept = list(by_id.values())
+        row = {"method": kept[0]["method"], "t": kept[0]["t"], "images": len(kept)}
+        row.update(summarize_stats([r["stats"] for r in kept], num_classes))
+        row["seconds_per_image"] = float(np.median([r["seconds"] for r in kept]))
+        num_blocks = len(kept[0]["blocks"])
+        row["blocks"] = [summarize_stats([r["blocks"][b] for r in kept], num_classes) for b in range(num_blocks)]
+        row["layers"] = kept[0].get("layers")
         if expected_ids is not None:
             row["missing"] = sorted(set(expected_ids) - set(by_id))
         rows.append(row)
     return rows
+
+
+def summarize(folder: Path, num_classes: int, expected_ids: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """:func:`summarize_records` of the records in ``folder``."""
+    return summarize_records(read_records(folder), num_classes, expected_ids)
 
 
 PERCENT_COLUMNS = {"acc", "miou", "miou_paper_compat", "map", "acc_argmax", "miou_argmax"}
