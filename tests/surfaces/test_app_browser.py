@@ -234,11 +234,12 @@ def test_second_visitor_waits_in_the_queue_with_its_place_shown(browser, server)
         page.goto(server[0])
         pages.append(page)
     first, second = pages
-    _set_number(first, "#gen-steps", "60")  # a few seconds of denoising
+    _set_number(first, "#gen-steps", "100")  # a few seconds of denoising: the second visitor arrives meanwhile
+    _set_number(first, "#gen-height", "48")
     second.get_by_role("tab", name="Explain an image").click()
     first.locator("#gen-run").click()
     first.wait_for_function("() => document.querySelector('#gen-overlays [data-testid=status-tracker]')"
-                            ".innerText.includes('/60')")  # fmt: skip  # the first job is denoising
+                            ".innerText.includes('/100')")  # fmt: skip  # the first job is denoising
     second.locator("#exp-run").click()
     second.wait_for_function(
         "() => /queue: 1\\/1/.test(document.querySelector('#exp-overlays [data-testid=status-tracker]').innerText)"
