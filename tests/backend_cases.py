@@ -12,7 +12,7 @@ from functools import cache
 from typing import Any
 
 import torch
-from naive_reference import CHROMA, FLUX, QWEN_IMAGE, SD3, ReferenceArch
+from naive_reference import CHROMA, FLUX, FLUX2, QWEN_IMAGE, SD3, ReferenceArch
 
 
 @dataclass(frozen=True)
@@ -82,6 +82,26 @@ def _qwenimage_factory(dtype=torch.float32):
     from tiny_qwenimage import make_tiny_qwenimage_pipeline
 
     return make_tiny_qwenimage_pipeline(seed=0, dtype=dtype, num_layers=4)
+
+
+def _klein_factory(dtype=torch.float32):
+    from tiny_flux2 import make_tiny_klein_pipeline
+
+    return make_tiny_klein_pipeline(seed=0, dtype=dtype, num_layers=3, num_single_layers=1)
+
+
+def _flux2_dev_factory(dtype=torch.float32):
+    from tiny_flux2 import make_tiny_flux2_dev_pipeline
+
+    return make_tiny_flux2_dev_pipeline(seed=2, dtype=dtype, num_layers=3, num_single_layers=1)
+
+
+def _flux2_normalised(pipe, pixels):
+    """Flux.2: 2x2-patchified latents, normalised by the VAE's batch-norm running statistics."""
+    z = pipe._patchify_latents(pipe.vae.encode(pixels).latent_dist.mode())
+    mean = pipe.vae.bn.running_mean.view(1, -1, 1, 1)
+    std = torch.sqrt(pipe.vae.bn.running_var.view(1, -1, 1, 1) + pipe.vae.config.batch_norm_eps)
+    return (z - mean) / std
 
 
 def _shifted_scaled(pipe, pixels):
@@ -154,6 +174,33 @@ CASES = [
         clean_latents=_qwen_normalised,
         pooled_text=False,
         forwards_per_step=2,
+    ),
+    BackendCase(
+        name="flux2-klein",
+        factory=_klein_factory,
+        arch=FLUX2,
+        run={**RUN, "max_sequence_length": 64},  # guidance_scale 4 by default: a separate negative forward
+        layers=(0, 1, 2),
+        conditional_half=False,
+        encoded_latents=lambda pipe, latents: pipe._pack_latents(latents),
+        encoded_timestep=lambda t: t,
+        blocks=lambda tr: [*tr.transformer_blocks, *tr.single_transformer_blocks],
+        clean_latents=_flux2_normalised,
+        pooled_text=False,
+        forwards_per_step=2,
+    ),
+    BackendCase(
+        name="flux2-dev",
+        factory=_flux2_dev_factory,
+        arch=FLUX2,
+        run={**RUN, "max_sequence_length": 256},  # the system message takes most of the budget
+        layers=(0, 1, 2),
+        conditional_half=False,
+        encoded_latents=lambda pipe, latents: pipe._pack_latents(latents),
+        encoded_timestep=lambda t: t,
+        blocks=lambda tr: [*tr.transformer_blocks, *tr.single_transformer_blocks],
+        clean_latents=_flux2_normalised,
+        pooled_text=False,
     ),
 ]
 CASES_BY_NAME = {case.name: case for case in CASES}

@@ -190,7 +190,7 @@ class ReferenceArch:
     embed: Callable = dual_stream_embed  # (transformer, (C, D_text)) -> (C, D)
     modulation: Callable = dual_stream_modulation  # (block, c, temb) -> normed, gate, shift_mlp, scale_mlp, gate_mlp
     feedforward: Callable = dual_stream_feedforward  # block -> (norm2, ff) of the text stream
-    concept_rope: Callable | None = None  # (block kwargs) -> rotation of (B, H, C, D) concept q/k
+    concept_rope: Callable | None = None  # (transformer, block kwargs, positions) -> rotation of (B, H, C, D) q/k
     target_tokens: Callable | None = None  # (forward kwargs) -> the first n image tokens the maps describe
 
 
@@ -237,7 +237,7 @@ def _qwen_rotate(x, freqs):
     return torch.view_as_real(pairs * freqs).flatten(-2).type_as(x)
 
 
-def qwen_concept_rope(block_inputs):
+def qwen_concept_rope(tr, block_inputs, positions):
     first_text_position = block_inputs["image_rotary_emb"][1][:1]  # (1, D/2)
     return lambda x: _qwen_rotate(x, first_text_position)
 
@@ -281,9 +281,83 @@ def qwen_target_tokens(fwd):
     return frames * h * w
 
 
+# -- Flux.2 ----------------------------------------------------------------------------------------
+def flux2_concept_states(pipe, concepts, pooling, encoder, length=512):
+    """Each concept alone through the pipeline's own prompt function; its span right after the template header.
+
+    Returns (states, positions): the header length (tokens before the user text) is each concept's position.
+    """
+    assert encoder in (None, "prompt")
+    tok = pipe.tokenizer
+    states, positions = [], []
+    for concept in concepts:
+        if hasattr(pipe, "_get_qwen3_prompt_embeds"):
+            hidden = pipe._get_qwen3_prompt_embeds(pipe.text_encoder, tok, [concept], max_sequence_length=length)[0]
+            header = "<|im_start|>user\n"
+        else:
+            hidden = pipe._get_mistral_3_small_prompt_embeds(
+                pipe.text_encoder, tok, [concept], max_sequence_length=length, system_message=pipe.system_message
+            )[0]
+            header = f"<s>[SYSTEM_PROMPT]{pipe.system_message}[/SYSTEM_PROMPT][INST]"
+        start = len(tok(header, add_special_tokens=False).input_ids)
+        own = len(tok(concept, add_special_tokens=False).input_ids)
+        states.append(pool(hidden[start : start + own], pooling))
+        positions.append(start)
+    return torch.stack(states), positions
+
+
+def flux2_block_concept_temb(block_inputs):
+    return block_inputs["temb_mod_txt"]
+
+
+def flux2_modulation(block, c, temb):
+    shift, scale, gate, shift_mlp, scale_mlp, gate_mlp = temb.chunk(6, dim=-1)
+    return (1 + scale[:, None]) * block.norm1_context(c) + shift[:, None], gate, shift_mlp, scale_mlp, gate_mlp
+
+
+def flux2_concept_rope(tr, block_inputs, positions):
+    ids = torch.zeros(len(positions), 4)
+    ids[:, 3] = torch.tensor(positions, dtype=torch.float32)
+    rotary = tr.pos_embed(ids)
+    return lambda x: apply_rotary_emb(x, rotary, sequence_dim=2)
+
+
+def flux2_image_attention(block, inputs):
+    """(q_x, k_x after RoPE, v_x, o_x) of the real joint attention over [text; image]."""
+    img_mod = inputs["temb_mod_img"].chunk(6, dim=-1)
+    txt_mod = inputs["temb_mod_txt"].chunk(6, dim=-1)
+    nx = (1 + img_mod[1][:, None]) * block.norm1(inputs["hidden_states"]) + img_mod[0][:, None]
+    nt = (1 + txt_mod[1][:, None]) * block.norm1_context(inputs["encoder_hidden_states"]) + txt_mod[0][:, None]
+    attn = block.attn
+    hd = attn.head_dim
+    qx, kx, vx = (heads(f(nx), hd) for f in (attn.to_q, attn.to_k, attn.to_v))
+    qt, kt, vt = (heads(f(nt), hd) for f in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
+    qx, kx, qt, kt = attn.norm_q(qx), attn.norm_k(kx), attn.norm_added_q(qt), attn.norm_added_k(kt)
+    rope = inputs["image_rotary_emb"]
+    q = apply_rotary_emb(torch.cat([qt, qx], 2), rope, sequence_dim=2)
+    k = apply_rotary_emb(torch.cat([kt, kx], 2), rope, sequence_dim=2)
+    text_len = qt.shape[2]
+    real = plain_attention(q, k, torch.cat([vt, vx], 2))
+    return q[:, :, text_len:], k[:, :, text_len:], vx, merge(real[:, :, text_len:])
+
+
+def flux2_target_tokens(fwd):
+    ids = fwd["img_ids"][0] if fwd["img_ids"].ndim == 3 else fwd["img_ids"]
+    return int((ids[:, 0] == 0).sum())
+
+
 FLUX = ReferenceArch(flux_concept_states, flux_concept_temb, flux_image_attention)
 SD3 = ReferenceArch(sd3_concept_states, sd3_concept_temb, sd3_image_attention)
 CHROMA = ReferenceArch(chroma_concept_states, None, chroma_image_attention, chroma_block_concept_temb)
+FLUX2 = ReferenceArch(
+    flux2_concept_states,
+    None,
+    flux2_image_attention,
+    flux2_block_concept_temb,
+    modulation=flux2_modulation,
+    concept_rope=flux2_concept_rope,
+    target_tokens=flux2_target_tokens,
+)
 QWEN_IMAGE = ReferenceArch(
     qwen_concept_states,
     None,
@@ -323,6 +397,7 @@ def reference_maps(
     num_concepts = len(concepts)
     use_softmax = num_concepts > 1 if softmax is None else softmax
     text_states = arch.concept_states(pipe, concepts, pooling, concept_encoder)
+    text_states, positions = text_states if isinstance(text_states, tuple) else (text_states, None)
     total, count = 0.0, 0
     for step, record in enumerate(records):
         if steps is not None and step not in steps:
@@ -345,7 +420,7 @@ def reference_maps(
             qc, kc, vc = (heads(f(nc), hd) for f in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
             qc, kc = maybe_norm(attn.norm_added_q, qc), maybe_norm(attn.norm_added_k, kc)
             if arch.concept_rope:
-                rotate = arch.concept_rope(record["blocks"][index])
+                rotate = arch.concept_rope(tr, record["blocks"][index], positions)
                 qc, kc = rotate(qc), rotate(kc)
             # Naive concept attention: every query of [concepts; image], then keep the concept rows.
             keys = {

@@ -1,81 +1,24 @@
 """Tiny, randomly initialised Qwen-Image pipelines for tests (built in code, no network).
 
-The tokenizer is a real ``Qwen2Tokenizer`` (byte-level BPE with Qwen's pre-tokenizer and chat
-special tokens) whose small vocabulary is trained here on the prompt template and the base
-words, so the template's system prefix is exactly the 34 tokens the pipeline drops, as with the
-real tokenizer. The text encoder is a 2-layer ``Qwen2_5_VLForConditionalGeneration``.
+Text side from :mod:`tiny_text_encoders`: a real ``Qwen2Tokenizer`` whose vocabulary is trained
+on the prompt template (so the system prefix is the 34 tokens the pipeline drops) and a 2-layer
+``Qwen2_5_VLForConditionalGeneration``.
 """
 
 from __future__ import annotations
 
-import json
-from functools import cache
-
 import torch
 from diffusers import AutoencoderKLQwenImage, QwenImagePipeline, QwenImageTransformer2DModel
-from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
-from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
-from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+from tiny_text_encoders import QWEN_SPECIAL, TEXT_HIDDEN, make_bpe_tokenizer, make_qwen25vl_encoder
 
 from conceptattention.adapters.qwenimage import PROMPT_TEMPLATE
 from conceptattention.bundled.components import BASE_WORDS, make_scheduler, seeded
 
-TEXT_HIDDEN = 32
 LATENT_CHANNELS = 4
-SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 
 
-@cache
-def _vocab_and_merges() -> tuple[dict[str, int], tuple[tuple[str, str], ...]]:
-    trainer_tokenizer = Tokenizer(models.BPE())
-    trainer_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    corpus = [PROMPT_TEMPLATE.format(" ".join(BASE_WORDS)), *BASE_WORDS, *(" " + w for w in BASE_WORDS)]
-    trainer = trainers.BpeTrainer(
-        vocab_size=4000,  # more than needed: every corpus word ends up one token
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        special_tokens=list(SPECIAL_TOKENS),
-        show_progress=False,
-    )
-    trainer_tokenizer.train_from_iterator(corpus, trainer)
-    model = json.loads(trainer_tokenizer.to_str())["model"]
-    return model["vocab"], tuple(tuple(m) for m in model["merges"])
-
-
-def make_qwen_tokenizer() -> Qwen2Tokenizer:
-    vocab, merges = _vocab_and_merges()
-    return Qwen2Tokenizer(vocab=dict(vocab), merges=list(merges), additional_special_tokens=list(SPECIAL_TOKENS[1:]))
-
-
-def make_qwen_text_encoder(tokenizer, seed: int = 0) -> Qwen2_5_VLForConditionalGeneration:
-    pad = tokenizer.pad_token_id
-    config = Qwen2_5_VLConfig(
-        text_config={
-            "vocab_size": len(tokenizer),
-            "hidden_size": TEXT_HIDDEN,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "num_key_value_heads": 1,
-            "rope_scaling": {"type": "mrope", "mrope_section": [2, 2, 4]},
-            "bos_token_id": pad,
-            "eos_token_id": pad,
-            "pad_token_id": pad,
-        },
-        vision_config={
-            "depth": 1,
-            "hidden_size": 16,
-            "intermediate_size": 32,
-            "num_heads": 2,
-            "out_hidden_size": TEXT_HIDDEN,
-            "fullatt_block_indexes": [0],
-        },
-    )
-    return seeded(seed, lambda: Qwen2_5_VLForConditionalGeneration(config)).eval()
+def make_qwen_tokenizer():
+    return make_bpe_tokenizer([PROMPT_TEMPLATE.format(" ".join(BASE_WORDS))], QWEN_SPECIAL[:3])
 
 
 def make_qwen_vae(seed: int = 0) -> AutoencoderKLQwenImage:
@@ -122,7 +65,7 @@ def make_tiny_qwenimage_pipeline(*, seed: int = 0, dtype: torch.dtype = torch.fl
     pipe = QwenImagePipeline(
         scheduler=make_scheduler(),
         vae=_cast(make_qwen_vae(seed + 1), dtype),
-        text_encoder=_cast(make_qwen_text_encoder(tokenizer, seed + 2), dtype),
+        text_encoder=_cast(make_qwen25vl_encoder(tokenizer, seed + 2), dtype),
         tokenizer=tokenizer,
         transformer=_cast(make_tiny_qwenimage_transformer(seed=seed, **sizes), dtype),
     )

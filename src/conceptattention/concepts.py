@@ -63,12 +63,15 @@ class ConceptEmbeddings:
         tokens: the sub-tokens of each concept (special tokens removed), for the record.
         pooling: how ``states`` was pooled from the sub-tokens.
         encoder: which prompt encoder produced them, in words (for the record).
+        positions: (C,) index of each concept's first sub-token in the sequence the encoder saw
+            (templated encoders), for backends that place concepts under text RoPE; else None.
     """
 
     states: torch.Tensor
     tokens: tuple[tuple[str, ...], ...]
     pooling: Pooling
     encoder: str = ""
+    positions: tuple[int, ...] | None = None
 
     def with_encoder(self, encoder: str) -> ConceptEmbeddings:
         return replace(self, encoder=encoder)
@@ -171,12 +174,14 @@ def pool_spans(
         encoder: the encoding, in words, for the record.
     """
     keep = torch.zeros(hidden.shape[:2], dtype=torch.bool)
+    starts = []
     for row, word in enumerate(words):
         start = locate_span(sequences[row], word)
         keep[row, start : start + len(word)] = True
+        starts.append(start)
     tokens = tuple(tuple(tokenizer.convert_ids_to_tokens(list(word))) for word in words)
     states = pool_token_states(hidden, keep.to(hidden.device), pooling)
-    return ConceptEmbeddings(states, tokens, pooling, encoder)
+    return ConceptEmbeddings(states, tokens, pooling, encoder, positions=tuple(starts))
 
 
 def pool_token_states(hidden: torch.Tensor, keep: torch.Tensor, pooling: Pooling) -> torch.Tensor:

@@ -85,6 +85,7 @@ class ConceptSession:
             accumulator=ScoreAccumulator(self.layers, per_block=config.per_block),
             softmax=softmax,
             stop_after_last_block=stop_after_last_block,
+            concept_positions=embeddings.positions,
         )
         self.normalization = _normalization(softmax, len(self.concepts))
         self._attachment = Attachment(transformer, marker=self.backend.processor_class)

@@ -26,7 +26,7 @@ def case(request) -> BackendCase:
 
 def _run(case: BackendCase, pipe, prompt="a dog on the grass near a tree", **extra):
     args = {**case.run, "output_type": "pt", **extra}
-    return pipe(prompt, generator=torch.Generator().manual_seed(3), **args).images
+    return pipe(prompt=prompt, generator=torch.Generator().manual_seed(3), **args).images
 
 
 def _capture_block_outputs(blocks):

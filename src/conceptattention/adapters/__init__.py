@@ -23,6 +23,7 @@ BACKEND_MODULES = (
     "conceptattention.adapters.sd3",
     "conceptattention.adapters.chroma",
     "conceptattention.adapters.qwenimage",
+    "conceptattention.adapters.flux2",
 )
 
 # Transformers whose text enters only through cross-attention (or that have no text queries at all):

@@ -119,6 +119,8 @@ class RunState:
         row_items: (R,) item (image) of each kept batch row of the current forward, when rows of
             one forward belong to different items (noise draws batched together); None: row = item.
         num_items: the number of items the maps describe (with ``row_items``).
+        concept_positions: (C,) each concept's first sub-token index in its encoded sequence
+            (:attr:`ConceptEmbeddings.positions`), for backends with text RoPE at real positions.
     """
 
     config: ConceptAttentionConfig
@@ -131,6 +133,7 @@ class RunState:
     forward: ForwardRecord | None = None
     row_items: torch.Tensor | None = None
     num_items: int | None = None
+    concept_positions: tuple[int, ...] | None = None
 
     @property
     def last_block(self) -> int:

@@ -1,0 +1,325 @@
+"""Flux.2 backend (``Flux2Transformer2DModel``; FLUX.2-dev, FLUX.2 Klein).
+
+Double-stream blocks followed by single blocks, ``Flux2AttnProcessor``, joint sequence
+[text, image] in (B, S, H, D) layout, RMS QK-norm per head. What differs from Flux.1:
+
+* Modulation: computed once per forward at model level from the timestep (+ guidance) embedding
+  (``double_stream_modulation_txt``) and passed to every block as ``temb_mod_txt``; the blocks'
+  ``norm1_context`` is a plain LayerNorm. That text modulation contains nothing from the prompt,
+  so concepts use it as is (the method's concept conditioning).
+* Text RoPE with real positions: ids (t, h, w, l) with text token j at l = j. Concept position
+  policy: each concept at the l its first sub-token has in its own templated encoding, i.e. where
+  a prompt's first user token sits (after the chat template's system/user header); the rotation
+  uses the model's own ``pos_embed`` and ``apply_rotary_emb``.
+* Concepts: through the pipeline's own prompt path (Mistral-3 chat template with the system
+  message for dev, Qwen3 chat template without thinking for Klein; hidden layers stacked as the
+  pipeline stacks them); the concept's span is located by token ids in the templated sequence.
+* Reference images (image-conditioned generation): their latents follow the target latents with
+  time coordinate t > 0; concepts attend over all image tokens, maps cover the target grid only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.embeddings import apply_rotary_emb
+
+from conceptattention.adapters.base import BackendSpec, ConceptEncoding, EncodeInputs, ForwardRecord, argument
+from conceptattention.adapters.joint import ConceptProcessor, JointBackend, projections
+from conceptattention.concepts import ConceptEmbeddings, concept_token_ids, locate_span, pipeline_part, pool_spans
+from conceptattention.core import TokenGrid
+from conceptattention.errors import ConceptAttentionError
+
+DEFAULT_NUM_LAYERS = 3
+
+
+@dataclass(frozen=True)
+class Flux2Conditioning:
+    """Nothing per forward: the text modulation is read from each block's ``temb_mod_txt``."""
+
+
+class Flux2ConceptAttnProcessor(ConceptProcessor):
+    """Stock ``Flux2AttnProcessor`` (double blocks) plus the one-way concept attention of one block.
+
+    The image and text outputs are computed with the same operations in the same order as the
+    stock processor, so they are bit-identical to an untraced run.
+    """
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        assert encoder_hidden_states is not None  # double blocks always pass the text stream
+        query, key, value = projections(attn, hidden_states, added=False)
+        query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))  # (B, N, H, D)
+        key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
+        value = value.unflatten(-1, (-1, attn.head_dim))
+
+        text_query, text_key, text_value = projections(attn, encoder_hidden_states, added=True)
+        text_query = attn.norm_added_q(text_query.unflatten(-1, (-1, attn.head_dim)))  # (B, T, H, D)
+        text_key = attn.norm_added_k(text_key.unflatten(-1, (-1, attn.head_dim)))
+        text_value = text_value.unflatten(-1, (-1, attn.head_dim))
+
+        query = torch.cat([text_query, query], dim=1)  # (B, T + N, H, D)
+        key = torch.cat([text_key, key], dim=1)
+        value = torch.cat([text_value, value], dim=1)
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)  # type: ignore[arg-type,assignment]
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)  # type: ignore[arg-type,assignment]
+
+        joint = dispatch_attention_fn(
+            query,
+            key,
+            value,
+            attn_mask=attention_mask,
+            backend=self._attention_backend,
+            parallel_config=self._parallel_config,
+        )
+        joint = joint.flatten(2, 3).to(query.dtype)  # (B, T + N, H * D)
+        text_len = encoder_hidden_states.shape[1]
+        text_out, image_out = joint.split_with_sizes([text_len, joint.shape[1] - text_len], dim=1)
+
+        if self.stream.runs(self.block_index):
+            q_x, k_x, v_x = (t[:, text_len:].transpose(1, 2) for t in (query, key, value))  # (B, H, N, D)
+            rope = self._concept_rope(image_out.device) if image_rotary_emb is not None else None
+            self.stream.concept_rows(self.block_index, attn, q_x, k_x, v_x, image_out, rope)
+
+        text_out = attn.to_add_out(text_out)
+        image_out = attn.to_out[0](image_out)
+        image_out = attn.to_out[1](image_out)
+        return image_out, text_out
+
+    def _concept_rope(self, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Rotation of (B, C, H, D) concept q/k at text ids (0, 0, 0, l_c), with the model's own RoPE."""
+        positions = self.stream.state.concept_positions
+        assert positions is not None, "Flux.2 concepts carry their template positions"
+        ids = torch.zeros(len(positions), 4, device=device)
+        ids[:, 3] = torch.tensor(positions, device=device, dtype=ids.dtype)
+        rotary = self.stream.transformer.pos_embed(ids)  # (C, D) cos, sin
+
+        def rotate(x: torch.Tensor) -> torch.Tensor:
+            return apply_rotary_emb(x, rotary, sequence_dim=1)  # type: ignore[return-value]
+
+        return rotate
+
+
+@dataclass
+class Flux2EncodeInputs(EncodeInputs):
+    """Encode-mode conditioning: (B, T, D) prompt embeddings, text and image ids, (B,) guidance."""
+
+    prompt_embeds: torch.Tensor
+    txt_ids: torch.Tensor
+    img_ids: torch.Tensor
+    guidance: torch.Tensor | None
+
+    batched_fields = ("prompt_embeds", "txt_ids", "img_ids", "guidance")
+
+
+class Flux2Backend(JointBackend):
+    spec = BackendSpec(
+        name="Flux.2",
+        transformer_classes=("Flux2Transformer2DModel",),
+        pipeline_classes=("Flux2Pipeline", "Flux2KleinPipeline"),
+        processor_classes=("Flux2AttnProcessor",),
+        double_blocks="transformer_blocks",
+        joint_order=("text", "image"),
+        layout="BSHD",
+        concept_encoders=("prompt",),
+        default_layers=f"the last {DEFAULT_NUM_LAYERS} double-stream blocks (FLUX.2-dev: 5-7 of 0-7)",
+        cfg_layout="separate",
+        concept_positions="each concept at the text position l of its first sub-token in its own templated "
+        "encoding (where a prompt's first user token sits)",
+        max_sequence_length=512,
+    )
+    processor_class = Flux2ConceptAttnProcessor
+
+    # -- blocks --------------------------------------------------------------------------------
+    def excluded_blocks(self, transformer) -> dict[int, str]:
+        if transformer.config.num_single_layers > 0:
+            return {}
+        last = self.num_blocks(transformer) - 1
+        return {last: "with no single-stream blocks after it, its text output feeds nothing, so its text-query "
+                      "weights were never trained"}  # fmt: skip
+
+    def default_layers(self, transformer) -> tuple[int, ...]:
+        return tuple(self.usable_blocks(transformer)[-DEFAULT_NUM_LAYERS:])
+
+    # -- the text-stream modules ----------------------------------------------------------------
+    def text_modulation(self, block: Any, hidden: torch.Tensor, emb: torch.Tensor):
+        """Flux.2 splits the model-level (B, 6D) text modulation; ``norm1_context`` has no parameters."""
+        (shift, scale, gate), (shift_mlp, scale_mlp, gate_mlp) = (
+            tuple(t.flatten(1) for t in params) for params in _split(emb)
+        )
+        normed = (1 + scale[:, None]) * block.norm1_context(hidden) + shift[:, None]
+        return normed, gate, shift_mlp, scale_mlp, gate_mlp
+
+    # -- concepts ------------------------------------------------------------------------------
+    def encode_concepts(self, pipe: Any, concepts: Sequence[str], encoding: ConceptEncoding) -> ConceptEmbeddings:
+        self.concept_encoder(encoding.encoder)
+        why = "concepts are encoded with the pipeline's prompt encoder"
+        processor = pipeline_part(pipe, "tokenizer", why)
+        encoder = pipeline_part(pipe, "text_encoder", why)
+        tokenizer = getattr(processor, "tokenizer", processor)  # FLUX.2-dev passes a Pixtral processor
+        length = encoding.max_sequence_length or self.spec.max_sequence_length
+        device = pipe._execution_device
+        prompts = list(concepts)
+        concept_token_ids(prompts, tokenizer)  # unknown / identical / empty concepts fail before any encoder runs
+        if hasattr(pipe, "_get_qwen3_prompt_embeds"):  # Klein: Qwen3 chat template, no thinking
+            texts = [
+                processor.apply_chat_template(
+                    [{"role": "user", "content": c}], tokenize=False, add_generation_prompt=True, enable_thinking=False
+                )
+                for c in prompts
+            ]
+            # The encoder masks padding, so the concept states do not depend on the padded length: pad only
+            # to the longest templated concept instead of the prompt budget.
+            length = min(length, max(len(ids) for ids in processor(texts).input_ids))
+            hidden = pipe._get_qwen3_prompt_embeds(
+                text_encoder=encoder, tokenizer=processor, prompt=prompts, device=device, max_sequence_length=length
+            )
+            ids = processor(texts, padding="max_length", truncation=True, max_length=length).input_ids
+            described = "prompt: qwen3 (text_encoder, chat template, hidden layers 9/18/27 stacked), each concept alone"
+        elif hasattr(pipe, "_get_mistral_3_small_prompt_embeds"):  # dev: Mistral-3 with the system message
+            from diffusers.pipelines.flux2.pipeline_flux2 import format_input
+
+            system = getattr(pipe, "system_message", None)
+            options = {} if system is None else {"system_message": system}
+            unpadded = processor.apply_chat_template(
+                format_input(prompts, **options), add_generation_prompt=False, tokenize=True, return_dict=True
+            )["input_ids"]
+            length = min(length, max(len(ids) for ids in unpadded))  # as for Klein: padding is masked
+            hidden = pipe._get_mistral_3_small_prompt_embeds(
+                text_encoder=encoder,
+                tokenizer=processor,
+                prompt=prompts,
+                device=device,
+                max_sequence_length=length,
+                **options,
+            )
+            ids = processor.apply_chat_template(
+                format_input(prompts, **options),
+                add_generation_prompt=False,
+                tokenize=True,
+                return_dict=True,
+                padding="max_length",
+                truncation=True,
+                max_length=length,
+            )["input_ids"]
+            described = "prompt: mistral-3 (text_encoder, chat template with the system message, hidden layers "
+            described += "10/20/30 stacked), each concept alone"
+        else:
+            raise ConceptAttentionError(
+                f"{type(pipe).__name__} has no Flux.2 prompt encoder (`_get_qwen3_prompt_embeds` or "
+                "`_get_mistral_3_small_prompt_embeds`); use Flux2Pipeline or Flux2KleinPipeline"
+            )
+        sequences = [list(row) for row in (ids.tolist() if torch.is_tensor(ids) else ids)]
+        words = [_word_in_context(tokenizer, c, seq) for c, seq in zip(prompts, sequences)]
+        return pool_spans(hidden, sequences, words, tokenizer, encoding.pooling, described)
+
+    # -- forwards ------------------------------------------------------------------------------
+    def read_forward(self, transformer, inputs: Mapping[str, Any], batched_cfg: bool) -> ForwardRecord:
+        timestep = inputs["timestep"]
+        img_ids = inputs["img_ids"]
+        ids = img_ids[0] if img_ids.ndim == 3 else img_ids  # (N, 4): (t, h, w, l)
+        target = ids[:, 0] == ids[0, 0]  # the target image's tokens come first; references have t > 0
+        count = int(target.sum())
+        if not bool(target[:count].all()):
+            raise ConceptAttentionError("The target image tokens must come first in the image sequence")
+        h, w = (int(v) + 1 for v in ids[:count, 1:3].amax(0).tolist())
+        if h * w != count:
+            raise ConceptAttentionError(f"The target image ids describe a {h}x{w} grid but there are {count} tokens")
+        if inputs.get("kv_cache_mode") is not None:
+            raise ConceptAttentionError("KV-cached reference forwards (Flux.2 Klein KV) are not supported")
+        return ForwardRecord(float(timestep.flatten()[0]), TokenGrid(h, w), slice(None), Flux2Conditioning(),
+                             slice(0, count))  # fmt: skip
+
+    def concept_conditioning(self, transformer, record: ForwardRecord, dtype: torch.dtype) -> None:
+        return None  # the model-level text modulation, read from each block's arguments
+
+    def block_conditioning(
+        self, forward_conditioning: torch.Tensor | None, record: ForwardRecord, args: tuple, kwargs: Mapping[str, Any]
+    ) -> torch.Tensor:
+        """(B_rows, 6D) the text modulation the block gets: timestep (+ guidance) only."""
+        return argument(args, kwargs, "temb_mod_txt", 3)[record.rows]
+
+    # -- encode mode ---------------------------------------------------------------------------
+    def pixels_per_token(self, pipe: Any) -> int:
+        return int(getattr(pipe, "vae_scale_factor", 8)) * 2  # 2x2 patchified latents
+
+    @staticmethod
+    def vae_latents(pipe: Any, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 4c, H'/2, W'/2) patchified latents normalised by the VAE's batch-norm statistics."""
+        vae = pipe.vae
+        latents = vae.encode(pixels.to(pipe._execution_device, vae.dtype)).latent_dist.mode()
+        latents = pipe._patchify_latents(latents)
+        mean = vae.bn.running_mean.view(1, -1, 1, 1).to(latents.device, latents.dtype)
+        std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(latents)
+        return ((latents - mean) / std).to(pipe.transformer.dtype)
+
+    def encode_inputs(
+        self, pipe: Any, pixels: torch.Tensor, caption: str, guidance_scale: float | None, max_sequence_length: int
+    ) -> Flux2EncodeInputs:
+        device = pipe._execution_device
+        latents = self.vae_latents(pipe, pixels)  # (B, 4c, h, w)
+        batch = latents.shape[0]
+        prompt_embeds, text_ids = pipe.encode_prompt(
+            prompt=[caption] * batch, device=device, max_sequence_length=max_sequence_length
+        )
+        guidance = None
+        if pipe.transformer.config.guidance_embeds:
+            guidance_scale = 4.0 if guidance_scale is None else guidance_scale  # FLUX.2-dev's default
+            guidance = torch.full((batch,), float(guidance_scale), device=device, dtype=torch.float32)
+        return Flux2EncodeInputs(
+            latents=latents,
+            guidance_scale=guidance_scale if guidance is not None else None,
+            prompt_embeds=prompt_embeds.to(latents.dtype),
+            txt_ids=text_ids.to(device),
+            img_ids=pipe._prepare_latent_ids(latents).to(device),
+            guidance=guidance,
+        )
+
+    def encode_forward(self, pipe: Any, inputs: EncodeInputs, noisy_latents: torch.Tensor, t: float) -> None:
+        assert isinstance(inputs, Flux2EncodeInputs)
+        packed = pipe._pack_latents(noisy_latents)  # (B, h * w, 4c)
+        timestep = torch.full((packed.shape[0],), float(t), device=packed.device, dtype=packed.dtype)
+        pipe.transformer(
+            hidden_states=packed,
+            timestep=timestep,
+            guidance=inputs.guidance,
+            encoder_hidden_states=inputs.prompt_embeds,
+            txt_ids=inputs.txt_ids,
+            img_ids=inputs.img_ids,
+            return_dict=False,
+        )
+
+
+def _split(mod: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """(B, 6D) -> ((shift, scale, gate), (shift_mlp, scale_mlp, gate_mlp)), as ``Flux2Modulation.split``."""
+    chunks = mod.chunk(6, dim=-1)
+    return chunks[:3], chunks[3:]
+
+
+def _word_in_context(tokenizer: Any, concept: str, sequence: Sequence[int]) -> list[int]:
+    """The concept's token ids as they occur in its templated sequence (alone, else with a leading space)."""
+    for text in (concept, " " + concept):
+        word = tokenizer(text, add_special_tokens=False).input_ids
+        try:
+            locate_span(sequence, word)
+        except ConceptAttentionError:
+            continue
+        return word
+    raise ConceptAttentionError(
+        f"The concept {concept!r} does not occur in its templated encoding with {type(tokenizer).__name__}; "
+        "the prompt budget (`max_sequence_length`) may be too small for the chat template"
+    )
+
+
+BACKEND = Flux2Backend()
