@@ -257,3 +257,38 @@ def test_a_folder_being_written_is_refused_and_a_stale_lock_is_taken_over(saved_
     result, output = _cli("eval", "scenes", "--model", saved_scene_model, "--out", out, "--limit", "2")
     assert result.exit_code == 0, output
     assert not (out / "eval.lock").exists()
+
+
+@pytest.mark.parametrize("dataset", ["scenes", "imagenet-seg"])
+def test_score_dataset_gives_the_numbers_of_the_cli(saved_scene_model, imagenet_mat, tmp_path, dataset):
+    """The CLI's report and score_dataset (in memory, or into a folder) agree to the last digit."""
+    from conceptattention.eval.config import EvalConfig
+    from conceptattention.eval.harness import score_dataset
+    from conceptattention.loading import load_pipeline
+
+    data = imagenet_mat if dataset == "imagenet-seg" else None
+    t_values = (0.4, 0.6) if dataset == "scenes" else (0.5,)
+    options = ["--limit", "3", "--num-samples", "2", "--method", "concept_attention", "--method", "value_space",
+               "--per-block", "--batch-size", "4", "--seed", "3"]  # fmt: skip
+    options += [x for t in t_values for x in ("--t", t)]
+    result, output = _cli("eval", dataset, *(["--data", data] if data else []), "--model", saved_scene_model,
+                          "--out", tmp_path / "cli", *options)  # fmt: skip
+    assert result.exit_code == 0, output
+    config = EvalConfig(dataset=dataset, data=data, model=str(saved_scene_model), limit=3, num_samples=2,
+                        methods=("concept_attention", "value_space"), t_values=t_values, per_block=True,
+                        batch_size=4, seed=3)  # fmt: skip
+    pipe = load_pipeline(config.model)
+    pipe.set_progress_bar_config(disable=True)
+    in_memory = score_dataset(pipe, config.open_dataset(), config)
+    into_folder = score_dataset(pipe, config.open_dataset(), config, out=tmp_path / "api")
+    columns = ["acc", "miou", "miou_paper_compat", "map"] + (["acc_argmax", "miou_argmax"] if data else [])
+    cli_rows = _rows(tmp_path / "cli")
+    assert [(r["method"], float(r["t"]), int(r["images"])) for r in cli_rows] == [
+        (m, t, 3) for m in ("concept_attention", "value_space") for t in t_values
+    ]
+    for cli, memory, folder in zip(cli_rows, in_memory, into_folder, strict=True):
+        assert (memory["method"], memory["t"], memory["missing"]) == (cli["method"], float(cli["t"]), [])
+        for column in columns:  # the CSV holds repr(float): exact round trip
+            assert memory[column] == folder[column] == float(cli[column]), column
+        blocks = [round(b["miou"], 6) for b in memory["blocks"]]
+        assert len(blocks) == 2 and blocks == json.loads(cli["blocks_miou"])

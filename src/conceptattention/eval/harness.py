@@ -9,11 +9,10 @@ changes of world size lose nothing.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from conceptattention.eval.protocol import METHODS, EvalProtocol, concepts_for, 
 from conceptattention.eval.records import group_records, open_for_append, read_records, run_key
 from conceptattention.eval.report import summarize_records
 
-__all__ = ["METHODS", "evaluate", "read_records", "run_key", "score_dataset"]
+__all__ = ["METHODS", "read_records", "run_key", "score_dataset"]
 
 Progress = Callable[[int, int], Callable[[int], None]]
 """``progress(todo, planned)`` -> ``advance(n)``: told how many triples run now and are planned in all."""
@@ -43,61 +42,38 @@ def _batches(items: list[Any], protocol: EvalProtocol, batch_size: int) -> list[
     return [group[i : i + per_call] for group in groups.values() for i in range(0, len(group), per_call)]
 
 
-def evaluate(
+def _records(
     pipe: Any,
     dataset: Any,
     config: EvalConfig,
-    *,
-    out: Path | None = None,
-    rank: int = 0,
-    world: int = 1,
-    progress: Progress | None = None,
-    **encode_kwargs: Any,
-) -> list[dict[str, Any]]:
-    """Evaluate this process's share of the pending (method, t, image) triples; returns their records.
-
-    With ``out``, the records already there are skipped and the new ones are appended to
-    ``out/records.rank<rank>.jsonl`` as they are computed; without it nothing is written.
-    ``encode_kwargs`` go to :func:`~conceptattention.encode.encode_image` (e.g. ``max_sequence_length``).
-    """
-    done = {} if out is None else read_records(out)
-    ids = dataset.ids()[: config.limit or None]
-    mine = [i for i in range(len(ids)) if i % world == rank]
-    plan = [(m, t) for m in config.methods for t in config.t_values]
-    todo = {(m, t): [i for i in mine if ids[i] not in done.get(run_key(m, t), {})] for m, t in plan}
-    advance = progress(sum(map(len, todo.values())), len(ids) * len(plan)) if progress else (lambda n: None)
+    todo: dict[tuple[str, float], list[int]],
+    advance: Callable[[int], Any],
+    encode_kwargs: dict[str, Any],
+) -> Iterator[dict[str, Any]]:
+    """One record per (method, t, image) of ``todo``, computed in batches that share a concept list."""
     protocol = config.protocol()
-    records: list[dict[str, Any]] = []
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-    with open_for_append(out / f"records.rank{rank}.jsonl") if out is not None else contextlib.nullcontext() as sink:
-        for (method, t), indices in todo.items():
-            method_config = config.method_config(method)
-            run_protocol = replace(protocol, t=t)
-            used_layers = layers_used(pipe, method_config)
-            for batch in _batches([dataset[i] for i in indices], run_protocol, config.batch_size):
-                start = time.perf_counter()
-                results = evaluate_batch(pipe, batch, dataset_kind=dataset.kind, num_classes=len(dataset.class_names),
-                                         protocol=run_protocol, config=method_config, seed=config.seed,
-                                         max_batch=config.batch_size, **encode_kwargs)  # fmt: skip
-                seconds = (time.perf_counter() - start) / len(batch)
-                for item, (stats, blocks) in zip(batch, results):
-                    record = {
-                        "key": run_key(method, t),
-                        "id": item.id,
-                        "method": method,
-                        "t": t,
-                        "stats": asdict(stats),
-                        "layers": used_layers,
-                        "blocks": [asdict(b) for b in blocks],
-                        "seconds": round(seconds, 4),
-                    }
-                    records.append(record)
-                    if sink is not None:
-                        sink.write(json.dumps(record) + "\n")
-                        sink.flush()
-                advance(len(batch))
-    return records
+    for (method, t), indices in todo.items():
+        method_config = config.method_config(method)
+        run_protocol = replace(protocol, t=t)
+        used_layers = layers_used(pipe, method_config)
+        for batch in _batches([dataset[i] for i in indices], run_protocol, config.batch_size):
+            start = time.perf_counter()
+            results = evaluate_batch(pipe, batch, dataset_kind=dataset.kind, num_classes=len(dataset.class_names),
+                                     protocol=run_protocol, config=method_config, seed=config.seed,
+                                     max_batch=config.batch_size, **encode_kwargs)  # fmt: skip
+            seconds = (time.perf_counter() - start) / len(batch)
+            for item, (stats, blocks) in zip(batch, results):
+                yield {
+                    "key": run_key(method, t),
+                    "id": item.id,
+                    "method": method,
+                    "t": t,
+                    "stats": asdict(stats),
+                    "layers": used_layers,
+                    "blocks": [asdict(b) for b in blocks],
+                    "seconds": round(seconds, 4),
+                }
+            advance(len(batch))
 
 
 def score_dataset(
@@ -114,21 +90,32 @@ def score_dataset(
 ) -> list[dict[str, Any]]:
     """Evaluate ``dataset`` under ``config`` and summarise it: one row per (method, t), sorted by run key.
 
-    The one evaluate -> summarise path of the CLI, the training criterion and the tests. Rows hold
-    ``acc``, ``miou``, ``miou_paper_compat``, ``map`` (binary datasets also ``acc_argmax`` and
-    ``miou_argmax``), ``iou_per_class``, ``seconds_per_image``, ``layers``, ``blocks`` (the same per
-    selected block with ``per_block``) and ``missing`` (image ids without a record).
+    The one evaluate -> summarise path of the CLI, the training criterion, the scenes benchmark and
+    the tests. Rows hold ``acc``, ``miou``, ``miou_paper_compat``, ``map`` (binary datasets also
+    ``acc_argmax`` and ``miou_argmax``), ``iou_per_class``, ``seconds_per_image``, ``layers``, ``blocks``
+    (the same per selected block with ``per_block``) and ``missing`` (image ids without a record).
+    ``encode_kwargs`` go to :func:`~conceptattention.encode.encode_image` (e.g. ``max_sequence_length``).
 
     Without ``out`` the records stay in memory and the rows summarise this call's images. With
-    ``out`` they are appended there (a rerun resumes) and the rows summarise every record in the
-    folder; several processes each pass their ``rank`` and ``world`` and a ``wait`` barrier, and
-    only rank 0 gets the rows (the others get ``[]``).
+    ``out`` each record is appended to ``out/records.rank<rank>.jsonl`` as it is computed, images
+    already recorded there are skipped (a rerun resumes), and the rows summarise every record in the
+    folder. Several processes each take every ``world``-th image and pass a ``wait`` barrier; only
+    rank 0 gets the rows (the others get ``[]``).
     """
-    records = evaluate(pipe, dataset, config, out=out, rank=rank, world=world, progress=progress, **encode_kwargs)
-    if out is not None:
-        if wait is not None:
-            wait()
-        if rank != 0:
-            return []
-    grouped = group_records(records) if out is None else read_records(out)
-    return summarize_records(grouped, len(dataset.class_names), dataset.ids()[: config.limit or None])
+    done = {} if out is None else read_records(out)
+    ids = dataset.ids()[: config.limit or None]
+    mine = [i for i in range(len(ids)) if i % world == rank]
+    plan = [(m, t) for m in config.methods for t in config.t_values]
+    todo = {(m, t): [i for i in mine if ids[i] not in done.get(run_key(m, t), {})] for m, t in plan}
+    advance = progress(sum(map(len, todo.values())), len(ids) * len(plan)) if progress else (lambda n: None)
+    records = _records(pipe, dataset, config, todo, advance, encode_kwargs)
+    if out is None:
+        return summarize_records(group_records(records), len(dataset.class_names), ids)
+    out.mkdir(parents=True, exist_ok=True)
+    with open_for_append(out / f"records.rank{rank}.jsonl") as sink:
+        for record in records:
+            sink.write(json.dumps(record) + "\n")
+            sink.flush()
+    if wait is not None:
+        wait()
+    return summarize_records(read_records(out), len(dataset.class_names), ids) if rank == 0 else []

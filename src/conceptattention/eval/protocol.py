@@ -82,8 +82,6 @@ METHODS: dict[str, ConceptAttentionConfig] = {
 """Method name (``--method``) -> the variant it evaluates."""
 
 
-
-
 def join_words(words: Sequence[str]) -> str:
     """``["a"]`` -> ``"a"``; ``["a", "b", "c"]`` -> ``"a, b and c"``."""
     return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
