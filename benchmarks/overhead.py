@@ -10,11 +10,13 @@ of paired runs.
   every block but the last is traced (the last is ``context_pre_only`` and is never scored).
 - ``--arch chroma``: ``ChromaTransformer2DModel``, 4 double + 4 single blocks, a text mask with
   a quarter of the prompt valid (as the pipeline pads); every double block is traced.
+- ``--arch flux2``: ``Flux2Transformer2DModel``, 4 double + 4 single blocks, 4-axis RoPE with text
+  positions 0..T-1 (concepts rotated at their template position); every double block is traced.
 - ``--arch qwenimage``: ``QwenImageTransformer2DModel``, 5 dual-stream blocks, text RoPE, a text
   mask with a quarter of the prompt valid; every block but the dead last one is traced.
 
 Usage:
-    python benchmarks/overhead.py [--arch {flux,sd3,chroma,qwenimage}] [--device cuda] [--repeats 21]
+    python benchmarks/overhead.py [--arch {flux,sd3,chroma,flux2,qwenimage}] [--device cuda] [--repeats 21]
 
 The last line of output is one JSON object.
 """
@@ -30,6 +32,7 @@ import time
 import torch
 from diffusers import (
     ChromaTransformer2DModel,
+    Flux2Transformer2DModel,
     FluxTransformer2DModel,
     QwenImageTransformer2DModel,
     SD3Transformer2DModel,
@@ -42,7 +45,7 @@ from conceptattention.bundled.components import rope_axes_for_head_dim
 from conceptattention.concepts import ConceptEmbeddings
 from conceptattention.tracing import ConceptSession
 
-DEFAULT_DOUBLE = {"flux": 4, "sd3": 5, "chroma": 4, "qwenimage": 5}
+DEFAULT_DOUBLE = {"flux": 4, "sd3": 5, "chroma": 4, "flux2": 4, "qwenimage": 5}
 POOLED_DIM = 256
 
 
@@ -124,6 +127,34 @@ def build_sd3(args):
     return transformer, inputs, model
 
 
+def build_flux2(args):
+    """Random Flux.2 transformer; text ids (0, 0, 0, l), image ids (0, h, w, 0), as the pipelines make them."""
+    sizes = _flux_sizes(args)
+    head_dim = sizes["attention_head_dim"]
+    transformer = Flux2Transformer2DModel(
+        in_channels=64,
+        num_layers=args.double,
+        num_single_layers=args.single,
+        attention_head_dim=head_dim,
+        num_attention_heads=args.heads,
+        joint_attention_dim=args.text_dim,
+        axes_dims_rope=(head_dim // 4,) * 4,
+        guidance_embeds=True,
+    )
+    grid = torch.cartesian_prod(torch.arange(1), torch.arange(args.grid), torch.arange(args.grid), torch.arange(1))
+    text = torch.cartesian_prod(torch.arange(1), torch.arange(1), torch.arange(1), torch.arange(args.text_tokens))
+    inputs = {
+        "hidden_states": torch.randn(1, args.grid * args.grid, 64),
+        "encoder_hidden_states": torch.randn(1, args.text_tokens, args.text_dim),
+        "timestep": torch.tensor([0.5]),
+        "guidance": torch.tensor([4.0]),
+        "img_ids": grid,
+        "txt_ids": text,
+    }
+    model = {"double_blocks": args.double, "single_blocks": args.single, "traced_blocks": list(range(args.double))}
+    return transformer, inputs, model
+
+
 def build_qwenimage(args):
     """Random Qwen-Image transformer and a masked prompt (a quarter valid); the last block is never traced."""
     sizes = _flux_sizes(args)
@@ -150,7 +181,13 @@ def build_qwenimage(args):
     return transformer, inputs, model
 
 
-BUILDERS = {"flux": build_flux, "sd3": build_sd3, "chroma": build_chroma, "qwenimage": build_qwenimage}
+BUILDERS = {
+    "flux": build_flux,
+    "sd3": build_sd3,
+    "chroma": build_chroma,
+    "flux2": build_flux2,
+    "qwenimage": build_qwenimage,
+}
 
 
 def build(args):
@@ -167,6 +204,7 @@ def build(args):
         states=torch.randn(args.concepts, args.text_dim, device=args.device, dtype=args.dtype),
         tokens=tuple((c,) for c in concepts),
         pooling="first",
+        positions=(3,) * args.concepts,  # a chat-template header of 3 tokens (used by text-RoPE backends)
     )
     config = ConceptAttentionConfig(layers=tuple(model["traced_blocks"]))
     session = ConceptSession(transformer, embeddings, concepts, config)
