@@ -101,20 +101,13 @@ class ChromaBackend(FluxBackend):
             img_ids=pipe._prepare_latent_image_ids(batch, height, width, device, dtype),
         )
 
-    def encode_forward(self, pipe: Any, inputs: EncodeInputs, noisy_latents: torch.Tensor, t: float) -> None:
+    def conditioning_arguments(self, inputs: EncodeInputs) -> dict[str, Any]:
         assert isinstance(inputs, ChromaEncodeInputs)
-        batch, channels, height, width = noisy_latents.shape
-        packed = pipe._pack_latents(noisy_latents, batch, channels, height, width)  # (B, N, 4c)
-        timestep = torch.full((batch,), float(t), device=packed.device, dtype=packed.dtype)
-        pipe.transformer(
-            hidden_states=packed,
-            timestep=timestep,
-            encoder_hidden_states=inputs.prompt_embeds,
-            txt_ids=inputs.txt_ids,
-            img_ids=inputs.img_ids,
-            attention_mask=inputs.attention_mask,
-            return_dict=False,
-        )
-
+        return {
+            "encoder_hidden_states": inputs.prompt_embeds,
+            "txt_ids": inputs.txt_ids,
+            "img_ids": inputs.img_ids,
+            "attention_mask": inputs.attention_mask,
+        }
 
 BACKEND = ChromaBackend()

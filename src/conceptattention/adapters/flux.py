@@ -48,6 +48,59 @@ def image_grid(inputs: Mapping[str, Any]) -> TokenGrid:
     return TokenGrid(h, w)
 
 
+def flux_joint_attention(
+    processor: ConceptProcessor,
+    attn: Any,
+    hidden_states: torch.Tensor,
+    encoder_hidden_states: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The stock joint attention of Flux.1, Chroma and Flux.2 double blocks, up to the output projections.
+
+    The same operations in the same order as diffusers' ``FluxAttnProcessor`` and
+    ``Flux2AttnProcessor`` (which agree up to there), on the user's attention backend.
+
+    Returns:
+        query, key, value: (B, T + N, H, D) after QK-norm and RoPE, [text; image];
+        text_out (B, T, H * D) and image_out (B, N, H * D): attention outputs before the projections.
+    """
+    query, key, value = projections(attn, hidden_states, added=False)
+    query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))  # (B, N, H, D)
+    key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
+    value = value.unflatten(-1, (-1, attn.head_dim))
+
+    text_query, text_key, text_value = projections(attn, encoder_hidden_states, added=True)
+    text_query = attn.norm_added_q(text_query.unflatten(-1, (-1, attn.head_dim)))  # (B, T, H, D)
+    text_key = attn.norm_added_k(text_key.unflatten(-1, (-1, attn.head_dim)))
+    text_value = text_value.unflatten(-1, (-1, attn.head_dim))
+
+    query = torch.cat([text_query, query], dim=1)  # (B, T + N, H, D)
+    key = torch.cat([text_key, key], dim=1)
+    value = torch.cat([text_value, value], dim=1)
+    if image_rotary_emb is not None:
+        query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)  # type: ignore[arg-type,assignment]
+        key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)  # type: ignore[arg-type,assignment]
+
+    joint = dispatch_attention_fn(
+        query,
+        key,
+        value,
+        attn_mask=attention_mask,
+        backend=processor._attention_backend,
+        parallel_config=processor._parallel_config,
+    )
+    joint = joint.flatten(2, 3).to(query.dtype)  # (B, T + N, H * D)
+    text_len = encoder_hidden_states.shape[1]
+    text_out, image_out = joint.split_with_sizes([text_len, joint.shape[1] - text_len], dim=1)
+    return query, key, value, text_out, image_out
+
+
+def image_rows(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, text_len: int):
+    """The image part of [text; image] (B, S, H, D) q/k/v, as (B, H, N, D) each (reused, not recomputed)."""
+    return tuple(t[:, text_len:].transpose(1, 2) for t in (query, key, value))
+
+
 class FluxConceptAttnProcessor(ConceptProcessor):
     """Stock Flux joint attention plus the one-way concept attention of one double block.
 
@@ -65,38 +118,11 @@ class FluxConceptAttnProcessor(ConceptProcessor):
         image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         assert encoder_hidden_states is not None  # double blocks always pass the text stream
-        query, key, value = projections(attn, hidden_states, added=False)
-        query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))  # (B, N, H, D)
-        key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
-        value = value.unflatten(-1, (-1, attn.head_dim))
-
-        text_query, text_key, text_value = projections(attn, encoder_hidden_states, added=True)
-        text_query = attn.norm_added_q(text_query.unflatten(-1, (-1, attn.head_dim)))  # (B, T, H, D)
-        text_key = attn.norm_added_k(text_key.unflatten(-1, (-1, attn.head_dim)))
-        text_value = text_value.unflatten(-1, (-1, attn.head_dim))
-
-        query = torch.cat([text_query, query], dim=1)  # (B, T + N, H, D)
-        key = torch.cat([text_key, key], dim=1)
-        value = torch.cat([text_value, value], dim=1)
-        if image_rotary_emb is not None:
-            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)  # type: ignore[arg-type,assignment]
-            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)  # type: ignore[arg-type,assignment]
-
-        joint = dispatch_attention_fn(
-            query,
-            key,
-            value,
-            attn_mask=attention_mask,
-            backend=self._attention_backend,
-            parallel_config=self._parallel_config,
+        query, key, value, text_out, image_out = flux_joint_attention(
+            self, attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb
         )
-        joint = joint.flatten(2, 3).to(query.dtype)  # (B, T + N, H * D)
-        text_len = encoder_hidden_states.shape[1]
-        text_out, image_out = joint.split_with_sizes([text_len, joint.shape[1] - text_len], dim=1)
-
         if self.stream.runs(self.block_index):
-            # Image q/k/v are reused from the real pass (after QK-norm and RoPE): no second projection.
-            q_x, k_x, v_x = (t[:, text_len:].transpose(1, 2) for t in (query, key, value))  # (B, H, N, D)
+            q_x, k_x, v_x = image_rows(query, key, value, text_out.shape[1])
             self.stream.concept_rows(self.block_index, attn, q_x, k_x, v_x, image_out)
 
         image_out = attn.to_out[0](image_out.contiguous())
@@ -118,6 +144,15 @@ class FluxEncodeInputs(EncodeInputs):
     batched_fields = ("prompt_embeds", "pooled", "guidance")  # ids are shared by the batch
 
 
+def last_double_block_if_no_singles(backend: JointBackend, transformer: Any) -> dict[int, str]:
+    """Flux-family rule: without single-stream blocks after it, the last double block's text output is dead."""
+    if transformer.config.num_single_layers > 0:
+        return {}
+    last = backend.num_blocks(transformer) - 1
+    return {last: "with no single-stream blocks after it, its text output feeds nothing, so its text-query "
+                  "weights were never trained"}  # fmt: skip
+
+
 class FluxBackend(JointBackend):
     spec = BackendSpec(
         name="Flux.1",
@@ -136,11 +171,7 @@ class FluxBackend(JointBackend):
     processor_class = FluxConceptAttnProcessor
 
     def excluded_blocks(self, transformer) -> dict[int, str]:
-        if transformer.config.num_single_layers > 0:
-            return {}
-        last = self.num_blocks(transformer) - 1
-        return {last: "with no single-stream blocks after it, its text output feeds nothing, so its text-query "
-                      "weights were never trained"}  # fmt: skip
+        return last_double_block_if_no_singles(self, transformer)
 
     def default_layers(self, transformer) -> tuple[int, ...]:
         return tuple(self.usable_blocks(transformer)[-DEFAULT_NUM_LAYERS:])
@@ -196,20 +227,22 @@ class FluxBackend(JointBackend):
         )
 
     def encode_forward(self, pipe: Any, inputs: EncodeInputs, noisy_latents: torch.Tensor, t: float) -> None:
-        assert isinstance(inputs, FluxEncodeInputs)
         batch, channels, height, width = noisy_latents.shape
         packed = pipe._pack_latents(noisy_latents, batch, channels, height, width)  # (B, N, 4c)
         timestep = torch.full((batch,), float(t), device=packed.device, dtype=packed.dtype)
-        pipe.transformer(
-            hidden_states=packed,
-            timestep=timestep,
-            encoder_hidden_states=inputs.prompt_embeds,
-            pooled_projections=inputs.pooled,
-            txt_ids=inputs.txt_ids,
-            img_ids=inputs.img_ids,
-            guidance=inputs.guidance,
-            return_dict=False,
-        )
+        pipe.transformer(hidden_states=packed, timestep=timestep, **self.conditioning_arguments(inputs),
+                         return_dict=False)  # fmt: skip
+
+    def conditioning_arguments(self, inputs: EncodeInputs) -> dict[str, Any]:
+        """The transformer's keyword arguments besides latents and timestep, for an encode forward."""
+        assert isinstance(inputs, FluxEncodeInputs)
+        return {
+            "encoder_hidden_states": inputs.prompt_embeds,
+            "pooled_projections": inputs.pooled,
+            "txt_ids": inputs.txt_ids,
+            "img_ids": inputs.img_ids,
+            "guidance": inputs.guidance,
+        }
 
 
 BACKEND = FluxBackend()

@@ -25,11 +25,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
 
 from conceptattention.adapters.base import BackendSpec, ConceptEncoding, EncodeInputs, ForwardRecord, argument
-from conceptattention.adapters.joint import ConceptProcessor, JointBackend, projections
+from conceptattention.adapters.flux import flux_joint_attention, image_rows, last_double_block_if_no_singles
+from conceptattention.adapters.joint import ConceptProcessor, JointBackend
 from conceptattention.concepts import ConceptEmbeddings, concept_token_ids, locate_span, pipeline_part, pool_spans
 from conceptattention.core import TokenGrid
 from conceptattention.errors import ConceptAttentionError
@@ -58,41 +58,15 @@ class Flux2ConceptAttnProcessor(ConceptProcessor):
         image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         assert encoder_hidden_states is not None  # double blocks always pass the text stream
-        query, key, value = projections(attn, hidden_states, added=False)
-        query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))  # (B, N, H, D)
-        key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
-        value = value.unflatten(-1, (-1, attn.head_dim))
-
-        text_query, text_key, text_value = projections(attn, encoder_hidden_states, added=True)
-        text_query = attn.norm_added_q(text_query.unflatten(-1, (-1, attn.head_dim)))  # (B, T, H, D)
-        text_key = attn.norm_added_k(text_key.unflatten(-1, (-1, attn.head_dim)))
-        text_value = text_value.unflatten(-1, (-1, attn.head_dim))
-
-        query = torch.cat([text_query, query], dim=1)  # (B, T + N, H, D)
-        key = torch.cat([text_key, key], dim=1)
-        value = torch.cat([text_value, value], dim=1)
-        if image_rotary_emb is not None:
-            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)  # type: ignore[arg-type,assignment]
-            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)  # type: ignore[arg-type,assignment]
-
-        joint = dispatch_attention_fn(
-            query,
-            key,
-            value,
-            attn_mask=attention_mask,
-            backend=self._attention_backend,
-            parallel_config=self._parallel_config,
+        query, key, value, text_out, image_out = flux_joint_attention(
+            self, attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb
         )
-        joint = joint.flatten(2, 3).to(query.dtype)  # (B, T + N, H * D)
-        text_len = encoder_hidden_states.shape[1]
-        text_out, image_out = joint.split_with_sizes([text_len, joint.shape[1] - text_len], dim=1)
-
         if self.stream.runs(self.block_index):
-            q_x, k_x, v_x = (t[:, text_len:].transpose(1, 2) for t in (query, key, value))  # (B, H, N, D)
+            q_x, k_x, v_x = image_rows(query, key, value, text_out.shape[1])
             rope = self._concept_rope(image_out.device) if image_rotary_emb is not None else None
             self.stream.concept_rows(self.block_index, attn, q_x, k_x, v_x, image_out, rope)
 
-        text_out = attn.to_add_out(text_out)
+        text_out = attn.to_add_out(text_out)  # unlike Flux.1, no .contiguous() before the projections
         image_out = attn.to_out[0](image_out)
         image_out = attn.to_out[1](image_out)
         return image_out, text_out
@@ -143,11 +117,7 @@ class Flux2Backend(JointBackend):
 
     # -- blocks --------------------------------------------------------------------------------
     def excluded_blocks(self, transformer) -> dict[int, str]:
-        if transformer.config.num_single_layers > 0:
-            return {}
-        last = self.num_blocks(transformer) - 1
-        return {last: "with no single-stream blocks after it, its text output feeds nothing, so its text-query "
-                      "weights were never trained"}  # fmt: skip
+        return last_double_block_if_no_singles(self, transformer)
 
     def default_layers(self, transformer) -> tuple[int, ...]:
         return tuple(self.usable_blocks(transformer)[-DEFAULT_NUM_LAYERS:])
