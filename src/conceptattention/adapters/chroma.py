@@ -17,14 +17,15 @@ RoPE, text position ids 0), so the processor is Flux's. What differs:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from conceptattention.adapters.base import BackendSpec, ConceptEncoding, EncodeInputs, ForwardRecord, argument
-from conceptattention.adapters.flux import DEFAULT_NUM_LAYERS, FluxBackend, image_grid
+from conceptattention.adapters.base import ConceptEncoding, EncodeInputs, ForwardRecord, argument
+from conceptattention.adapters.flux import FluxBackend, image_grid
 from conceptattention.concepts import ConceptEmbeddings, encode_concepts, pipeline_part
 
 
@@ -41,19 +42,11 @@ class ChromaEncodeInputs(EncodeInputs):
 
 
 class ChromaBackend(FluxBackend):
-    spec = BackendSpec(
+    spec = dataclasses.replace(
+        FluxBackend.spec,
         name="Chroma",
         transformer_classes=("ChromaTransformer2DModel",),
         pipeline_classes=("ChromaPipeline", "ChromaImg2ImgPipeline"),
-        processor_classes=("FluxAttnProcessor",),
-        double_blocks="transformer_blocks",
-        joint_order=("text", "image"),
-        layout="BSHD",
-        concept_encoders=("t5",),
-        default_layers=f"the last {DEFAULT_NUM_LAYERS} double-stream blocks (all of them when there are fewer)",
-        cfg_layout="separate",
-        concept_positions="text position ids 0 (RoPE is the identity on concepts)",
-        max_sequence_length=512,
     )
 
     def encode_concepts(self, pipe: Any, concepts: Sequence[str], encoding: ConceptEncoding) -> ConceptEmbeddings:

@@ -8,7 +8,7 @@ Concepts: T5 (``text_encoder_2``), each concept alone. Concept conditioning: the
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -123,8 +123,16 @@ class FluxConceptAttnProcessor(ConceptProcessor):
         )
         if self.stream.runs(self.block_index):
             q_x, k_x, v_x = image_rows(query, key, value, text_out.shape[1])
-            self.stream.concept_rows(self.block_index, attn, q_x, k_x, v_x, image_out)
+            rope = self.concept_rope(image_out.device) if image_rotary_emb is not None else None
+            self.stream.concept_rows(self.block_index, attn, q_x, k_x, v_x, image_out, rope)
+        return self.output_projections(attn, image_out, text_out)
 
+    def concept_rope(self, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """The concepts' rotation: none for Flux.1 and Chroma (text position ids 0: the identity)."""
+        return None
+
+    def output_projections(self, attn: Any, image_out: torch.Tensor, text_out: torch.Tensor):
+        """The stock processor's output projections, as ``FluxAttnProcessor`` applies them."""
         image_out = attn.to_out[0](image_out.contiguous())
         image_out = attn.to_out[1](image_out)
         text_out = attn.to_add_out(text_out.contiguous())

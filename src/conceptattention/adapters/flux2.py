@@ -28,8 +28,8 @@ import torch
 from diffusers.models.embeddings import apply_rotary_emb
 
 from conceptattention.adapters.base import BackendSpec, ConceptEncoding, EncodeInputs, ForwardRecord, argument
-from conceptattention.adapters.flux import flux_joint_attention, image_rows, last_double_block_if_no_singles
-from conceptattention.adapters.joint import ConceptProcessor, JointBackend
+from conceptattention.adapters.flux import FluxConceptAttnProcessor, last_double_block_if_no_singles
+from conceptattention.adapters.joint import JointBackend
 from conceptattention.concepts import ConceptEmbeddings, concept_token_ids, locate_span, pipeline_part, pool_spans
 from conceptattention.core import TokenGrid
 from conceptattention.errors import ConceptAttentionError
@@ -42,36 +42,20 @@ class Flux2Conditioning:
     """Nothing per forward: the text modulation is read from each block's ``temb_mod_txt``."""
 
 
-class Flux2ConceptAttnProcessor(ConceptProcessor):
+class Flux2ConceptAttnProcessor(FluxConceptAttnProcessor):
     """Stock ``Flux2AttnProcessor`` (double blocks) plus the one-way concept attention of one block.
 
-    The image and text outputs are computed with the same operations in the same order as the
-    stock processor, so they are bit-identical to an untraced run.
+    Up to the output projections Flux.2's joint attention is Flux.1's (same operations, same
+    order); it differs in the projections and in rotating the concepts at their text positions.
     """
 
-    def __call__(
-        self,
-        attn,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        assert encoder_hidden_states is not None  # double blocks always pass the text stream
-        query, key, value, text_out, image_out = flux_joint_attention(
-            self, attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb
-        )
-        if self.stream.runs(self.block_index):
-            q_x, k_x, v_x = image_rows(query, key, value, text_out.shape[1])
-            rope = self._concept_rope(image_out.device) if image_rotary_emb is not None else None
-            self.stream.concept_rows(self.block_index, attn, q_x, k_x, v_x, image_out, rope)
-
-        text_out = attn.to_add_out(text_out)  # unlike Flux.1, no .contiguous() before the projections
+    def output_projections(self, attn: Any, image_out: torch.Tensor, text_out: torch.Tensor):
+        text_out = attn.to_add_out(text_out)  # as Flux2AttnProcessor: no .contiguous() before the projections
         image_out = attn.to_out[0](image_out)
         image_out = attn.to_out[1](image_out)
         return image_out, text_out
 
-    def _concept_rope(self, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    def concept_rope(self, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
         """Rotation of (B, C, H, D) concept q/k at text ids (0, 0, 0, l_c), with the model's own RoPE."""
         positions = self.stream.state.concept_positions
         assert positions is not None, "Flux.2 concepts carry their template positions"
