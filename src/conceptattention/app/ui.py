@@ -167,6 +167,14 @@ def build_app(pipe: Any, workdir: str | Path | None = None) -> gr.Blocks:
     first = examples[0]
     excluded = "".join(f"; block {i} is left out: {why}" for i, why in info.excluded.items())
 
+    def checked_controls(progress, layers, score_space, softmax, pooling, opacity, cmap):
+        """The shared controls, validated before any compute: the method config (display options checked)."""
+        progress(0, desc="Checking the inputs")
+        config = logic.method_config(pipe, layers, score_space, softmax, pooling)
+        logic.check_opacity(opacity)
+        logic.check_colormap(cmap)
+        return config
+
     def generate_job(
         prompt,
         concepts,
@@ -184,10 +192,7 @@ def build_app(pipe: Any, workdir: str | Path | None = None) -> gr.Blocks:
     ):
         def job():
             start = time.perf_counter()
-            progress(0, desc="Checking the inputs")
-            config = logic.method_config(pipe, layers, score_space, softmax, pooling)
-            logic.check_opacity(opacity)
-            logic.check_colormap(cmap)
+            config = checked_controls(progress, layers, score_space, softmax, pooling, opacity, cmap)
             progress(0.02, desc="Generating")
             maps = logic.run_generate(pipe, prompt, concepts, steps, seed, height, width, config)
             progress(0.95, desc="Drawing the maps")
@@ -212,10 +217,7 @@ def build_app(pipe: Any, workdir: str | Path | None = None) -> gr.Blocks:
     ):
         def job():
             start = time.perf_counter()
-            progress(0, desc="Checking the inputs")
-            config = logic.method_config(pipe, layers, score_space, softmax, pooling)
-            logic.check_opacity(opacity)
-            logic.check_colormap(cmap)
+            config = checked_controls(progress, layers, score_space, softmax, pooling, opacity, cmap)
             progress(0.1, desc=f"Encoding the image with {num_samples} noise sample(s)")
             maps = logic.run_explain(pipe, image, caption, concepts, t, num_samples, seed, config)
             progress(0.9, desc="Drawing the maps")
