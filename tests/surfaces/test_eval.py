@@ -292,3 +292,22 @@ def test_score_dataset_gives_the_numbers_of_the_cli(saved_scene_model, imagenet_
             assert memory[column] == folder[column] == float(cli[column]), column
         blocks = [round(b["miou"], 6) for b in memory["blocks"]]
         assert len(blocks) == 2 and blocks == json.loads(cli["blocks_miou"])
+
+
+def test_two_processes_both_stop_when_another_eval_holds_the_folder(saved_scene_model, tmp_path):
+    """The main process cannot take the lock: the launch fails with the holder named (the launcher stops the
+    rank waiting at the barrier), computes nothing and leaves the holder's lock alone."""
+    out = tmp_path / "held"
+    out.mkdir()
+    holder = {"pid": os.getpid(), "host": __import__("socket").gethostname(), "since": "now"}  # a live process
+    (out / "eval.lock").write_text(json.dumps(holder))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m",
+              *_eval_command(saved_scene_model, out)[2:]]  # fmt: skip
+    done = subprocess.run(launch, env=env, capture_output=True, timeout=300)
+    assert done.returncode != 0
+    err = " ".join((done.stderr.decode() + done.stdout.decode()).split())  # the console wraps long lines
+    assert "is being written by another eval" in err and f"process {os.getpid()}" in err
+    assert not list(out.glob("records.rank*.jsonl"))  # nothing computed
+    assert json.loads((out / "eval.lock").read_text()) == holder  # the holder's lock is left alone
