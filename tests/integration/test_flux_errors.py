@@ -248,3 +248,57 @@ def test_a_hub_that_never_answers_fails_in_bounded_time_with_one_line(tmp_path):
     assert "Could not reach the Hugging Face Hub for 'someone/some-model' (ReadTimeout" in output
     assert "HF_HUB_OFFLINE=1" in output and "fetching someone/some-model" in output
     assert time.monotonic() - start < 120
+
+
+def _serve(reply: bytes):
+    """A loopback TCP server answering every connection with ``reply`` (then closing); returns (port, stop)."""
+    import socket
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+
+    def answer():
+        while True:
+            try:
+                connection = server.accept()[0]
+            except OSError:
+                return
+            try:
+                connection.sendall(reply)
+            finally:
+                connection.close()
+
+    threading.Thread(target=answer, daemon=True).start()
+    return server.getsockname()[1], server.close
+
+
+@pytest.mark.parametrize("failure", ["proxy", "ssl"])
+def test_proxy_and_ssl_failures_are_one_line_naming_offline_mode(tmp_path, failure):
+    """A proxy that refuses the tunnel, and a hub endpoint whose TLS handshake fails: one line, exit 2."""
+    import os
+    import subprocess
+    import sys
+
+    port, stop = _serve(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
+    env = {**os.environ, "HF_HOME": str(tmp_path), "CONCEPTATTENTION_HUB_TIMEOUT": "5"}
+    for key in ("HF_HUB_OFFLINE", "NO_PROXY", "no_proxy"):
+        env.pop(key, None)
+    if failure == "proxy":  # the CONNECT tunnel is refused by the proxy
+        env.update(HF_ENDPOINT="https://huggingface.co", HTTPS_PROXY=f"http://127.0.0.1:{port}",
+                   https_proxy=f"http://127.0.0.1:{port}")  # fmt: skip
+    else:  # plain HTTP where TLS is expected: the handshake fails
+        env["HF_ENDPOINT"] = f"https://127.0.0.1:{port}"
+    try:
+        done = subprocess.run([sys.executable, "-m", "conceptattention.cli", "generate", "a dog", "-c", "dog",
+                               "--model", "someone/some-model", "--out", str(tmp_path / "out"), "--device", "cpu"],
+                              env=env, capture_output=True, text=True, timeout=240)  # fmt: skip
+    finally:
+        stop()
+    output = " ".join((done.stdout + done.stderr).split())
+    assert done.returncode == 2 and "Traceback" not in output, output[-2000:]
+    assert "Could not reach the Hugging Face Hub for 'someone/some-model' (" in output, output[-2000:]
+    assert "proxy (HTTPS_PROXY) or SSL settings" in output and "HF_HUB_OFFLINE=1" in output
+    expected = "(ProxyError: 403 Forbidden)" if failure == "proxy" else "(ConnectError: [SSL: WRONG_VERSION_NUMBER]"
+    assert expected in output, output[-2000:]
