@@ -63,7 +63,7 @@ def generate(
             pipe_kwargs.setdefault(key, value)
     backend_for(getattr(pipe, "transformer", None), pipe).check_call(pipe, pipe_kwargs)
     with trace(pipe, concepts, config) as tracer:
-        output = pipe(prompt=prompt, **pipe_kwargs)  # keyword: some pipelines take `image` first (Flux.2)
+        output = pipe(prompt=prompt, **pipe_kwargs)  # by keyword: some pipelines take `image` first
     scalars = {k: v for k, v in pipe_kwargs.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
     prompts = prompt if isinstance(prompt, str) else list(prompt)
     return tracer.maps(images=output.images, prompt=prompts, seed=seed, call=scalars)
