@@ -42,3 +42,22 @@ def test_pooling_first_and_mean():
     keep = torch.tensor([[True, False, False], [False, True, True]])
     assert pool_token_states(hidden, keep, "first").flatten().tolist() == [1.0, 6.0]
     assert pool_token_states(hidden, keep, "mean").flatten().tolist() == [1.0, 7.0]
+
+
+class _SpaceSensitiveTokenizer:
+    """Ids of a word depend on a leading space, as in sentencepiece/tekken vocabularies."""
+
+    def __call__(self, text, add_special_tokens=False):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(input_ids={"dog": [5, 6], " dog": [7]}.get(text, [9]))
+
+
+def test_flux2_finds_the_concept_as_the_template_tokenized_it():
+    from conceptattention.adapters.flux2 import _word_in_context
+
+    tokenizer = _SpaceSensitiveTokenizer()
+    assert _word_in_context(tokenizer, "dog", [1, 2, 5, 6, 3]) == [5, 6]  # as tokenized alone
+    assert _word_in_context(tokenizer, "dog", [1, 2, 7, 3]) == [7]  # after a space in the template
+    with pytest.raises(ConceptAttentionError, match="does not occur in its templated encoding"):
+        _word_in_context(tokenizer, "dog", [1, 2, 3])
