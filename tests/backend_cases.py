@@ -123,6 +123,17 @@ def _packed(pipe, latents):
 
 
 RUN = {"height": 32, "width": 48, "num_inference_steps": 2, "max_sequence_length": 16}
+# What the two Flux.2 pipelines (Klein, dev) share in the suite.
+FLUX2_CASE: dict[str, Any] = {
+    "arch": FLUX2,
+    "layers": (0, 1, 2),
+    "conditional_half": False,
+    "encoded_latents": lambda pipe, latents: pipe._pack_latents(latents),
+    "encoded_timestep": lambda t: t,
+    "blocks": lambda tr: [*tr.transformer_blocks, *tr.single_transformer_blocks],
+    "clean_latents": _flux2_normalised,
+    "pooled_text": False,
+}
 
 CASES = [
     BackendCase(
@@ -178,29 +189,15 @@ CASES = [
     BackendCase(
         name="flux2-klein",
         factory=_klein_factory,
-        arch=FLUX2,
         run={**RUN, "max_sequence_length": 64},  # guidance_scale 4 by default: a separate negative forward
-        layers=(0, 1, 2),
-        conditional_half=False,
-        encoded_latents=lambda pipe, latents: pipe._pack_latents(latents),
-        encoded_timestep=lambda t: t,
-        blocks=lambda tr: [*tr.transformer_blocks, *tr.single_transformer_blocks],
-        clean_latents=_flux2_normalised,
-        pooled_text=False,
         forwards_per_step=2,
+        **FLUX2_CASE,
     ),
     BackendCase(
         name="flux2-dev",
         factory=_flux2_dev_factory,
-        arch=FLUX2,
         run={**RUN, "max_sequence_length": 256},  # the system message takes most of the budget
-        layers=(0, 1, 2),
-        conditional_half=False,
-        encoded_latents=lambda pipe, latents: pipe._pack_latents(latents),
-        encoded_timestep=lambda t: t,
-        blocks=lambda tr: [*tr.transformer_blocks, *tr.single_transformer_blocks],
-        clean_latents=_flux2_normalised,
-        pooled_text=False,
+        **FLUX2_CASE,
     ),
 ]
 CASES_BY_NAME = {case.name: case for case in CASES}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 from diffusers import ChromaPipeline, ChromaTransformer2DModel
+from tiny_common import cast
 
 from conceptattention.bundled.components import (
     make_scheduler,
@@ -21,9 +22,6 @@ from conceptattention.bundled.components import (
 TEXT_HIDDEN = 32
 LATENT_CHANNELS = 4
 
-
-def _cast(model, dtype: torch.dtype):
-    return model.to(dtype=dtype) if dtype != torch.float32 else model
 
 
 def make_tiny_chroma_transformer(
@@ -51,7 +49,7 @@ def make_tiny_chroma_transformer(
             approximator_layers=1,
         ),
     ).eval()
-    return _cast(model, dtype)
+    return cast(model, dtype)
 
 
 def make_tiny_chroma_pipeline(*, seed: int = 0, dtype: torch.dtype = torch.float32, **sizes) -> ChromaPipeline:
@@ -59,8 +57,8 @@ def make_tiny_chroma_pipeline(*, seed: int = 0, dtype: torch.dtype = torch.float
     tokenizer = make_t5_tokenizer()
     pipe = ChromaPipeline(
         scheduler=make_scheduler(),
-        vae=_cast(make_vae((8, 16), LATENT_CHANNELS, seed=seed + 1), dtype),
-        text_encoder=_cast(make_t5_encoder(tokenizer, TEXT_HIDDEN, seed=seed + 3), dtype),
+        vae=cast(make_vae((8, 16), LATENT_CHANNELS, seed=seed + 1), dtype),
+        text_encoder=cast(make_t5_encoder(tokenizer, TEXT_HIDDEN, seed=seed + 3), dtype),
         tokenizer=tokenizer,
         transformer=make_tiny_chroma_transformer(seed=seed, dtype=dtype, **sizes),
     )

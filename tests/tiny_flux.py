@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel
+from tiny_common import cast
 
 from conceptattention.bundled.components import (
     assemble_pipeline,
@@ -24,10 +25,6 @@ from conceptattention.bundled.components import (
 TEXT_HIDDEN = 32
 LATENT_CHANNELS = 4
 
-
-def _cast(model, dtype: torch.dtype):
-    # Skipping the no-op float32 cast avoids diffusers' "keep in float32" warning.
-    return model.to(dtype=dtype) if dtype != torch.float32 else model
 
 
 def make_tiny_flux_transformer(
@@ -51,15 +48,15 @@ def make_tiny_flux_transformer(
         guidance_embeds=guidance_embeds,
         seed=seed,
     )
-    return _cast(model, dtype)
+    return cast(model, dtype)
 
 
 def make_tiny_flux_pipeline(*, seed: int = 0, dtype: torch.dtype = torch.float32, **transformer_sizes) -> FluxPipeline:
     """A complete FluxPipeline of tiny seeded random parts (VAE scale 2: sizes multiple of 4)."""
     transformer = make_tiny_flux_transformer(seed=seed, dtype=dtype, **transformer_sizes)
-    vae = _cast(make_vae((8, 16), LATENT_CHANNELS, seed=seed + 1), dtype)
+    vae = cast(make_vae((8, 16), LATENT_CHANNELS, seed=seed + 1), dtype)
     tokenizer = make_clip_tokenizer()
     tokenizer_2 = make_t5_tokenizer()
-    text_encoder = _cast(make_clip_encoder(tokenizer, TEXT_HIDDEN, seed=seed + 2), dtype)
-    text_encoder_2 = _cast(make_t5_encoder(tokenizer_2, TEXT_HIDDEN, seed=seed + 3), dtype)
+    text_encoder = cast(make_clip_encoder(tokenizer, TEXT_HIDDEN, seed=seed + 2), dtype)
+    text_encoder_2 = cast(make_t5_encoder(tokenizer_2, TEXT_HIDDEN, seed=seed + 3), dtype)
     return assemble_pipeline(transformer, vae, text_encoder, tokenizer, text_encoder_2, tokenizer_2, make_scheduler())

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline, Flux2Pipeline, Flux2Transformer2DModel
 from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
+from tiny_common import cast
 from tiny_text_encoders import (
     MISTRAL_CHAT_TEMPLATE,
     MISTRAL_SPECIAL,
@@ -28,9 +29,6 @@ LATENT_CHANNELS = 4
 KLEIN_CORPUS = ("<|im_start|>user\nword<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n",)
 DEV_CORPUS = (f"[SYSTEM_PROMPT]{SYSTEM_MESSAGE}[/SYSTEM_PROMPT][INST]word[/INST]",)
 
-
-def _cast(model, dtype: torch.dtype):
-    return model.to(dtype=dtype) if dtype != torch.float32 else model
 
 
 def make_flux2_vae(seed: int = 0) -> AutoencoderKLFlux2:
@@ -74,10 +72,10 @@ def make_tiny_klein_pipeline(*, seed: int = 0, dtype: torch.dtype = torch.float3
     tokenizer = make_bpe_tokenizer(KLEIN_CORPUS, QWEN_SPECIAL, QWEN3_CHAT_TEMPLATE)
     pipe = Flux2KleinPipeline(
         scheduler=make_scheduler(),
-        vae=_cast(make_flux2_vae(seed + 1), dtype),
-        text_encoder=_cast(make_qwen3_encoder(tokenizer, seed + 2), dtype),
+        vae=cast(make_flux2_vae(seed + 1), dtype),
+        text_encoder=cast(make_qwen3_encoder(tokenizer, seed + 2), dtype),
         tokenizer=tokenizer,
-        transformer=_cast(make_tiny_flux2_transformer(seed=seed, **sizes), dtype),
+        transformer=cast(make_tiny_flux2_transformer(seed=seed, **sizes), dtype),
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -90,10 +88,10 @@ def make_tiny_flux2_dev_pipeline(*, seed: int = 0, dtype: torch.dtype = torch.fl
     )
     pipe = Flux2Pipeline(
         scheduler=make_scheduler(),
-        vae=_cast(make_flux2_vae(seed + 1), dtype),
-        text_encoder=_cast(make_mistral3_encoder(tokenizer, seed + 2), dtype),
+        vae=cast(make_flux2_vae(seed + 1), dtype),
+        text_encoder=cast(make_mistral3_encoder(tokenizer, seed + 2), dtype),
         tokenizer=tokenizer,
-        transformer=_cast(make_tiny_flux2_transformer(seed=seed, guidance_embeds=True, **sizes), dtype),
+        transformer=cast(make_tiny_flux2_transformer(seed=seed, guidance_embeds=True, **sizes), dtype),
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 from diffusers import AutoencoderKLQwenImage, QwenImagePipeline, QwenImageTransformer2DModel
+from tiny_common import cast
 from tiny_text_encoders import QWEN_SPECIAL, TEXT_HIDDEN, make_bpe_tokenizer, make_qwen25vl_encoder
 
 from conceptattention.adapters.qwenimage import PROMPT_TEMPLATE
@@ -55,19 +56,16 @@ def make_tiny_qwenimage_transformer(
     ).eval()
 
 
-def _cast(model, dtype: torch.dtype):
-    return model.to(dtype=dtype) if dtype != torch.float32 else model
-
 
 def make_tiny_qwenimage_pipeline(*, seed: int = 0, dtype: torch.dtype = torch.float32, **sizes) -> QwenImagePipeline:
     """A complete QwenImagePipeline of tiny seeded random parts (VAE scale 2: sizes multiple of 4)."""
     tokenizer = make_qwen_tokenizer()
     pipe = QwenImagePipeline(
         scheduler=make_scheduler(),
-        vae=_cast(make_qwen_vae(seed + 1), dtype),
-        text_encoder=_cast(make_qwen25vl_encoder(tokenizer, seed + 2), dtype),
+        vae=cast(make_qwen_vae(seed + 1), dtype),
+        text_encoder=cast(make_qwen25vl_encoder(tokenizer, seed + 2), dtype),
         tokenizer=tokenizer,
-        transformer=_cast(make_tiny_qwenimage_transformer(seed=seed, **sizes), dtype),
+        transformer=cast(make_tiny_qwenimage_transformer(seed=seed, **sizes), dtype),
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe

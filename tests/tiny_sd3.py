@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+from tiny_common import cast
 
 from conceptattention.bundled.components import (
     make_clip_encoder,
@@ -24,9 +25,6 @@ from conceptattention.bundled.components import (
 LATENT_CHANNELS = 4
 CLIP_HIDDEN, CLIP_PROJECTION, T5_HIDDEN = 16, 8, 48
 
-
-def _cast(model, dtype: torch.dtype):
-    return model.to(dtype=dtype) if dtype != torch.float32 else model
 
 
 def make_tiny_sd3_transformer(
@@ -57,7 +55,7 @@ def make_tiny_sd3_transformer(
             **extra,
         ),
     ).eval()
-    return _cast(model, dtype)
+    return cast(model, dtype)
 
 
 def make_tiny_sd3_pipeline(
@@ -65,15 +63,15 @@ def make_tiny_sd3_pipeline(
 ) -> StableDiffusion3Pipeline:
     """A complete StableDiffusion3Pipeline of tiny seeded random parts (VAE scale 2: sizes multiple of 4)."""
     transformer = make_tiny_sd3_transformer(seed=seed, dtype=dtype, **transformer_sizes)
-    vae = _cast(make_vae((8, 16), LATENT_CHANNELS, scaling_factor=1.5305, shift_factor=0.0609, seed=seed + 1), dtype)
+    vae = cast(make_vae((8, 16), LATENT_CHANNELS, scaling_factor=1.5305, shift_factor=0.0609, seed=seed + 1), dtype)
     tokenizer, tokenizer_2, tokenizer_3 = make_clip_tokenizer(), make_clip_tokenizer(), make_t5_tokenizer()
-    text_encoder = _cast(
+    text_encoder = cast(
         make_clip_encoder(tokenizer, CLIP_HIDDEN, seed=seed + 2, projection_dim=CLIP_PROJECTION), dtype
     )
-    text_encoder_2 = _cast(
+    text_encoder_2 = cast(
         make_clip_encoder(tokenizer_2, CLIP_HIDDEN, seed=seed + 3, projection_dim=CLIP_PROJECTION), dtype
     )
-    text_encoder_3 = _cast(make_t5_encoder(tokenizer_3, T5_HIDDEN, seed=seed + 4), dtype) if with_t5 else None
+    text_encoder_3 = cast(make_t5_encoder(tokenizer_3, T5_HIDDEN, seed=seed + 4), dtype) if with_t5 else None
     pipe = StableDiffusion3Pipeline(
         transformer=transformer,
         scheduler=make_scheduler(dynamic_shifting=False),

@@ -18,15 +18,14 @@ RoPE, text position ids 0), so the processor is Flux's. What differs:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from conceptattention.adapters.base import ConceptEncoding, EncodeInputs, ForwardRecord, argument
+from conceptattention.adapters.base import EncodeInputs, ForwardRecord, argument
 from conceptattention.adapters.flux import FluxBackend, image_grid
-from conceptattention.concepts import ConceptEmbeddings, encode_concepts, pipeline_part
 
 
 @dataclass
@@ -48,13 +47,7 @@ class ChromaBackend(FluxBackend):
         transformer_classes=("ChromaTransformer2DModel",),
         pipeline_classes=("ChromaPipeline", "ChromaImg2ImgPipeline"),
     )
-
-    def encode_concepts(self, pipe: Any, concepts: Sequence[str], encoding: ConceptEncoding) -> ConceptEmbeddings:
-        self.concept_encoder(encoding.encoder)
-        tokenizer = pipeline_part(pipe, "tokenizer", "concepts are encoded with the T5 prompt encoder")
-        encoder = pipeline_part(pipe, "text_encoder", "concepts are encoded with the T5 prompt encoder")
-        embeddings = encode_concepts(concepts, tokenizer, encoder, pipe._execution_device, encoding.pooling)
-        return embeddings.with_encoder("t5 (text_encoder), each concept alone with an attention mask")
+    t5_parts = ("tokenizer", "text_encoder")  # Chroma's only encoder: T5, run with its attention mask
 
     def read_forward(self, transformer, inputs: Mapping[str, Any], batched_cfg: bool) -> ForwardRecord:
         timestep = inputs["timestep"]

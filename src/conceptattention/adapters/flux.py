@@ -177,6 +177,7 @@ class FluxBackend(JointBackend):
         max_sequence_length=512,
     )
     processor_class = FluxConceptAttnProcessor
+    t5_parts: tuple[str, str] = ("tokenizer_2", "text_encoder_2")  # the pipeline's T5 (tokenizer, encoder)
 
     def excluded_blocks(self, transformer) -> dict[int, str]:
         return last_double_block_if_no_singles(self, transformer)
@@ -186,10 +187,11 @@ class FluxBackend(JointBackend):
 
     def encode_concepts(self, pipe: Any, concepts: Sequence[str], encoding: ConceptEncoding) -> ConceptEmbeddings:
         self.concept_encoder(encoding.encoder)
-        tokenizer = pipeline_part(pipe, "tokenizer_2", "concepts are encoded with the T5 prompt encoder")
-        encoder = pipeline_part(pipe, "text_encoder_2", "concepts are encoded with the T5 prompt encoder")
+        tokenizer_name, encoder_name = self.t5_parts
+        tokenizer = pipeline_part(pipe, tokenizer_name, "concepts are encoded with the T5 prompt encoder")
+        encoder = pipeline_part(pipe, encoder_name, "concepts are encoded with the T5 prompt encoder")
         embeddings = encode_concepts(concepts, tokenizer, encoder, pipe._execution_device, encoding.pooling)
-        return embeddings.with_encoder("t5 (text_encoder_2), each concept alone with an attention mask")
+        return embeddings.with_encoder(f"t5 ({encoder_name}), each concept alone with an attention mask")
 
     def read_forward(self, transformer, inputs: Mapping[str, Any], batched_cfg: bool) -> ForwardRecord:
         timestep = inputs["timestep"]

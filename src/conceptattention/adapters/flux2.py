@@ -49,6 +49,10 @@ class Flux2ConceptAttnProcessor(FluxConceptAttnProcessor):
     order); it differs in the projections and in rotating the concepts at their text positions.
     """
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._rotary: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
     def output_projections(self, attn: Any, image_out: torch.Tensor, text_out: torch.Tensor):
         text_out = attn.to_add_out(text_out)  # as Flux2AttnProcessor: no .contiguous() before the projections
         image_out = attn.to_out[0](image_out)
@@ -56,15 +60,20 @@ class Flux2ConceptAttnProcessor(FluxConceptAttnProcessor):
         return image_out, text_out
 
     def concept_rope(self, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
-        """Rotation of (B, C, H, D) concept q/k at text ids (0, 0, 0, l_c), with the model's own RoPE."""
-        positions = self.stream.state.concept_positions
-        assert positions is not None, "Flux.2 concepts carry their template positions"
-        ids = torch.zeros(len(positions), 4, device=device)
-        ids[:, 3] = torch.tensor(positions, device=device, dtype=ids.dtype)
-        rotary = self.stream.transformer.pos_embed(ids)  # (C, D) cos, sin
+        """Rotation of (B, C, H, D) concept q/k at text ids (0, 0, 0, l_c), with the model's own RoPE.
+
+        The positions are fixed for an attachment, so the (C, D) cos/sin are computed once per device.
+        """
+        rotary = self._rotary.get(device)
+        if rotary is None:
+            positions = self.stream.state.concept_positions
+            assert positions is not None, "Flux.2 concepts carry their template positions"
+            ids = torch.zeros(len(positions), 4, device=device)
+            ids[:, 3] = torch.tensor(positions, device=device, dtype=ids.dtype)
+            rotary = self._rotary[device] = self.stream.transformer.pos_embed(ids)  # (C, D) cos, sin
 
         def rotate(x: torch.Tensor) -> torch.Tensor:
-            return apply_rotary_emb(x, rotary, sequence_dim=1)  # type: ignore[return-value]
+            return apply_rotary_emb(x, rotary, sequence_dim=1)  # type: ignore[arg-type,return-value]
 
         return rotate
 
