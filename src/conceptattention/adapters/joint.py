@@ -64,6 +64,22 @@ def apply_norm(module: Any, x: torch.Tensor) -> torch.Tensor:
     return x if module is None else module(x)
 
 
+@dataclass(frozen=True)
+class TextAttention:
+    """The attention weights concept tokens go through: the text stream's, in the model's own modules.
+
+    Attributes:
+        qkv: (B, C, D_model) normed concepts -> q, k, v, each (B, C, H * D).
+        norm_q, norm_k: per-head QK-norm modules, or None.
+        out: (B, C, H * D) attention output -> (B, C, D_model), the output projection.
+    """
+
+    qkv: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    norm_q: Any
+    norm_k: Any
+    out: Callable[[torch.Tensor], torch.Tensor]
+
+
 class JointConceptStream:
     """The concept residual stream of one attachment, through the text-stream weights.
 
@@ -113,8 +129,8 @@ class JointConceptStream:
         dtype, device = hidden_states.dtype, hidden_states.device
         rows = len(range(*record.rows.indices(hidden_states.shape[0])))
         states = self.state.concept_states.to(device, dtype)
-        concepts = self.backend.embed_concepts(self.transformer, states)  # (C, D_model)
-        self.hidden = concepts.unsqueeze(0).expand(rows, -1, -1)  # (B_rows, C, D_model)
+        concepts = self.backend.embed_concepts(self.transformer, states, record)  # (C | B_rows, C, D_model)
+        self.hidden = (concepts if concepts.ndim == 3 else concepts.unsqueeze(0)).expand(rows, -1, -1)  # (B_rows, C, D)
         self.temb = self.backend.concept_conditioning(self.transformer, record, dtype)
 
     def _pre_hook(self, index: int):
@@ -181,11 +197,12 @@ class JointConceptStream:
         rows = record.rows  # the conditional half under batched CFG
         q_x, k_x, v_x, o_x = q_x[rows], k_x[rows], v_x[rows], o_x[rows]
         assert step.normed is not None and self.hidden is not None
-        q_c, k_c, v_c = projections(attn, step.normed, added=True)
+        weights = self.backend.text_attention(attn)
+        q_c, k_c, v_c = weights.qkv(step.normed)
         step.normed = None  # not needed past the projections
         heads = (q_x.shape[1], q_x.shape[-1])  # (H, D)
-        q_c = apply_norm(attn.norm_added_q, q_c.unflatten(-1, heads))  # (B, C, H, D)
-        k_c = apply_norm(attn.norm_added_k, k_c.unflatten(-1, heads))
+        q_c = apply_norm(weights.norm_q, q_c.unflatten(-1, heads))  # (B, C, H, D)
+        k_c = apply_norm(weights.norm_k, k_c.unflatten(-1, heads))
         if concept_rope is not None:
             q_c, k_c = concept_rope(q_c), concept_rope(k_c)
         q_c, k_c = q_c.transpose(1, 2), k_c.transpose(1, 2)  # (B, H, C, D)
@@ -206,8 +223,8 @@ class JointConceptStream:
                 softmax=state.softmax,
             )  # (B, C, N_target)
             state.accumulator.add(saliency, index, items=state.row_items, num_items=state.num_items)
-        # The attention half of the residual update, as the text stream's: to_add_out, gate.
-        self.hidden = self.hidden + step.gate_msa.unsqueeze(1) * attn.to_add_out(o_c)
+        # The attention half of the residual update, as the text stream's: output projection, gate.
+        self.hidden = self.hidden + step.gate_msa.unsqueeze(1) * weights.out(o_c)
         step.attended = True
 
 
@@ -250,9 +267,20 @@ class JointBackend(Backend):
         return forward_conditioning
 
     # -- the text-stream modules the concepts go through (diffusers' dual-stream names by default) --
-    def embed_concepts(self, transformer: Any, states: torch.Tensor) -> torch.Tensor:
-        """(C, D_text) pooled encoder states -> (C, D_model) concept tokens, as the prompt is embedded."""
+    def embed_concepts(self, transformer: Any, states: torch.Tensor, record: ForwardRecord) -> torch.Tensor:
+        """Concept states -> (C, D_model) or (B_rows, C, D_model) concept tokens, as the prompt is embedded.
+
+        Args:
+            states: the session's concept states (``RunState.concept_states``; (C, D_text) pooled by default).
+            record: the forward (for context embedders that take the timestep).
+        """
         return transformer.context_embedder(states)
+
+    def text_attention(self, attn: Any) -> TextAttention:
+        """The block's text-stream attention weights (default: ``add_{q,k,v}_proj``, ``norm_added_*``, ``to_add_out``)."""
+        return TextAttention(
+            lambda x: projections(attn, x, added=True), attn.norm_added_q, attn.norm_added_k, attn.to_add_out
+        )
 
     def text_modulation(
         self, block: Any, hidden: torch.Tensor, emb: torch.Tensor

@@ -181,7 +181,7 @@ class QwenImageBackend(JointBackend):
         return tuple(usable[len(usable) // 2 :])
 
     # -- the text-stream modules ----------------------------------------------------------------
-    def embed_concepts(self, transformer: Any, states: torch.Tensor) -> torch.Tensor:
+    def embed_concepts(self, transformer: Any, states: torch.Tensor, record: ForwardRecord) -> torch.Tensor:
         return transformer.txt_in(transformer.txt_norm(states))
 
     def text_modulation(self, block: Any, hidden: torch.Tensor, emb: torch.Tensor):
