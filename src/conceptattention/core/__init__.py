@@ -14,11 +14,14 @@ from conceptattention.core.accumulate import ScoreAccumulator
 from conceptattention.core.attention import ConceptKeys, concept_attention
 from conceptattention.core.maps import (
     Normalization,
+    Temporal,
     TokenGrid,
     binary_mask,
     finalize_maps,
     gaussian_blur3x3,
     segment,
+    temporal_index,
+    temporal_resample,
     tokens_to_grid,
     upsample,
 )
@@ -46,6 +49,7 @@ __all__ = [
     "ScoreAccumulator",
     "ScoreSpace",
     "SegmentationCounts",
+    "Temporal",
     "TokenGrid",
     "average_precision",
     "binary_map_ap",
@@ -62,6 +66,8 @@ __all__ = [
     "output_space_scores",
     "pixel_accuracy",
     "segment",
+    "temporal_index",
+    "temporal_resample",
     "tokens_to_grid",
     "upsample",
     "value_space_scores",
