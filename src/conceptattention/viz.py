@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -18,7 +18,7 @@ def display_factor(size: tuple[int, int], minimum: int = 256) -> int:
     return max(1, -(-minimum // max(1, min(size))))
 
 
-def display_range(maps: torch.Tensor, normalization: str) -> torch.Tensor:
+def display_range(maps: torch.Tensor, normalization: str, reference: torch.Tensor | None = None) -> torch.Tensor:
     """Maps scaled to [0, 1] for display.
 
     Softmax and min-max maps are already in [0, 1] and comparable across concepts, so they
@@ -26,10 +26,13 @@ def display_range(maps: torch.Tensor, normalization: str) -> torch.Tensor:
 
     Args:
         maps: (C, height, width) float.
+        reference: optional (C, ...) maps whose per-concept minimum and maximum set the range of
+            unnormalised scores (default: ``maps`` itself). Video frames pass the whole video's
+            token maps, so one concept keeps one scale over time instead of flickering per frame.
     """
     if normalization != "none":
         return maps.clamp(0, 1)
-    flat = maps.flatten(1)
+    flat = (maps if reference is None else reference).flatten(1).float()
     low, high = flat.amin(1).view(-1, 1, 1), flat.amax(1).view(-1, 1, 1)
     return (maps - low) / (high - low).clamp(min=1e-12)
 
@@ -72,20 +75,41 @@ def segmentation_with_legend(labels: torch.Tensor, concepts: Sequence[str]) -> I
     return canvas
 
 
-def overlay_grid(maps: ConceptMaps, alpha: float = 0.5) -> Image.Image:
-    """Rows = batch items; columns = the image (if any) and one overlay (or heatmap) per concept."""
-    height, width = maps.display_size
-    label_height = 14
-    batch = maps.maps.shape[0]
-    columns = len(maps.concepts) + (1 if maps.images is not None else 0)
-    grid = Image.new("RGB", (columns * width, batch * (height + label_height)), "white")
+def tile_grid(
+    rows: Sequence[Sequence[tuple[str, Image.Image]]], tile_size: tuple[int, int], label_height: int = 14
+) -> Image.Image:
+    """Labelled tiles of ``tile_size = (height, width)``: one row per entry, a name above each tile."""
+    height, width = tile_size
+    columns = max(len(row) for row in rows)
+    grid = Image.new("RGB", (columns * width, len(rows) * (height + label_height)), "white")
     draw = ImageDraw.Draw(grid)
-    for b in range(batch):
-        tiles = maps.overlays(b, alpha) if maps.images is not None else maps.heatmaps(b)
-        image = [("image", maps.image_at(b, maps.display_size))] if maps.images is not None else []
-        named = image + list(tiles.items())
-        top = b * (height + label_height)
-        for col, (name, tile) in enumerate(named):
+    for r, row in enumerate(rows):
+        top = r * (height + label_height)
+        for col, (name, tile) in enumerate(row):
             draw.text((col * width + 2, top), name, fill="black")
             grid.paste(tile, (col * width, top + label_height))
     return grid
+
+
+def _grid_row(maps: ConceptMaps, index: int, alpha: float, frame: int | None) -> list[tuple[str, Image.Image]]:
+    """The input (image or video frame), if any, then one overlay (or heatmap) per concept."""
+    if maps.images is None:
+        return list(maps.heatmaps(index, frame=frame).items())
+    first = ("video" if maps.is_video else "image", maps.image_at(index, maps.display_size, frame=frame))
+    return [first, *maps.overlays(index, alpha, frame=frame).items()]
+
+
+def overlay_grid(maps: ConceptMaps, alpha: float = 0.5, frame: int | None = None) -> Image.Image:
+    """Rows = batch items; columns = the image (if any) and one overlay (or heatmap) per concept.
+
+    Video maps need ``frame``: the grid of that decoded frame.
+    """
+    rows = [_grid_row(maps, b, alpha, frame) for b in range(maps.maps.shape[0])]
+    return tile_grid(rows, maps.display_size)
+
+
+def overlay_grid_frames(maps: ConceptMaps, index: int = 0, alpha: float = 0.5) -> Iterator[Image.Image]:
+    """Video maps: one grid per decoded frame of batch item ``index`` (the input frame, if any, then
+    one overlay or heatmap per concept), made one frame at a time."""
+    for frame in range(maps.frame_count):
+        yield tile_grid([_grid_row(maps, index, alpha, frame)], maps.display_size)
