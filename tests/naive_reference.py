@@ -181,6 +181,12 @@ def dual_stream_feedforward(block):
     return block.norm2_context, block.ff_context
 
 
+def dual_stream_concept_weights(block):
+    """(q, k, v projections, q-norm, k-norm, output projection) the concepts go through: the text stream's."""
+    attn = block.attn
+    return attn.add_q_proj, attn.add_k_proj, attn.add_v_proj, attn.norm_added_q, attn.norm_added_k, attn.to_add_out
+
+
 @dataclass(frozen=True)
 class ReferenceArch:
     concept_states: Callable
@@ -192,6 +198,7 @@ class ReferenceArch:
     feedforward: Callable = dual_stream_feedforward  # block -> (norm2, ff) of the text stream
     concept_rope: Callable | None = None  # (transformer, block kwargs, positions) -> rotation of (B, H, C, D) q/k
     target_tokens: Callable | None = None  # (forward kwargs) -> the first n image tokens the maps describe
+    concept_weights: Callable = dual_stream_concept_weights  # block -> (q, k, v, norm_q, norm_k, out) for concepts
 
 
 # -- Qwen-Image ------------------------------------------------------------------------------------
@@ -346,6 +353,65 @@ def flux2_target_tokens(fwd):
     return int((ids[:, 0] == 0).sum())
 
 
+# -- CogVideoX --------------------------------------------------------------------------------------
+def cogvideox_concept_states(pipe, concepts, pooling, encoder, length=16):
+    """Each concept alone through T5, padded to the prompt budget with no mask (as the pipeline); its leading tokens."""
+    assert encoder in (None, "t5")
+    states = []
+    for concept in concepts:
+        ids = pipe.tokenizer(concept, padding="max_length", max_length=length, return_tensors="pt").input_ids
+        hidden = pipe.text_encoder(ids)[0][0]  # (S, D)
+        own = len(pipe.tokenizer(concept, add_special_tokens=False).input_ids)
+        states.append(pool(hidden[:own], pooling))
+    return torch.stack(states)
+
+
+def _cogvideox_slots(norm, temb):
+    """(video (shift, scale, gate), text (shift, scale, gate)) of a CogVideoXLayerNormZero."""
+    chunks = norm.linear(F.silu(temb)).chunk(6, dim=1)
+    return chunks[:3], chunks[3:]
+
+
+def cogvideox_modulation(block, c, temb):
+    _, (shift, scale, gate) = _cogvideox_slots(block.norm1, temb)
+    _, (shift2, scale2, gate2) = _cogvideox_slots(block.norm2, temb)
+    return block.norm1.norm(c) * (1 + scale[:, None]) + shift[:, None], gate, shift2, scale2, gate2
+
+
+def cogvideox_image_attention(block, inputs):
+    """(q_x, k_x after RoPE, v_x, o_x) of the shared attention over [text; video], written out."""
+    (vshift, vscale, _), (tshift, tscale, _) = _cogvideox_slots(block.norm1, inputs["temb"])
+    nx = block.norm1.norm(inputs["hidden_states"]) * (1 + vscale[:, None]) + vshift[:, None]
+    nt = block.norm1.norm(inputs["encoder_hidden_states"]) * (1 + tscale[:, None]) + tshift[:, None]
+    attn = block.attn1
+    hd = attn.to_q.out_features // attn.heads
+    joint = torch.cat([nt, nx], 1)
+    q, k, v = (heads(f(joint), hd) for f in (attn.to_q, attn.to_k, attn.to_v))
+    q, k = attn.norm_q(q), attn.norm_k(k)
+    text_len = nt.shape[1]
+    qx, kx = q[:, :, text_len:], k[:, :, text_len:]
+    rope = inputs.get("image_rotary_emb")
+    if rope is not None:
+        qx, kx = apply_rotary_emb(qx, rope), apply_rotary_emb(kx, rope)
+    real = plain_attention(torch.cat([q[:, :, :text_len], qx], 2), torch.cat([k[:, :, :text_len], kx], 2), v)
+    return qx, kx, v[:, :, text_len:], merge(real[:, :, text_len:])
+
+
+def cogvideox_concept_weights(block):
+    attn = block.attn1
+    return attn.to_q, attn.to_k, attn.to_v, attn.norm_q, attn.norm_k, attn.to_out[0]
+
+
+COGVIDEOX = ReferenceArch(
+    cogvideox_concept_states,
+    None,
+    cogvideox_image_attention,
+    lambda block_inputs: block_inputs["temb"],
+    embed=lambda tr, states: tr.patch_embed.text_proj(states),
+    modulation=cogvideox_modulation,
+    feedforward=lambda block: (block.norm2.norm, block.ff),
+    concept_weights=cogvideox_concept_weights,
+)
 FLUX = ReferenceArch(flux_concept_states, flux_concept_temb, flux_image_attention)
 SD3 = ReferenceArch(sd3_concept_states, sd3_concept_temb, sd3_image_attention)
 CHROMA = ReferenceArch(chroma_concept_states, None, chroma_image_attention, chroma_block_concept_temb)
@@ -413,12 +479,12 @@ def reference_maps(
             block = tr.transformer_blocks[index]
             block_temb = arch.block_concept_temb
             temb_c = block_temb(record["blocks"][index])[keep] if block_temb else forward_temb
-            attn = block.attn
+            to_q, to_k, to_v, norm_q, norm_k, to_out = arch.concept_weights(block)
             qx, kx, vx, o_x = (t[keep] for t in arch.image_attention(block, record["blocks"][index]))
             hd = qx.shape[-1]
             nc, c_gate, c_shift, c_scale, c_gate_mlp = arch.modulation(block, c, temb_c)
-            qc, kc, vc = (heads(f(nc), hd) for f in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
-            qc, kc = maybe_norm(attn.norm_added_q, qc), maybe_norm(attn.norm_added_k, kc)
+            qc, kc, vc = (heads(f(nc), hd) for f in (to_q, to_k, to_v))
+            qc, kc = maybe_norm(norm_q, qc), maybe_norm(norm_k, kc)
             if arch.concept_rope:
                 rotate = arch.concept_rope(tr, record["blocks"][index], positions)
                 qc, kc = rotate(qc), rotate(kc)
@@ -444,7 +510,7 @@ def reference_maps(
                 total = total + s
                 count += 1
             # The concept residual stream always takes the attention output, whatever the score.
-            c = c + c_gate.unsqueeze(1) * attn.to_add_out(o_c)
+            c = c + c_gate.unsqueeze(1) * to_out(o_c)
             norm2, ff = arch.feedforward(block)
             normed = norm2(c) * (1 + c_scale[:, None]) + c_shift[:, None]
             c = c + c_gate_mlp.unsqueeze(1) * ff(normed)

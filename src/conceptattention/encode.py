@@ -5,8 +5,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, cast
 
+import numpy as np
 import torch
 
 from conceptattention.adapters.base import Backend, StopForward
@@ -28,8 +31,8 @@ def _model_size(pipe: Any, backend: Backend, height: int | None, width: int | No
     pixels = backend.pixels_per_token(pipe)
     largest = backend.max_pixels_per_side(pipe)
     defaults = model_defaults(pipe)
-    default = int(getattr(pipe, "default_sample_size", 64)) * int(getattr(pipe, "vae_scale_factor", 1))
-    size = (height or defaults.get("height", default), width or defaults.get("width", default))
+    default = backend.default_size(pipe)
+    size = (height or defaults.get("height", default[0]), width or defaults.get("width", default[1]))
     for name, value in zip(("height", "width"), size):
         if isinstance(value, bool) or not isinstance(value, int) or value < pixels or value % pixels:
             lower = max(pixels, (value // pixels) * pixels) if isinstance(value, int) else pixels
@@ -115,7 +118,7 @@ def encode_image(
         guidance_scale: guidance embedding of guidance-distilled models (default: the backend's);
             other models ignore it (encode mode runs no classifier-free guidance).
         max_sequence_length: caption token budget of the prompt encoder (default: the
-            model's recorded default, else the backend's ``spec.max_sequence_length``).
+            model's recorded default, else the backend's default, e.g. 512 for Flux.1).
         max_batch: rows (image x noise draw) per transformer forward; default
             :func:`default_max_batch` (from the device's free memory on CUDA, 4 elsewhere).
         **overrides: fields of :class:`ConceptAttentionConfig`.
@@ -127,6 +130,39 @@ def encode_image(
         >>> maps = encode_image(pipe, "photo.jpg", ["dog", "grass", "sky"])  # doctest: +SKIP
         >>> maps.segmentation().shape  # (B, height, width)  # doctest: +SKIP
     """
+    concepts, config = _check_options(concepts, config, overrides, t, num_samples, max_batch)
+    transformer, backend = pipeline_components(pipe)
+    _check_modality(pipe, backend, "image")
+    backend.resolve_layers(transformer, config.layers)  # fail before any compute
+    size = _model_size(pipe, backend, height, width)
+    images = [resize_for_model(im, size) for im in load_images(image)]
+    run = _EncodeRun(concepts, config, caption, t, num_samples, seed, guidance_scale, max_sequence_length, max_batch)
+    return _encode(pipe, transformer, backend, to_model_input(images), images, size, run)
+
+
+@dataclass(frozen=True)
+class _EncodeRun:
+    """The options of one encode call shared by images and videos (validated)."""
+
+    concepts: tuple[str, ...]
+    config: ConceptAttentionConfig
+    caption: str
+    t: float
+    num_samples: int
+    seed: int | Sequence[int]
+    guidance_scale: float | None
+    max_sequence_length: int | None
+    max_batch: int | None
+
+
+def _check_options(
+    concepts: Sequence[str],
+    config: ConceptAttentionConfig | None,
+    overrides: dict[str, Any],
+    t: float,
+    num_samples: int,
+    max_batch: int | None,
+) -> tuple[tuple[str, ...], ConceptAttentionConfig]:
     concepts = validate_concepts(concepts)
     config = dataclasses.replace(config_with_overrides(config, overrides), steps=None)
     if not 0.0 < float(t) < 1.0:
@@ -134,44 +170,175 @@ def encode_image(
     for name, value in (("num_samples", num_samples), ("max_batch", max_batch)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ConceptAttentionError(f"`{name}` must be a positive integer, got {value!r}")
-    transformer, backend = pipeline_components(pipe)
-    backend.resolve_layers(transformer, config.layers)  # fail before any compute
-    size = _model_size(pipe, backend, height, width)
-    images = [resize_for_model(im, size) for im in load_images(image)]
-    max_sequence_length = (
-        max_sequence_length or model_defaults(pipe).get("max_sequence_length") or backend.spec.max_sequence_length
+    return concepts, config
+
+
+def _check_modality(pipe: Any, backend: Backend, wanted: str) -> None:
+    """Refuse an image given to a video model and a video given to an image model."""
+    modality = backend.spec.modality
+    if modality == wanted:
+        return
+    other = "encode_video" if modality == "video" else "encode_image"
+    raise ConceptAttentionError(
+        f"{type(pipe).__name__} is a{'n' if modality == 'image' else ''} {modality} model ({backend.spec.name}), "
+        f"but `encode_{wanted}` was called; use `conceptattention.{other}` (CLI: `conceptattention encode` picks it "
+        "from the model)"
     )
-    embeddings = encode_pipeline_concepts(pipe, backend, concepts, config)
-    inputs = backend.encode_inputs(pipe, to_model_input(images), caption, guidance_scale, max_sequence_length)
+
+
+def _encode(
+    pipe: Any,
+    transformer: Any,
+    backend: Backend,
+    pixels: torch.Tensor,
+    items: list[Any],
+    size: tuple[int, int],
+    run: _EncodeRun,
+    num_frames: int | None = None,
+) -> ConceptMaps:
+    """The encode loop of images (B, 3, H, W) and videos (B, 3, F, H, W) in [-1, 1]."""
+    max_sequence_length = (
+        run.max_sequence_length
+        or model_defaults(pipe).get("max_sequence_length")
+        or backend.default_max_sequence_length(pipe)
+    )
+    embeddings = encode_pipeline_concepts(pipe, backend, run.concepts, run.config)
+    inputs = backend.encode_inputs(pipe, pixels, run.caption, run.guidance_scale, max_sequence_length)
     session = ConceptSession(
-        transformer, embeddings, concepts, config, backend=backend, owner=pipe, stop_after_last_block=True
+        transformer, embeddings, run.concepts, run.config, backend=backend, owner=pipe, stop_after_last_block=True
     )
     clean = inputs.latents
     batch = clean.shape[0]
-    draw_noise = _noise_source(seed, clean.shape)
-    # Every draw in sequential order first: row r is draw r // B of image r % B.
-    noise = torch.cat([draw_noise() for _ in range(num_samples)]).to(clean.device, clean.dtype)  # (S * B, ...)
-    row_images = torch.arange(num_samples * batch, device=clean.device) % batch
+    draw_noise = _noise_source(run.seed, clean.shape)
+    # Every draw in sequential order first: row r is draw r // B of item r % B.
+    noise = torch.cat([draw_noise() for _ in range(run.num_samples)]).to(clean.device, clean.dtype)  # (S * B, ...)
+    row_items = torch.arange(run.num_samples * batch, device=clean.device) % batch
+    max_batch = run.max_batch
     if max_batch is None:
-        tokens = size[0] * size[1] // backend.pixels_per_token(pipe) ** 2 + max_sequence_length
-        max_batch = default_max_batch(transformer, tokens)
+        max_batch = default_max_batch(transformer, _token_count(pipe, backend, size, pixels) + max_sequence_length)
     state = session.state
     state.num_items = batch
     with session:
         session.start_run()
-        for start in range(0, num_samples * batch, max_batch):
+        for start in range(0, run.num_samples * batch, max_batch):
             rows = slice(start, start + max_batch)
-            part = inputs.rows(row_images[rows])
-            state.row_items = row_images[rows]
+            part = inputs.rows(row_items[rows])
+            state.row_items = row_items[rows]
             with contextlib.suppress(StopForward):  # raised after the last selected block
-                backend.encode_forward(pipe, part, backend.noised(part.latents, noise[rows], t), t)
+                backend.encode_forward(pipe, part, backend.noised(pipe, part.latents, noise[rows], run.t), run.t)
     details = EncodeDetails(
-        t=float(t),
-        num_samples=num_samples,
-        seed=seed if isinstance(seed, int) else list(seed),
-        caption=caption,
+        t=float(run.t),
+        num_samples=run.num_samples,
+        seed=run.seed if isinstance(run.seed, int) else list(run.seed),
+        caption=run.caption,
         resolution=list(size),
         guidance_scale=inputs.guidance_scale,
         max_batch=max_batch,
     )
-    return session.concept_maps(details, images, image_size=size)
+    return session.concept_maps(details, items, image_size=size, num_frames=num_frames)
+
+
+def _token_count(pipe: Any, backend: Backend, size: tuple[int, int], pixels: torch.Tensor) -> int:
+    """Image (or video) tokens of one encode row."""
+    spatial = size[0] * size[1] // backend.pixels_per_token(pipe) ** 2
+    if pixels.ndim == 4:
+        return spatial
+    r, p_t = backend.frame_layout(pipe)
+    return spatial * (((pixels.shape[2] - 1) // r + 1) // p_t)
+
+
+def valid_frame_counts(r: int, p_t: int, up_to: int) -> list[int]:
+    """Frame counts n <= ``up_to`` a video model takes: n = r k + 1, with k + 1 latent frames a multiple of p_t."""
+    return [n for n in range(1, up_to + 1) if (n - 1) % r == 0 and ((n - 1) // r + 1) % p_t == 0]
+
+
+def _num_frames(pipe: Any, backend: Backend, requested: int | None, available: int) -> int:
+    """The frame count to encode: ``requested`` (or the model's default), checked against the model and the video."""
+    r, p_t = backend.frame_layout(pipe)
+    default = int(model_defaults(pipe).get("num_frames") or backend.default_num_frames(pipe))
+    count = default if requested is None else requested
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ConceptAttentionError(f"`num_frames` must be a positive integer, got {count!r}")
+    valid = valid_frame_counts(r, p_t, max(count, available) + r * p_t)
+    if count not in valid:
+        near = [n for n in valid if abs(n - count) <= r * p_t] or valid[:2]
+        raise ConceptAttentionError(
+            f"`num_frames`={count} cannot be taken by {type(pipe).__name__}: its VAE compresses {r} frames into one "
+            f"latent frame after the first{f', and {p_t} latent frames form one token frame' if p_t > 1 else ''}, so "
+            f"valid counts are {', '.join(map(str, valid[:4]))}, ...; try {' or '.join(map(str, near))}"
+        )
+    if available < count:
+        shorter = [n for n in valid if n <= available]
+        hint = f"pass `num_frames={shorter[-1]}`" if shorter else "give a longer video"
+        what = "the model's default" if requested is None else "`num_frames`"
+        raise ConceptAttentionError(
+            f"The video has {available} frames, fewer than the {count} frames requested ({what}); {hint}, or a video "
+            f"with at least {count} frames"
+        )
+    return count
+
+
+def _video_batch(video: Any) -> list[Any]:
+    """One video, or a list of videos (paths, frame lists or (F, H, W, 3) arrays), as a list of videos."""
+    if isinstance(video, (list, tuple)) and video and all(
+        isinstance(v, (str, Path, list, tuple)) or (isinstance(v, (np.ndarray, torch.Tensor)) and v.ndim == 4)
+        for v in video
+    ):
+        return list(video)
+    return [video]
+
+
+@torch.inference_mode()
+def encode_video(
+    pipe: Any,
+    video: Any,
+    concepts: Sequence[str],
+    *,
+    caption: str = "",
+    config: ConceptAttentionConfig | None = None,
+    t: float = 0.5,
+    num_samples: int = 1,
+    seed: int | Sequence[int] = 0,
+    num_frames: int | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    guidance_scale: float | None = None,
+    max_sequence_length: int | None = None,
+    max_batch: int | None = None,
+    **overrides: Any,
+) -> ConceptMaps:
+    """Concept maps of real video(s) with a video model (CogVideoX, HunyuanVideo).
+
+    The first ``num_frames`` frames of each video are used (default: the model's default frame
+    count; a shorter video is refused with the longest count it can give), each resized
+    (Lanczos) to the model resolution; then, as :func:`encode_image`: VAE encode -> noise ->
+    one transformer forward per noise draw, stopped after the last selected block.
+
+    Args:
+        pipe: a loaded video pipeline of a supported MM-DiT.
+        video: a path (MP4, WebM, GIF, ...), a list of frames (PIL / arrays), an array or tensor
+            (F, H, W, 3) / (F, 3, H, W); or a list of such videos (batch B).
+        concepts: concept words (1-64, unique).
+        num_frames: frames to encode; the model takes only certain counts (CogVideoX: 4k + 1).
+        caption, config, t, num_samples, seed, height, width, guidance_scale, max_sequence_length,
+            max_batch, **overrides: as for :func:`encode_image`.
+
+    Returns:
+        :class:`ConceptMaps` with ``maps`` (B, C, F_tokens, h, w), ``num_frames`` and the resized input frames.
+
+    Example:
+        >>> maps = encode_video(pipe, "clip.mp4", ["dog", "ball"], num_frames=49)  # doctest: +SKIP
+        >>> maps.upsampled().shape  # (B, C, 49, height, width)  # doctest: +SKIP
+    """
+    from conceptattention.videos import load_video, resize_frames, to_model_video
+
+    concepts, config = _check_options(concepts, config, overrides, t, num_samples, max_batch)
+    transformer, backend = pipeline_components(pipe)
+    _check_modality(pipe, backend, "video")
+    backend.resolve_layers(transformer, config.layers)  # fail before any compute
+    size = _model_size(pipe, backend, height, width)
+    videos = [load_video(v, f"`video[{i}]`") for i, v in enumerate(_video_batch(video))]
+    count = _num_frames(pipe, backend, num_frames, min(len(v) for v in videos))
+    videos = [resize_frames(v[:count], size) for v in videos]
+    run = _EncodeRun(concepts, config, caption, t, num_samples, seed, guidance_scale, max_sequence_length, max_batch)
+    return _encode(pipe, transformer, backend, to_model_video(videos), videos, size, run, num_frames=count)

@@ -111,29 +111,48 @@ class ConceptSession:
         self._run_token = run_token
         self._steps_seen: set[int] = set()
         self._step_t: dict[int, float] = {}
+        if run_token is None:
+            self._first_index: int | None = None
         self._grid: TokenGrid | None = None
         self._conditional_half = False
+        self._run_cfg: bool | None = None
         self.state.accumulator.reset()
 
     def _step_key(self) -> tuple[object, int]:
         if self.scheduler is None:
             return self._run_token, len(self._steps_seen)
+        timesteps = self.scheduler.timesteps
+        if not hasattr(self.scheduler, "step_index"):
+            return timesteps, self._step_from_timestep(timesteps)
         # img2img pipelines start at `begin_index` (set by strength); count steps from the first one run.
         begin = getattr(self.scheduler, "begin_index", None) or 0
         step = self.scheduler.step_index
-        return self.scheduler.timesteps, 0 if step is None else int(step) - begin
+        return timesteps, 0 if step is None else int(step) - begin
+
+    def _step_from_timestep(self, timesteps: Any) -> int:
+        """Step of schedulers that keep no ``step_index`` (CogVideoX's DDIM/DPM): the position of the pipeline's
+        ``_current_timestep`` in the schedule, counted from the first one the run saw (video-to-video starts
+        part-way); without it, every forward is the next step.
+        """
+        same_run = timesteps is self._run_token
+        current = getattr(self.pipeline, "_current_timestep", None)
+        if current is None or timesteps is None:
+            return len(self._steps_seen) if same_run else 0
+        index = int((torch.as_tensor(timesteps) == torch.as_tensor(current).to(timesteps.device)).int().argmax())
+        if not same_run or self._first_index is None:
+            self._first_index = index  # kept across the run reset that a new schedule triggers
+        return index - self._first_index
 
     def start_run(self) -> None:
         """Forget the current run's maps (a new pipeline call does this by itself)."""
         self._reset_run(run_token=object() if self.scheduler is None else None)
 
     def _batched_cfg(self) -> bool:
-        if self.pipeline is None or self.backend.spec.cfg_layout != "batched":
-            return False
-        try:
-            return bool(self.pipeline.do_classifier_free_guidance)
-        except AttributeError:  # the property reads state set inside the pipeline's __call__
-            return False
+        """Whether this run's forwards batch [uncond; cond], decided at the run's first forward."""
+        if self._run_cfg is None:
+            batched = self.pipeline is not None and self.backend.spec.cfg_layout == "batched"
+            self._run_cfg = batched and self.backend.batched_cfg(self.pipeline)
+        return self._run_cfg
 
     def _on_forward_start(self, transformer, args: tuple, kwargs: dict) -> None:
         state = self.state
@@ -238,6 +257,7 @@ class ConceptSession:
         *,
         image_size: tuple[int, int] | None = None,
         pixels_per_token: int = 1,
+        num_frames: int | None = None,
     ) -> ConceptMaps:
         """The one result path of trace, generate and encode: maps of the current run plus its record.
 
@@ -245,6 +265,7 @@ class ConceptSession:
             details: the mode's record.
             images: PIL images the maps describe (optional).
             image_size: (height, width) of those images; default: the token grid times ``pixels_per_token``.
+            num_frames: decoded frames of the video the maps describe (video models; None for images).
         """
         maps, block_maps, grid = self.token_maps()
         return ConceptMaps(
@@ -254,6 +275,7 @@ class ConceptSession:
             images=list(images) if images is not None else None,
             block_maps=block_maps.cpu() if block_maps is not None else None,
             metadata=self.record(details).to_dict(),
+            num_frames=num_frames,
         )
 
 

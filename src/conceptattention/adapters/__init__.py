@@ -24,6 +24,7 @@ BACKEND_MODULES = (
     "conceptattention.adapters.chroma",
     "conceptattention.adapters.qwenimage",
     "conceptattention.adapters.flux2",
+    "conceptattention.adapters.cogvideox",
 )
 
 # Transformers whose text enters only through cross-attention (or that have no text queries at all):

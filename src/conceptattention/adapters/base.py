@@ -52,6 +52,7 @@ class BackendSpec:
         processor_classes: stock attention processor class names replaced on traced blocks;
             any other processor there (IP-Adapter, fused, custom) is refused.
         double_blocks: attribute of the transformer holding the dual-stream (joint) blocks.
+        attention: attribute of a block holding its joint attention module.
         joint_order: order of the joint attention sequence, e.g. ``("text", "image")``.
         layout: attention tensor layout of the stock processor, ``"BSHD"`` or ``"BHSD"``.
         concept_encoders: names of the prompt encoders concepts can be encoded with; the first
@@ -61,6 +62,7 @@ class BackendSpec:
             ``"batched"`` ([uncond; cond] in one forward: maps from the conditional half).
         concept_positions: how concept tokens are placed for RoPE (``"none"``: no RoPE on text).
         max_sequence_length: the pipeline's default prompt token budget.
+        modality: ``"image"`` (maps (B, C, h, w)) or ``"video"`` (maps (B, C, F, h, w), frame-major tokens).
     """
 
     name: str
@@ -75,6 +77,8 @@ class BackendSpec:
     cfg_layout: CfgLayout
     concept_positions: str
     max_sequence_length: int
+    modality: Literal["image", "video"] = "image"
+    attention: str = "attn"
 
     def describe(self) -> str:
         """One line for lists of supported models."""
@@ -267,6 +271,17 @@ class Backend(ABC):
     def install(self, transformer: torch.nn.Module, state: RunState, stack: contextlib.ExitStack) -> None:
         """Install processors and block hooks on the blocks 0..last selected, pushing undo steps."""
 
+    def batched_cfg(self, pipe: Any) -> bool:
+        """Whether the pipeline's current call batches [uncond; cond] (read at each run's first forward)."""
+        try:
+            return bool(pipe.do_classifier_free_guidance)
+        except AttributeError:  # the property reads state set inside the pipeline's __call__
+            return False
+
+    def default_max_sequence_length(self, pipe: Any) -> int:
+        """The prompt token budget when neither the call nor the model's recorded defaults give one."""
+        return self.spec.max_sequence_length
+
     def check_call(self, pipe: Any, call: Mapping[str, Any]) -> None:
         """Refuse pipeline-call arguments the pipeline needs but lacks, before any compute (default: none)."""
         return None
@@ -275,6 +290,28 @@ class Backend(ABC):
     @abstractmethod
     def pixels_per_token(self, pipe: Any) -> int:
         """Image pixels per token side (VAE scale factor x patch size)."""
+
+    def default_size(self, pipe: Any) -> tuple[int, int]:
+        """(height, width) the pipeline generates by default (its default sample size x VAE scale factor)."""
+        side = int(getattr(pipe, "default_sample_size", 64)) * int(getattr(pipe, "vae_scale_factor", 1))
+        return side, side
+
+    # -- video models --------------------------------------------------------------------------
+    def frame_layout(self, pipe: Any) -> tuple[int, int]:
+        """(r, p_t) of a video model: decoded frames per latent frame (the causal VAE's temporal compression)
+        and latent frames per token frame. A video of n frames is taken when ``(n - 1) % r == 0`` and its
+        ``(n - 1) // r + 1`` latent frames are a multiple of ``p_t``.
+        """
+        raise NotImplementedError(f"{self.spec.name} is an image model")
+
+    def default_num_frames(self, pipe: Any) -> int:
+        """Frames the pipeline generates by default (video models)."""
+        raise NotImplementedError(f"{self.spec.name} is an image model")
+
+    def decoded_frames(self, pipe: Any, token_frames: int) -> int:
+        """Frames of the decoded video whose latents fill ``token_frames`` token frames (video models)."""
+        r, p_t = self.frame_layout(pipe)
+        return (token_frames * p_t - 1) * r + 1
 
     def max_pixels_per_side(self, pipe: Any) -> int | None:
         """The largest image side the model can take, if it has one (learned position tables)."""
@@ -298,7 +335,7 @@ class Backend(ABC):
         latents = (latents - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
         return latents.to(pipe.transformer.dtype)
 
-    def noised(self, clean: torch.Tensor, noise: torch.Tensor, t: float) -> torch.Tensor:
+    def noised(self, pipe: Any, clean: torch.Tensor, noise: torch.Tensor, t: float) -> torch.Tensor:
         """x_t of clean latents at time ``t``: rectified flow, ``(1 - t) x0 + t eps``."""
         return (1.0 - t) * clean + t * noise
 
@@ -307,7 +344,7 @@ class Backend(ABC):
         originals = transformer.attn_processors
         found = {}
         for index in indices:
-            name = f"{self.spec.double_blocks}.{index}.attn.processor"
+            name = f"{self.spec.double_blocks}.{index}.{self.spec.attention}.processor"
             processor = originals[name]
             if type(processor).__name__ not in self.spec.processor_classes:
                 stock = " or ".join(self.spec.processor_classes)

@@ -277,7 +277,10 @@ class JointBackend(Backend):
         return transformer.context_embedder(states)
 
     def text_attention(self, attn: Any) -> TextAttention:
-        """The block's text-stream attention weights (default: ``add_{q,k,v}_proj``, ``norm_added_*``, ``to_add_out``)."""
+        """The block's text-stream attention weights (default: ``add_{q,k,v}_proj``, ``norm_added_*``, ``to_add_out``).
+
+        Models whose text shares the image's attention weights (CogVideoX) return those.
+        """
         return TextAttention(
             lambda x: projections(attn, x, added=True), attn.norm_added_q, attn.norm_added_k, attn.to_add_out
         )

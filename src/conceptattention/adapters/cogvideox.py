@@ -1,0 +1,255 @@
+"""CogVideoX backend (``CogVideoXTransformer3DModel``; CogVideoX 1.0 2B/5B and 1.5; text-, image- and video-to-video).
+
+One attention and one feed-forward with *shared* weights over [text; video] (``attn1``,
+``ff``); text and video differ only in their modulation slot of ``CogVideoXLayerNormZero``
+(``norm1``/``norm2``: shift, scale, gate for video, then for text). Concepts therefore go
+through the shared ``to_q``/``to_k``/``to_v``, LayerNorm QK-norm, ``to_out`` and ``ff`` with
+the *text* slot, one way: they attend over [concepts; video] and nothing attends to them.
+No RoPE on text (3-D RoPE on video tokens in 5B and 1.5); CogVideoX 1.0 2B adds sin-cos
+positions (zeros on text). ``temb`` is the timestep (+ ``ofs`` for 1.5 I2V) only, so a block's
+own ``temb`` is the concepts' conditioning. Classifier-free guidance is batched ([uncond;
+cond]): maps describe the conditional half. Concepts: T5, each concept alone, padded to the
+prompt budget without a mask exactly as the pipeline encodes a prompt; only the C concept
+tokens are keys (no padding slots).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.embeddings import apply_rotary_emb
+
+from conceptattention.adapters.base import BackendSpec, ConceptEncoding, EncodeInputs, ForwardRecord, argument
+from conceptattention.adapters.joint import ConceptProcessor, JointBackend, TextAttention
+from conceptattention.concepts import ConceptEmbeddings, concept_token_ids, pipeline_part, pool_spans
+from conceptattention.core import TokenGrid
+from conceptattention.errors import ConceptAttentionError
+
+NUM_TRAIN_TIMESTEPS = 1000  # CogVideoX's DDIM / DPM schedulers
+
+
+class CogVideoXConceptAttnProcessor(ConceptProcessor):
+    """Stock ``CogVideoXAttnProcessor2_0`` plus the concept rows of one block.
+
+    Mirrors the stock processor op for op (one projection over [text; video], in-place RoPE on
+    the video part, SDPA), so video and text outputs are bit-identical.
+    """
+
+    def __call__(
+        self,
+        attn: Any,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        text_length = encoder_hidden_states.size(1)
+        hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)  # (B, T + N, D)
+        batch_size, sequence_length, _ = hidden_states.shape
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        head_dim = key.shape[-1] // attn.heads
+        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)  # (B, H, T + N, D)
+        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        if image_rotary_emb is not None:
+            query[:, :, text_length:] = apply_rotary_emb(query[:, :, text_length:], image_rotary_emb)
+            if not attn.is_cross_attention:
+                key[:, :, text_length:] = apply_rotary_emb(key[:, :, text_length:], image_rotary_emb)
+        hidden_states = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
+        )
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+
+        if self.stream.runs(self.block_index):
+            video = slice(text_length, None)  # the video q/k (after QK-norm and RoPE), v and output, as views
+            self.stream.concept_rows(
+                self.block_index, attn, query[:, :, video], key[:, :, video], value[:, :, video], hidden_states[:, video]
+            )
+
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        encoder_hidden_states, hidden_states = hidden_states.split(
+            [text_length, hidden_states.size(1) - text_length], dim=1
+        )
+        return hidden_states, encoder_hidden_states
+
+
+@dataclass
+class CogVideoXEncodeInputs(EncodeInputs):
+    """Encode-mode conditioning: (B, T, D) T5 prompt embeddings and the RoPE of the video grid (or None)."""
+
+    prompt_embeds: torch.Tensor
+    rotary: tuple[torch.Tensor, torch.Tensor] | None
+
+    batched_fields = ("prompt_embeds",)
+
+
+class CogVideoXBackend(JointBackend):
+    spec = BackendSpec(
+        name="CogVideoX",
+        transformer_classes=("CogVideoXTransformer3DModel",),
+        pipeline_classes=("CogVideoXPipeline", "CogVideoXImageToVideoPipeline", "CogVideoXVideoToVideoPipeline"),
+        processor_classes=("CogVideoXAttnProcessor2_0",),
+        double_blocks="transformer_blocks",
+        attention="attn1",
+        joint_order=("text", "image"),
+        layout="BHSD",
+        concept_encoders=("t5",),
+        default_layers="the later half of the blocks, without the last (whose text output the model discards)",
+        cfg_layout="batched",
+        concept_positions="none (no RoPE on text; CogVideoX 1.0's sin-cos positions are zero on text)",
+        max_sequence_length=226,
+        modality="video",
+    )
+    processor_class = CogVideoXConceptAttnProcessor
+
+    def default_layers(self, transformer: Any) -> tuple[int, ...]:
+        count = self.num_blocks(transformer)
+        return tuple(range(count // 2, count - 1)) if count > 2 else tuple(range(count))
+
+    def default_max_sequence_length(self, pipe: Any) -> int:
+        return int(pipe.transformer.config.max_text_seq_length)
+
+    def batched_cfg(self, pipe: Any) -> bool:
+        # The pipeline batches [uncond; cond] when `guidance_scale > 1` at the start of the call (it has no
+        # `do_classifier_free_guidance` property); read at a run's first forward, before dynamic CFG changes it.
+        return float(getattr(pipe, "_guidance_scale", 1.0) or 1.0) > 1.0
+
+    # -- concepts ------------------------------------------------------------------------------
+    def encode_concepts(self, pipe: Any, concepts: Sequence[str], encoding: ConceptEncoding) -> ConceptEmbeddings:
+        self.concept_encoder(encoding.encoder)
+        why = "concepts are encoded with the pipeline's T5 encoder"
+        tokenizer = pipeline_part(pipe, "tokenizer", why)
+        pipeline_part(pipe, "text_encoder", why)
+        prompts = list(concepts)
+        words = concept_token_ids(prompts, tokenizer)  # checked before the encoder runs
+        length = encoding.max_sequence_length or self.default_max_sequence_length(pipe)
+        hidden = pipe._get_t5_prompt_embeds(prompt=prompts, max_sequence_length=length, device=pipe._execution_device)
+        ids = tokenizer(prompts, padding="max_length", max_length=length, truncation=True).input_ids
+        described = f"t5 (text_encoder), each concept alone, padded to {length} tokens without a mask as the pipeline does"
+        return pool_spans(hidden, ids, words, tokenizer, encoding.pooling, described)
+
+    # -- forwards ------------------------------------------------------------------------------
+    def read_forward(self, transformer: Any, inputs: Mapping[str, Any], batched_cfg: bool) -> ForwardRecord:
+        latents = inputs["hidden_states"]  # (B, F_latent, c, H', W')
+        config = transformer.config
+        patch, patch_t = int(config.patch_size), int(config.patch_size_t or 1)
+        grid = TokenGrid(latents.shape[-2] // patch, latents.shape[-1] // patch, -(-latents.shape[1] // patch_t))
+        rows = slice(latents.shape[0] // 2, None) if batched_cfg else slice(None)
+        timestep = torch.as_tensor(inputs["timestep"]).flatten()
+        return ForwardRecord(float(timestep[0]) / NUM_TRAIN_TIMESTEPS, grid, rows, None)
+
+    def concept_conditioning(self, transformer: Any, record: ForwardRecord, dtype: torch.dtype) -> None:
+        return None  # each block's own `temb` (the timestep embedding, nothing from the prompt)
+
+    def block_conditioning(
+        self, forward_conditioning: torch.Tensor | None, record: ForwardRecord, args: tuple, kwargs: Mapping[str, Any]
+    ) -> torch.Tensor:
+        return argument(args, kwargs, "temb", 2)[record.rows]
+
+    def embed_concepts(self, transformer: Any, states: torch.Tensor, record: ForwardRecord) -> torch.Tensor:
+        # As the prompt: `patch_embed.text_proj`; the positions added after it are zero on text.
+        return transformer.patch_embed.text_proj(states)
+
+    def text_attention(self, attn: Any) -> TextAttention:
+        """The shared attention weights: concepts use the same q/k/v, QK-norm and output projection as video."""
+        return TextAttention(
+            lambda x: (attn.to_q(x), attn.to_k(x), attn.to_v(x)),
+            attn.norm_q,
+            attn.norm_k,
+            lambda o: attn.to_out[1](attn.to_out[0](o)),
+        )
+
+    def text_modulation(self, block: Any, hidden: torch.Tensor, emb: torch.Tensor):
+        """The text slots of ``norm1`` (attention) and ``norm2`` (feed-forward) applied to concepts."""
+        _, _, _, shift, scale, gate = block.norm1.linear(block.norm1.silu(emb)).chunk(6, dim=1)
+        _, _, _, shift_mlp, scale_mlp, gate_mlp = block.norm2.linear(block.norm2.silu(emb)).chunk(6, dim=1)
+        normed = block.norm1.norm(hidden) * (1 + scale)[:, None] + shift[:, None]
+        return normed, gate, shift_mlp, scale_mlp, gate_mlp
+
+    def text_feedforward(self, block: Any):
+        return block.norm2.norm, block.ff
+
+    # -- video ---------------------------------------------------------------------------------
+    def frame_layout(self, pipe: Any) -> tuple[int, int]:
+        return int(pipe.vae_scale_factor_temporal), int(pipe.transformer.config.patch_size_t or 1)
+
+    def default_num_frames(self, pipe: Any) -> int:
+        """The transformer's ``sample_frames``, lowered to the nearest count encode mode can take (1.5: 81 -> 77)."""
+        r, p_t = self.frame_layout(pipe)
+        count = int(pipe.transformer.config.sample_frames)
+        while count > 1 and not ((count - 1) % r == 0 and ((count - 1) // r + 1) % p_t == 0):
+            count -= 1
+        return count
+
+    def default_size(self, pipe: Any) -> tuple[int, int]:
+        config, scale = pipe.transformer.config, int(pipe.vae_scale_factor_spatial)
+        return int(config.sample_height) * scale, int(config.sample_width) * scale
+
+    # -- encode mode ---------------------------------------------------------------------------
+    def pixels_per_token(self, pipe: Any) -> int:
+        return int(pipe.vae_scale_factor_spatial) * int(pipe.transformer.config.patch_size)
+
+    def encode_inputs(
+        self, pipe: Any, pixels: torch.Tensor, caption: str, guidance_scale: float | None, max_sequence_length: int
+    ) -> CogVideoXEncodeInputs:
+        transformer = pipe.transformer
+        if transformer.config.in_channels != pipe.vae.config.latent_channels:
+            raise ConceptAttentionError(
+                f"This CogVideoX transformer takes {transformer.config.in_channels} input channels (an image-to-video "
+                "model: video latents plus the conditioning image's); encode mode runs text-to-video models. Load the "
+                "text-to-video checkpoint of the same family (e.g. THUDM/CogVideoX-5b) for `encode_video`"
+            )
+        vae = pipe.vae
+        device = pipe._execution_device
+        latents = vae.encode(pixels.to(device, vae.dtype)).latent_dist.mode()  # (B, c, F', H', W')
+        latents = (latents * pipe.vae_scaling_factor_image).permute(0, 2, 1, 3, 4).to(transformer.dtype)
+        prompt_embeds, _ = pipe.encode_prompt(
+            prompt=[caption] * latents.shape[0],
+            do_classifier_free_guidance=False,
+            max_sequence_length=max_sequence_length,
+            device=device,
+        )
+        rotary = None
+        if transformer.config.use_rotary_positional_embeddings:
+            height, width = pixels.shape[-2:]
+            rotary = pipe._prepare_rotary_positional_embeddings(height, width, latents.shape[1], device)
+        return CogVideoXEncodeInputs(latents, None, prompt_embeds.to(latents.dtype), rotary)
+
+    def noised(self, pipe: Any, clean: torch.Tensor, noise: torch.Tensor, t: float) -> torch.Tensor:
+        """x_t at training timestep ``round(t * 1000)``: ``sqrt(a) x0 + sqrt(1 - a) eps`` (the scheduler's ``a``)."""
+        alpha = float(pipe.scheduler.alphas_cumprod[self.training_timestep(t)])
+        return alpha**0.5 * clean + (1 - alpha) ** 0.5 * noise
+
+    @staticmethod
+    def training_timestep(t: float) -> int:
+        return min(NUM_TRAIN_TIMESTEPS - 1, round(float(t) * NUM_TRAIN_TIMESTEPS))
+
+    def encode_forward(self, pipe: Any, inputs: EncodeInputs, noisy_latents: torch.Tensor, t: float) -> None:
+        assert isinstance(inputs, CogVideoXEncodeInputs)
+        batch = noisy_latents.shape[0]
+        transformer = pipe.transformer
+        timestep = torch.full((batch,), self.training_timestep(t), device=noisy_latents.device, dtype=torch.long)
+        ofs = None if transformer.config.ofs_embed_dim is None else noisy_latents.new_full((1,), 2.0)
+        transformer(
+            hidden_states=noisy_latents,
+            encoder_hidden_states=inputs.prompt_embeds,
+            timestep=timestep,
+            ofs=ofs,
+            image_rotary_emb=inputs.rotary,
+            return_dict=False,
+        )
+
+
+BACKEND = CogVideoXBackend()
