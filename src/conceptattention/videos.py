@@ -179,7 +179,7 @@ def mp4_writer_available() -> bool:
             writer.close()
             return probe.is_file() and probe.stat().st_size > 0
     except Exception as error:  # a broken ffmpeg binary, no libx264, no write access to the temp folder
-        logger.debug("MP4 writer probe failed: %s", error)
+        logger.debug("MP4 writer probe failed: %s", _first_line(error))
         return False
 
 
@@ -223,10 +223,12 @@ def write_video(path: str | Path, frames: Iterable[Image.Image | np.ndarray], fp
     width is padded by one replicated row or column (nothing is cropped or rescaled). Frames are
     consumed one at a time, so a generator keeps memory flat.
 
-    When no MP4 writer is available (the ``video`` extra is not installed, or ffmpeg fails before
-    the first frame is written), the same name with ``.gif`` is written instead and a warning naming
-    ``pip install "conceptattention[video]"`` is logged once. GIFs hold at most 256 colours per
-    frame, and Pillow merges identical consecutive frames into one (their durations add up).
+    When no MP4 writer is available (the ``video`` extra is not installed, or ffmpeg fails its
+    one-time probe or on the first frame), the same name with ``.gif`` is written instead and a
+    warning naming ``pip install "conceptattention[video]"`` is logged once. A list of frames also
+    falls back when ffmpeg fails later; a generator cannot be replayed, so that is an error. GIFs
+    hold at most 256 colours per frame, and Pillow merges identical consecutive frames into one
+    (their durations add up).
 
     Returns:
         The path written (``.gif`` on the fallback).
@@ -243,14 +245,23 @@ def write_video(path: str | Path, frames: Iterable[Image.Image | np.ndarray], fp
         raise ConceptAttentionError(f"no frames to write to {path}")
     if path.suffix.lower() == ".gif":
         return _write_gif(path, itertools.chain([first], iterator), fps)
-    if mp4_writer_available():
-        started, reason = _write_mp4(path, first, iterator, fps)
-        if started:
-            return path
-    else:
+    if not mp4_writer_available():
         reason = "imageio / imageio-ffmpeg is not installed or cannot encode H.264"
+        replay: Iterator[Image.Image | np.ndarray] = itertools.chain([first], iterator)
+    else:
+        try:
+            _write_mp4(path, first, iterator, fps)
+            return path
+        except _Mp4Failure as failure:
+            reason = f"ffmpeg failed: {failure.reason}"
+            if not failure.started:
+                replay = itertools.chain([first], iterator)
+            elif isinstance(frames, Sequence):
+                replay = iter(frames)
+            else:
+                raise ConceptAttentionError(f"writing {path} failed ({failure.reason})") from None
     _warn_fallback(reason)
-    return _write_gif(path.with_suffix(".gif"), itertools.chain([first], iterator), fps)
+    return _write_gif(path.with_suffix(".gif"), replay, fps)
 
 
 def _warn_fallback(reason: str) -> None:
@@ -260,27 +271,40 @@ def _warn_fallback(reason: str) -> None:
         logger.warning("writing GIF instead of MP4 video files (%s); for MP4: `%s`", reason, INSTALL_HINT)
 
 
+class _Mp4Failure(Exception):
+    """ffmpeg failed; ``started``: frames after the first were consumed (a generator cannot be replayed)."""
+
+    def __init__(self, reason: str, started: bool) -> None:
+        super().__init__(reason)
+        self.reason, self.started = reason, started
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def _write_mp4(
     path: Path, first: Image.Image | np.ndarray, rest: Iterator[Image.Image | np.ndarray], fps: float
-) -> tuple[bool, str]:
-    """(True, "") once written; (False, why) when ffmpeg fails on the first frame (nothing left behind)."""
+) -> None:
+    """Write the MP4, or raise :class:`_Mp4Failure` with no file left behind.
+
+    imageio's writer does not always report a dead ffmpeg (small frames fit in the pipe, and
+    ``close`` stays silent), so the file is checked once written.
+    """
     import imageio.v2 as imageio
 
     array = _rgb_array(first)
-    shape = array.shape
-    writer = None
+    shape, consumed, writer = array.shape, 1, None
     try:
         writer = imageio.get_writer(str(path), **_mp4_options(float(fps)))
         writer.append_data(_even(array))
-    except Exception as error:
-        _discard(writer, path)
-        return False, f"ffmpeg failed: {str(error).strip().splitlines()[0] if str(error).strip() else error!r}"
-    try:
-        for index, frame in enumerate(rest, start=1):
+        for frame in rest:
+            consumed += 1
             array = _rgb_array(frame)
             if array.shape != shape:
                 raise ConceptAttentionError(
-                    f"frame {index} to write to {path} has shape {array.shape}, frame 0 {shape}; "
+                    f"frame {consumed - 1} to write to {path} has shape {array.shape}, frame 0 {shape}; "
                     "all frames need one size"
                 )
             writer.append_data(_even(array))
@@ -288,10 +312,12 @@ def _write_mp4(
     except ConceptAttentionError:
         _discard(writer, path)
         raise
-    except Exception as error:
+    except Exception as error:  # imageio raises OSError, RuntimeError, StopIteration, ... when ffmpeg dies
         _discard(writer, path)
-        raise ConceptAttentionError(f"writing {path} failed: {error}") from None
-    return True, ""
+        raise _Mp4Failure(_first_line(error), consumed > 1) from None
+    if not path.is_file() or path.stat().st_size == 0:
+        path.unlink(missing_ok=True)
+        raise _Mp4Failure("ffmpeg wrote no file", consumed > 1)
 
 
 def _discard(writer: Any, path: Path) -> None:
