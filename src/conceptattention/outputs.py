@@ -268,13 +268,13 @@ class ConceptMaps:
             raise ConceptAttentionError(f"`frames` must be a positive frame count, got {frames!r}")
         return frames
 
-    def _frame_arg(self, frame: int | None, num_frames: int | None = None) -> int | None:
+    def _frame_arg(self, frame: int | None) -> int | None:
         """Check a decoded frame index: required for video maps, refused for image maps."""
         if not self.is_video:
             if frame is not None:
                 raise ConceptAttentionError("`frame` is for video maps; these are image maps (B, C, h, w)")
             return None
-        count = num_frames or self.frame_count
+        count = self.frame_count
         if frame is None:
             raise ConceptAttentionError(
                 f"these are video maps ({count} frames): pass `frame=` (0-{count - 1}), or use "
