@@ -9,6 +9,7 @@ concept conditioning, and how a block's real joint attention forms the image ten
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,7 +27,8 @@ def capture_forward_inputs(transformer, run):
         records.append({"forward": dict(kwargs), "blocks": []})
 
     def on_block(module, args, kwargs):
-        records[-1]["blocks"].append(dict(kwargs))
+        # By name, also for blocks called positionally (HunyuanVideo).
+        records[-1]["blocks"].append(dict(inspect.signature(module.forward).bind(*args, **kwargs).arguments))
 
     handles = [transformer.register_forward_pre_hook(on_forward, with_kwargs=True)]
     handles += [b.register_forward_pre_hook(on_block, with_kwargs=True) for b in transformer.transformer_blocks]
@@ -199,6 +201,7 @@ class ReferenceArch:
     concept_rope: Callable | None = None  # (transformer, block kwargs, positions) -> rotation of (B, H, C, D) q/k
     target_tokens: Callable | None = None  # (forward kwargs) -> the first n image tokens the maps describe
     concept_weights: Callable = dual_stream_concept_weights  # block -> (q, k, v, norm_q, norm_k, out) for concepts
+    embed_at: Callable | None = None  # (transformer, concept states, forward kwargs) -> (C, D), instead of `embed`
 
 
 # -- Qwen-Image ------------------------------------------------------------------------------------
@@ -412,6 +415,52 @@ COGVIDEOX = ReferenceArch(
     feedforward=lambda block: (block.norm2.norm, block.ff),
     concept_weights=cogvideox_concept_weights,
 )
+# -- HunyuanVideo ----------------------------------------------------------------------------------
+def hunyuan_concept_states(pipe, concepts, pooling, encoder, length=256):
+    """Each concept alone through the pipeline's own Llama prompt path (template prefix cropped); its tokens lead.
+
+    Returns one (cropped states (1, L, D), mask (1, L), own token count, pooling) per concept: the token
+    refiner runs on the whole sequence at each forward (:func:`hunyuan_embed_at`).
+    """
+    from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
+
+    assert encoder in (None, "llama")
+    states = []
+    for concept in concepts:
+        hidden, mask = pipe._get_llama_prompt_embeds([concept], DEFAULT_PROMPT_TEMPLATE, max_sequence_length=length)
+        own = len(pipe.tokenizer(concept, add_special_tokens=False).input_ids)
+        states.append((hidden, mask, own, pooling))
+    return states
+
+
+def hunyuan_embed_at(tr, states, fwd):
+    """Each concept's sequence alone through the token refiner at the forward's timestep, its own tokens pooled."""
+    pooled = []
+    for hidden, mask, own, pooling in states:
+        refined = tr.context_embedder(hidden, fwd["timestep"][:1], mask)[0]  # (L, D)
+        pooled.append(pool(refined[:own], pooling))
+    return torch.stack(pooled)
+
+
+def hunyuan_concept_temb(tr, fwd):
+    """Timestep + guidance embedding with a zero pooled-CLIP input."""
+    return tr.time_text_embed(fwd["timestep"], torch.zeros_like(fwd["pooled_projections"]), fwd.get("guidance"))[0]
+
+
+def hunyuan_image_attention(block, inputs):
+    """(q_x, k_x after RoPE, v_x, o_x) of the real joint attention over [video; text] with the text mask."""
+    (qx, kx, vx), (qt, kt, vt) = stream_qkv(block, inputs, block.attn.to_q.out_features // block.attn.heads)
+    rope = inputs["freqs_cis"]
+    qx, kx = apply_rotary_emb(qx, rope), apply_rotary_emb(kx, rope)  # video tokens only
+    n = qx.shape[2]
+    mask = inputs["attention_mask"]  # (B, 1, 1, N + T) bool: padded prompt tokens are not keys
+    real = plain_attention(torch.cat([qx, qt], 2), torch.cat([kx, kt], 2), torch.cat([vx, vt], 2), mask)
+    return qx, kx, vx, merge(real[:, :, :n])
+
+
+HUNYUAN_VIDEO = ReferenceArch(
+    hunyuan_concept_states, hunyuan_concept_temb, hunyuan_image_attention, embed_at=hunyuan_embed_at
+)
 FLUX = ReferenceArch(flux_concept_states, flux_concept_temb, flux_image_attention)
 SD3 = ReferenceArch(sd3_concept_states, sd3_concept_temb, sd3_image_attention)
 CHROMA = ReferenceArch(chroma_concept_states, None, chroma_image_attention, chroma_block_concept_temb)
@@ -473,7 +522,8 @@ def reference_maps(
         keep = rows or (slice(batch // 2, None) if conditional_half else slice(None))
         forward_temb = arch.concept_temb(tr, fwd)[keep] if arch.concept_temb else None
         num_rows = len(range(*keep.indices(batch)))
-        c = arch.embed(tr, text_states).unsqueeze(0).expand(num_rows, -1, -1)
+        c = arch.embed_at(tr, text_states, fwd) if arch.embed_at else arch.embed(tr, text_states)
+        c = c.unsqueeze(0).expand(num_rows, -1, -1)
         n = arch.target_tokens(fwd) if arch.target_tokens else None
         for index in range(max(layers) + 1):
             block = tr.transformer_blocks[index]

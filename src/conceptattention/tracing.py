@@ -86,6 +86,7 @@ class ConceptSession:
             softmax=softmax,
             stop_after_last_block=stop_after_last_block,
             concept_positions=embeddings.positions,
+            concept_sequences=embeddings.sequences,
         )
         self.normalization = _normalization(softmax, len(self.concepts))
         self._attachment = Attachment(transformer, marker=self.backend.processor_class)

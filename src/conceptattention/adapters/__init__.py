@@ -25,6 +25,7 @@ BACKEND_MODULES = (
     "conceptattention.adapters.qwenimage",
     "conceptattention.adapters.flux2",
     "conceptattention.adapters.cogvideox",
+    "conceptattention.adapters.hunyuanvideo",
 )
 
 # Transformers whose text enters only through cross-attention (or that have no text queries at all):

@@ -22,6 +22,7 @@ from typing import Any, ClassVar, Generic, Literal, TypeVar
 import torch
 from typing_extensions import Self
 
+from conceptattention.concepts import ConceptSequences
 from conceptattention.config import ConceptAttentionConfig, Pooling
 from conceptattention.core import ScoreAccumulator, TokenGrid
 from conceptattention.errors import ConceptAttentionError
@@ -125,6 +126,8 @@ class RunState:
         num_items: the number of items the maps describe (with ``row_items``).
         concept_positions: (C,) each concept's first sub-token index in its encoded sequence
             (:attr:`ConceptEmbeddings.positions`), for backends with text RoPE at real positions.
+        concept_sequences: each concept's whole encoded sequence (:attr:`ConceptEmbeddings.sequences`),
+            for backends whose context embedder runs on sequences (HunyuanVideo's token refiner).
     """
 
     config: ConceptAttentionConfig
@@ -138,6 +141,7 @@ class RunState:
     row_items: torch.Tensor | None = None
     num_items: int | None = None
     concept_positions: tuple[int, ...] | None = None
+    concept_sequences: ConceptSequences | None = None
 
     @property
     def last_block(self) -> int:

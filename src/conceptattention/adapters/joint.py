@@ -128,8 +128,9 @@ class JointConceptStream:
         assert record is not None
         dtype, device = hidden_states.dtype, hidden_states.device
         rows = len(range(*record.rows.indices(hidden_states.shape[0])))
-        states = self.state.concept_states.to(device, dtype)
-        concepts = self.backend.embed_concepts(self.transformer, states, record)  # (C | B_rows, C, D_model)
+        sequences = self.state.concept_sequences  # set by backends whose context embedder takes sequences
+        states = self.state.concept_states if sequences is None else sequences
+        concepts = self.backend.embed_concepts(self.transformer, states.to(device, dtype), record)  # (C | B_rows, C, D)
         self.hidden = (concepts if concepts.ndim == 3 else concepts.unsqueeze(0)).expand(rows, -1, -1)  # (B_rows, C, D)
         self.temb = self.backend.concept_conditioning(self.transformer, record, dtype)
 
@@ -267,11 +268,13 @@ class JointBackend(Backend):
         return forward_conditioning
 
     # -- the text-stream modules the concepts go through (diffusers' dual-stream names by default) --
-    def embed_concepts(self, transformer: Any, states: torch.Tensor, record: ForwardRecord) -> torch.Tensor:
+    def embed_concepts(self, transformer: Any, states: Any, record: ForwardRecord) -> torch.Tensor:
         """Concept states -> (C, D_model) or (B_rows, C, D_model) concept tokens, as the prompt is embedded.
 
         Args:
-            states: the session's concept states (``RunState.concept_states``; (C, D_text) pooled by default).
+            states: the session's concept states: (C, D_text) pooled (``RunState.concept_states``), or the
+                :class:`~conceptattention.concepts.ConceptSequences` (``RunState.concept_sequences``) of a
+                backend whose context embedder runs on whole sequences; on the forward's device and dtype.
             record: the forward (for context embedders that take the timestep).
         """
         return transformer.context_embedder(states)
