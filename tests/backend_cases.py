@@ -12,7 +12,7 @@ from functools import cache
 from typing import Any
 
 import torch
-from naive_reference import CHROMA, FLUX, FLUX2, QWEN_IMAGE, SD3, ReferenceArch
+from naive_reference import CHROMA, COGVIDEOX, FLUX, FLUX2, QWEN_IMAGE, SD3, ReferenceArch
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,8 @@ class BackendCase:
         clean_latents: ``(pipe, pixels (1, 3, H, W) in [-1, 1]) -> z`` as the pipeline's img2img encodes an image.
         pooled_text: the model conditions on pooled text (concepts get a zero pooled input).
         forwards_per_step: transformer calls per denoising step under ``run`` (2: a separate negative pass).
+        frames: video models: frames of the test videos (generated and encoded); None for image models.
+        noised: ``(pipe, z, eps, t) -> x_t`` as encode mode noises clean latents (default: rectified flow).
     """
 
     name: str
@@ -46,6 +48,14 @@ class BackendCase:
     clean_latents: Callable[[Any, torch.Tensor], torch.Tensor] = field(default=lambda pipe, x: _shifted_scaled(pipe, x))
     pooled_text: bool = True
     forwards_per_step: int = 1
+    frames: int | None = None
+    noised: Callable[[Any, torch.Tensor, torch.Tensor, float], torch.Tensor] = field(
+        default=lambda pipe, z, eps, t: (1 - t) * z + t * eps
+    )
+
+    @property
+    def video(self) -> bool:
+        return self.frames is not None
 
     def pipeline(self, dtype: torch.dtype = torch.float32):
         return _cached_pipeline(self.name, dtype)
@@ -94,6 +104,35 @@ def _flux2_dev_factory(dtype=torch.float32):
     from tiny_flux2 import make_tiny_flux2_dev_pipeline
 
     return make_tiny_flux2_dev_pipeline(seed=2, dtype=dtype, num_layers=3, num_single_layers=1)
+
+
+def _cogvideox_factory(dtype=torch.float32):
+    from tiny_cogvideox import make_tiny_cogvideox_pipeline
+
+    return make_tiny_cogvideox_pipeline(seed=0, dtype=dtype, num_layers=4)
+
+
+def _cogvideox15_factory(dtype=torch.float32):
+    from tiny_cogvideox import make_tiny_cogvideox_pipeline
+
+    return make_tiny_cogvideox_pipeline(seed=3, dtype=dtype, num_layers=4, version="1.5")
+
+
+def _cogvideox_latents(pipe, pixels):
+    """CogVideoX: the VAE mode of (B, 3, F, H, W) frames times its scaling factor, as (B, F', c, H', W').
+
+    1.5 (latent frames patched in pairs): an odd count is padded at the start with the first latent frame.
+    """
+    z = pipe.vae.encode(pixels).latent_dist.mode() * pipe.vae.config.scaling_factor
+    z = z.permute(0, 2, 1, 3, 4)
+    if pipe.transformer.config.patch_size_t == 2 and z.shape[1] % 2:
+        z = torch.cat([z[:, :1], z], dim=1)
+    return z
+
+
+def _ddim_noised(pipe, z, eps, t):
+    """x_t by the scheduler's own `add_noise` at training timestep t * 1000."""
+    return pipe.scheduler.add_noise(z, eps, torch.tensor([round(t * 1000)]))
 
 
 def _flux2_normalised(pipe, pixels):
@@ -199,6 +238,24 @@ CASES = [
         run={**RUN, "max_sequence_length": 256},  # the system message takes most of the budget
         **FLUX2_CASE,
     ),
+]
+CASES += [
+    BackendCase(
+        name=name,
+        factory=factory,
+        arch=COGVIDEOX,
+        # 9 frames: 3 latent frames (the causal VAE decodes an odd latent count back to 9 frames).
+        run={**RUN, "num_frames": 9, "guidance_scale": 6.0},  # batched classifier-free guidance
+        layers=(0, 1, 2, 3),
+        conditional_half=True,
+        encoded_latents=lambda pipe, latents: latents,
+        encoded_timestep=lambda t: round(t * 1000),
+        clean_latents=_cogvideox_latents,
+        pooled_text=False,
+        frames=9,
+        noised=_ddim_noised,
+    )
+    for name, factory in (("cogvideox", _cogvideox_factory), ("cogvideox1.5", _cogvideox15_factory))
 ]
 CASES_BY_NAME = {case.name: case for case in CASES}
 

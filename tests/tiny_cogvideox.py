@@ -44,9 +44,9 @@ def make_tiny_cogvideox_transformer(
             time_embed_dim=8,
             text_embed_dim=T5_HIDDEN,
             num_layers=num_layers,
-            sample_width=12,
-            sample_height=8,
-            sample_frames=5,
+            sample_width=16,  # latent pixels: 1.5's RoPE covers at most 64 x 64 px here
+            sample_height=16,
+            sample_frames=9,  # 3 latent frames: the causal VAE decodes an odd latent count to 4k + 1 frames
             max_text_seq_length=MAX_TEXT,
             norm_eps=1e-5,
             **layout,

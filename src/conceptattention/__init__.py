@@ -11,7 +11,7 @@ Example:
 
 from conceptattention.adapters import supported_architectures
 from conceptattention.config import ConceptAttentionConfig
-from conceptattention.encode import encode_image
+from conceptattention.encode import encode_image, encode_video
 from conceptattention.errors import ConceptAttentionError, UnsupportedArchitectureError, WeightsNotFoundError
 from conceptattention.generate import generate
 from conceptattention.loading import load_pipeline
@@ -27,6 +27,7 @@ __all__ = [
     "UnsupportedArchitectureError",
     "WeightsNotFoundError",
     "encode_image",
+    "encode_video",
     "generate",
     "load_pipeline",
     "supported_architectures",

@@ -54,6 +54,10 @@ OverwriteOption = Annotated[
     bool, typer.Option(help="Replace a result already saved in --out (its files are removed first).")
 ]
 DtypeOption = Annotated[str | None, typer.Option(help="float32 | bfloat16 | float16 (default: the model's own).")]
+NumFramesOption = Annotated[
+    int | None, typer.Option(help="Video models: frames to generate or encode (default: the model's; CogVideoX 4k+1).")
+]
+FramesOption = Annotated[bool, typer.Option(help="Video results: also save every frame as a PNG.")]
 
 
 def _fail_cleanly(command: Callable) -> Callable:
@@ -198,16 +202,29 @@ def _not_torchvision_notice(record: logging.LogRecord) -> bool:
 
 
 def _summary(title: str, written: list[Path]) -> None:
+    """The written files; per-frame PNGs of a video result are listed as one line per folder."""
     table = Table(title=title, show_header=False)
+    folders: dict[Path, int] = {}
     for path in written:
+        if path.suffix == ".png" and path.parent.parent.name == "frames":
+            folders[path.parent] = folders.get(path.parent, 0) + 1
+            continue
         table.add_row(str(path))
+    for folder, count in folders.items():
+        table.add_row(f"{folder}/ ({count} frames)")
     Console().print(table)
 
 
 @app.command()
 @_fail_cleanly
 def encode(
-    image: Annotated[Path, typer.Argument(help="Image file (any format Pillow reads; converted to RGB).")],
+    image: Annotated[
+        Path,
+        typer.Argument(
+            metavar="IMAGE_OR_VIDEO",
+            help="Image file (any format Pillow reads), or for video models a video (MP4, WebM, GIF, ...).",
+        ),
+    ],
     concepts: ConceptsOption,
     caption: Annotated[str, typer.Option(help="Caption for the forward pass.")] = "",
     model: ModelOption = None,
@@ -217,6 +234,7 @@ def encode(
     num_samples: Annotated[int, typer.Option(help="Noise draws to average.")] = 1,
     height: Annotated[int | None, typer.Option(help="Model resolution (default: the model's).")] = None,
     width: Annotated[int | None, typer.Option(help="Model resolution (default: the model's).")] = None,
+    num_frames: NumFramesOption = None,
     score_space: ScoreSpaceOption = "output",
     concept_keys: KeysOption = "both",
     softmax: SoftmaxOption = None,
@@ -226,34 +244,46 @@ def encode(
     device: DeviceOption = None,
     dtype: DtypeOption = None,
     overwrite: OverwriteOption = False,
+    frames: FramesOption = False,
 ) -> None:
-    """Concept maps of a real image."""
-    from conceptattention.encode import encode_image
+    """Concept maps of a real image (or, with a video model, of a real video)."""
+    from conceptattention.encode import encode_image, encode_video
     from conceptattention.images import load_image
+    from conceptattention.tracing import pipeline_components
+    from conceptattention.videos import is_video_file, load_video
 
-    check_positive(num_samples=num_samples, height=height, width=width)
+    check_positive(num_samples=num_samples, height=height, width=width, num_frames=num_frames)
     check_seed(seed)
     words = parse_concepts(concepts)
     config = _config(score_space, concept_keys, softmax, pooling, layers, concept_encoder=concept_encoder)
     if device:
         check_device(device)
     check_output(out, overwrite)
-    picture = load_image(image, f"IMAGE {str(image)!r}")
+    is_video = is_video_file(image)
+    what = f"{'VIDEO' if is_video else 'IMAGE'} {str(image)!r}"
+    source = load_video(image, what) if is_video else load_image(image, what)  # unreadable files fail before loading
     pipe = _load(model, device, dtype)
-    with console.status(f"Encoding with {num_samples} noise sample(s) ..."):
-        maps = encode_image(
-            pipe,
-            picture,
-            words,
-            caption=caption,
-            config=config,
-            t=t,
-            num_samples=num_samples,
-            seed=seed,
-            height=height,
-            width=width,
+    _, backend = pipeline_components(pipe)
+    if backend.spec.modality == "video" and not is_video:
+        raise ConceptAttentionError(
+            f"{backend.spec.name} is a video model, but {str(image)!r} is a single image; give a video file "
+            "(MP4, WebM, GIF, ...)"
         )
-    _summary(f"Wrote {out}", maps.save(out, overwrite=overwrite))
+    if backend.spec.modality == "image" and is_video:
+        raise ConceptAttentionError(
+            f"{backend.spec.name} is an image model, but {str(image)!r} is a video; give an image, or a video "
+            "model (e.g. --model THUDM/CogVideoX-2b)"
+        )
+    options: dict[str, Any] = {"caption": caption, "config": config, "t": t, "num_samples": num_samples, "seed": seed}
+    options.update(height=height, width=width)
+    with console.status(f"Encoding with {num_samples} noise sample(s) ..."):
+        if is_video:
+            maps = encode_video(pipe, source, words, num_frames=num_frames, **options)
+        else:
+            if num_frames is not None:
+                raise ConceptAttentionError("`--num-frames` applies to videos only")
+            maps = encode_image(pipe, source, words, **options)
+    _summary(f"Wrote {out}", maps.save(out, overwrite=overwrite, frames=frames))
 
 
 @app.command()
@@ -268,6 +298,7 @@ def generate(
     height: Annotated[int | None, typer.Option(help="Image height (default: the model's).")] = None,
     width: Annotated[int | None, typer.Option(help="Image width (default: the model's).")] = None,
     guidance_scale: Annotated[float | None, typer.Option(help="Guidance scale (the pipeline's).")] = None,
+    num_frames: NumFramesOption = None,
     trace_steps: Annotated[str | None, typer.Option(help="Step indices to trace, e.g. '0,1' (default: all).")] = None,
     score_space: ScoreSpaceOption = "output",
     concept_keys: KeysOption = "both",
@@ -278,11 +309,13 @@ def generate(
     device: DeviceOption = None,
     dtype: DtypeOption = None,
     overwrite: OverwriteOption = False,
+    frames: FramesOption = False,
 ) -> None:
-    """Generate an image from a prompt and map each concept in it."""
+    """Generate an image (or a video, with a video model) from a prompt and map each concept in it."""
     from conceptattention.generate import generate as run_generate
+    from conceptattention.tracing import pipeline_components
 
-    check_positive(steps=steps, height=height, width=width)
+    check_positive(steps=steps, height=height, width=width, num_frames=num_frames)
     check_seed(seed)
     if guidance_scale is not None and guidance_scale < 0:
         raise ConceptAttentionError(f"`--guidance-scale` must be >= 0, got {guidance_scale}")
@@ -292,10 +325,12 @@ def generate(
         check_device(device)
     check_output(out, overwrite)
     pipe = _load(model, device, dtype)
-    given = {"height": height, "width": width, "guidance_scale": guidance_scale}
+    given = {"height": height, "width": width, "guidance_scale": guidance_scale, "num_frames": num_frames}
     extra = {k: v for k, v in given.items() if v is not None}  # 0 is passed on, not replaced
+    if num_frames is not None and pipeline_components(pipe)[1].spec.modality != "video":
+        raise ConceptAttentionError("`--num-frames` applies to video models only")
     maps = run_generate(pipe, prompt, words, config=config, seed=seed, num_inference_steps=steps, **extra)
-    _summary(f"Wrote {out}", maps.save(out, overwrite=overwrite))
+    _summary(f"Wrote {out}", maps.save(out, overwrite=overwrite, frames=frames))
 
 
 @app.command()

@@ -235,7 +235,8 @@ def _encode(
         guidance_scale=inputs.guidance_scale,
         max_batch=max_batch,
     )
-    return session.concept_maps(details, items, image_size=size, num_frames=num_frames)
+    fps = backend.fps(pipe) if num_frames is not None else None
+    return session.concept_maps(details, items, image_size=size, num_frames=num_frames, fps=fps)
 
 
 def _token_count(pipe: Any, backend: Backend, size: tuple[int, int], pixels: torch.Tensor) -> int:
@@ -244,36 +245,31 @@ def _token_count(pipe: Any, backend: Backend, size: tuple[int, int], pixels: tor
     if pixels.ndim == 4:
         return spatial
     r, p_t = backend.frame_layout(pipe)
-    return spatial * (((pixels.shape[2] - 1) // r + 1) // p_t)
-
-
-def valid_frame_counts(r: int, p_t: int, up_to: int) -> list[int]:
-    """Frame counts n <= ``up_to`` a video model takes: n = r k + 1, with k + 1 latent frames a multiple of p_t."""
-    return [n for n in range(1, up_to + 1) if (n - 1) % r == 0 and ((n - 1) // r + 1) % p_t == 0]
+    return spatial * -(-((pixels.shape[2] - 1) // r + 1) // p_t)
 
 
 def _num_frames(pipe: Any, backend: Backend, requested: int | None, available: int) -> int:
-    """The frame count to encode: ``requested`` (or the model's default), checked against the model and the video."""
-    r, p_t = backend.frame_layout(pipe)
-    default = int(model_defaults(pipe).get("num_frames") or backend.default_num_frames(pipe))
-    count = default if requested is None else requested
+    """The frame count to encode: ``requested`` (or the model's default), checked against the model and the video.
+
+    A causal video VAE takes ``r k + 1`` frames (r = its temporal compression) and makes ``k + 1`` latent frames.
+    """
+    r, _ = backend.frame_layout(pipe)
+    count = requested if requested is not None else int(model_defaults(pipe).get("num_frames") or 0)
+    count = count or backend.default_num_frames(pipe)
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:
         raise ConceptAttentionError(f"`num_frames` must be a positive integer, got {count!r}")
-    valid = valid_frame_counts(r, p_t, max(count, available) + r * p_t)
-    if count not in valid:
-        near = [n for n in valid if abs(n - count) <= r * p_t] or valid[:2]
+    if (count - 1) % r:
+        lower = (count - 1) // r * r + 1
         raise ConceptAttentionError(
             f"`num_frames`={count} cannot be taken by {type(pipe).__name__}: its VAE compresses {r} frames into one "
-            f"latent frame after the first{f', and {p_t} latent frames form one token frame' if p_t > 1 else ''}, so "
-            f"valid counts are {', '.join(map(str, valid[:4]))}, ...; try {' or '.join(map(str, near))}"
+            f"latent frame after the first, so it takes {r}k + 1 frames; try {lower} or {lower + r}"
         )
     if available < count:
-        shorter = [n for n in valid if n <= available]
-        hint = f"pass `num_frames={shorter[-1]}`" if shorter else "give a longer video"
+        shorter = (available - 1) // r * r + 1
         what = "the model's default" if requested is None else "`num_frames`"
         raise ConceptAttentionError(
-            f"The video has {available} frames, fewer than the {count} frames requested ({what}); {hint}, or a video "
-            f"with at least {count} frames"
+            f"The video has {available} frames, fewer than the {count} frames requested ({what}); pass "
+            f"`num_frames={shorter}` (CLI `--num-frames {shorter}`) or give a video with at least {count} frames"
         )
     return count
 

@@ -40,7 +40,8 @@ def generate(
             num_images_per_prompt, ...).
 
     Returns:
-        :class:`ConceptMaps` with ``maps`` (B, C, h, w) and the generated ``images``.
+        :class:`ConceptMaps` with ``maps`` (B, C, h, w) and the generated ``images``; for video models
+        ``maps`` (B, C, F, h, w) on the token frames, ``num_frames`` and the generated frames.
 
     Example:
         >>> maps = generate(pipe, "a dog on grass", ["dog", "grass", "sky"], num_inference_steps=4)  # doctest: +SKIP
@@ -51,7 +52,7 @@ def generate(
     if not prompt or (not isinstance(prompt, str) and not all(isinstance(p, str) for p in prompt)):
         raise ConceptAttentionError(f"`prompt` must be a non-empty string or list of strings, got {prompt!r}")
     if "output_type" in pipe_kwargs and pipe_kwargs["output_type"] != "pil":
-        raise ConceptAttentionError("`generate` returns PIL images; leave `output_type` unset")
+        raise ConceptAttentionError("`generate` returns PIL images (video frames); leave `output_type` unset")
     if seed is not None:
         if "generator" in pipe_kwargs:
             raise ConceptAttentionError("Pass either `seed` or `generator`, not both (set seed=None)")
@@ -61,9 +62,11 @@ def generate(
     for key, value in model_defaults(pipe).items():
         if key in ("height", "width", "max_sequence_length", "num_inference_steps"):
             pipe_kwargs.setdefault(key, value)
-    backend_for(getattr(pipe, "transformer", None), pipe).check_call(pipe, pipe_kwargs)
+    backend = backend_for(getattr(pipe, "transformer", None), pipe)
+    backend.check_call(pipe, pipe_kwargs)
     with trace(pipe, concepts, config) as tracer:
         output = pipe(prompt=prompt, **pipe_kwargs)  # by keyword: some pipelines take `image` first
     scalars = {k: v for k, v in pipe_kwargs.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
     prompts = prompt if isinstance(prompt, str) else list(prompt)
-    return tracer.maps(images=output.images, prompt=prompts, seed=seed, call=scalars)
+    images = output.frames if backend.spec.modality == "video" else output.images
+    return tracer.maps(images=images, prompt=prompts, seed=seed, call=scalars)

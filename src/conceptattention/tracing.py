@@ -259,6 +259,7 @@ class ConceptSession:
         image_size: tuple[int, int] | None = None,
         pixels_per_token: int = 1,
         num_frames: int | None = None,
+        fps: float | None = None,
     ) -> ConceptMaps:
         """The one result path of trace, generate and encode: maps of the current run plus its record.
 
@@ -267,6 +268,7 @@ class ConceptSession:
             images: PIL images the maps describe (optional).
             image_size: (height, width) of those images; default: the token grid times ``pixels_per_token``.
             num_frames: decoded frames of the video the maps describe (video models; None for images).
+            fps: frame rate of that video, for saved files (video models).
         """
         maps, block_maps, grid = self.token_maps()
         return ConceptMaps(
@@ -277,6 +279,7 @@ class ConceptSession:
             block_maps=block_maps.cpu() if block_maps is not None else None,
             metadata=self.record(details).to_dict(),
             num_frames=num_frames,
+            fps=fps,
         )
 
 
@@ -368,11 +371,12 @@ class trace:  # noqa: N801 - a context manager used like a function, as DAAM's `
         """Maps of the latest pipeline call (inside or after the ``with`` block).
 
         Args:
-            images: the pipeline's output images (PIL), attached for overlays and saving.
+            images: the pipeline's output images (PIL), attached for overlays and saving; for video models
+                its ``output.frames`` (one list of PIL frames per video).
             prompt, seed, call: what the call used, for the record (``generate`` fills them).
 
         Returns:
-            :class:`ConceptMaps` with ``maps`` of shape (B, C, h, w).
+            :class:`ConceptMaps` with ``maps`` of shape (B, C, h, w), or (B, C, F, h, w) for video models.
         """
         session = self._session or self._finished
         if session is None:
@@ -387,7 +391,25 @@ class trace:  # noqa: N801 - a context manager used like a function, as DAAM's `
             seed=seed,
             call=dict(call or {}),
         )
-        return session.concept_maps(details, images, pixels_per_token=self.backend.pixels_per_token(self.pipe))
+        num_frames = fps = None
+        if self.backend.spec.modality == "video":
+            num_frames, fps = self._video_frames(session, images), self.backend.fps(self.pipe)
+        return session.concept_maps(
+            details, images, pixels_per_token=self.backend.pixels_per_token(self.pipe), num_frames=num_frames, fps=fps
+        )
+
+    def _video_frames(self, session: ConceptSession, videos: Sequence[Any] | None) -> int:
+        """Decoded frames of a video model's output: counted from the given videos, else from the token grid."""
+        if videos is None:
+            grid = session._grid
+            assert grid is not None  # token_maps() checked that the run recorded maps
+            return self.backend.decoded_frames(self.pipe, grid.frames)
+        if not all(isinstance(video, (list, tuple)) and video for video in videos):
+            raise ConceptAttentionError(
+                f"{self.backend.spec.name} makes videos: pass `images=output.frames` (one list of PIL frames per "
+                "video), not single images"
+            )
+        return len(videos[0])
 
 
 def config_with_overrides(config: ConceptAttentionConfig | None, overrides: dict[str, Any]) -> ConceptAttentionConfig:

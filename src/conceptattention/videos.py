@@ -349,3 +349,24 @@ def _write_gif(path: Path, frames: Iterator[Image.Image | np.ndarray], fps: floa
         path.unlink(missing_ok=True)
         raise
     return path
+
+
+FFMPEG_SUFFIXES = frozenset({".mp4", ".m4v", ".webm", ".avi", ".mov", ".mkv"})
+
+
+def is_video_file(path: str | Path) -> bool:
+    """Whether a file is a video: a video container suffix, or a GIF / WebP / APNG with more than one frame.
+
+    Unknown suffixes count as images (the image reader then explains what it cannot read).
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in FFMPEG_SUFFIXES:
+        return True
+    if suffix not in PILLOW_SUFFIXES or not path.is_file():
+        return False
+    try:
+        with Image.open(path) as opened:
+            return int(getattr(opened, "n_frames", 1)) > 1
+    except (UnidentifiedImageError, OSError):
+        return False

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 
+import PIL.Image
 import pytest
 import torch
 from backend_cases import CASES, BackendCase
@@ -26,7 +27,31 @@ def case(request) -> BackendCase:
 
 def _run(case: BackendCase, pipe, prompt="a dog on the grass near a tree", **extra):
     args = {**case.run, "output_type": "pt", **extra}
-    return pipe(prompt=prompt, generator=torch.Generator().manual_seed(3), **args).images
+    output = pipe(prompt=prompt, generator=torch.Generator().manual_seed(3), **args)
+    return output.frames if case.video else output.images
+
+
+def _attention(case: BackendCase, block):
+    """The block's joint attention module (``attn``; CogVideoX: ``attn1``)."""
+    return getattr(block, backend_for(case.pipeline().transformer).spec.attention)
+
+
+def _sample(case: BackendCase, height: int, width: int, generator=None) -> torch.Tensor:
+    """A random image (3, H, W), or for video models a video (F, 3, H, W), in [0, 1]."""
+    shape = (3, height, width) if not case.video else (case.frames, 3, height, width)
+    return torch.rand(shape, generator=generator)
+
+
+def _encode(case: BackendCase, pipe, item, concepts, **kwargs):
+    if case.video:
+        return ca.encode_video(pipe, item, concepts, **kwargs)
+    return ca.encode_image(pipe, item, concepts, **kwargs)
+
+
+def _model_pixels(case: BackendCase, item: torch.Tensor) -> torch.Tensor:
+    """What the pipeline feeds its VAE for a [0, 1] sample: 8-bit quantised, in [-1, 1], (1, 3, [F,] H, W)."""
+    pixels = (item * 255).round() / 127.5 - 1
+    return pixels[None] if not case.video else pixels.permute(1, 0, 2, 3)[None]
 
 
 def _capture_block_outputs(blocks):
@@ -45,11 +70,14 @@ def _capture_block_outputs(blocks):
     ("prompt", "extra"),
     [
         pytest.param(["a dog", "a cat under the sky"], {}, id="batch2"),
-        pytest.param("a dog", {"height": 48, "width": 16, "num_images_per_prompt": 2}, id="nonsquare-per-prompt"),
+        pytest.param("a dog", {"height": 48, "width": 16, "per_prompt": 2}, id="nonsquare-per-prompt"),
     ],
 )
 def test_image_and_text_streams_are_bit_identical(case, prompt, extra):
     pipe = case.pipeline()
+    extra = dict(extra)
+    if "per_prompt" in extra:
+        extra["num_videos_per_prompt" if case.video else "num_images_per_prompt"] = extra.pop("per_prompt")
     blocks = case.blocks(pipe.transformer)
     records, handles = _capture_block_outputs(blocks)
     try:
@@ -70,6 +98,8 @@ def test_image_and_text_streams_are_bit_identical(case, prompt, extra):
     maps = tc.maps()
     assert maps.maps.shape[0] == plain.shape[0]  # one map set per image (conditional half under batched CFG)
     assert maps.image_size == tuple(plain.shape[-2:])
+    if case.video:  # (B, F, 3, H, W) videos: maps on the token frames, for every decoded frame
+        assert maps.maps.ndim == 5 and maps.num_frames == plain.shape[1] == case.frames
 
 
 VARIANTS = [
@@ -116,7 +146,7 @@ def test_score_space_changes_only_the_score_not_the_concept_tokens(case):
     for space in ("output", "value", "cross_attention"):
         with ca.trace(pipe, ["dog", "sky"], layers=list(case.layers), score_space=space):
             _run(case, pipe)
-            streams[space] = pipe.transformer.transformer_blocks[0].attn.processor.stream.hidden.clone()
+            streams[space] = _attention(case, pipe.transformer.transformer_blocks[0]).processor.stream.hidden.clone()
     assert torch.equal(streams["output"], streams["value"]) and torch.equal(
         streams["output"], streams["cross_attention"]
     )
@@ -146,7 +176,7 @@ def test_detach_restores_processors_and_hooks_even_after_an_exception(case):
     backend = backend_for(transformer)
     before = dict(transformer.attn_processors)
     with pytest.raises(KeyboardInterrupt), ca.trace(pipe, ["dog", "sky"], layers=list(case.layers)):
-        assert isinstance(transformer.transformer_blocks[0].attn.processor, backend.processor_class)
+        assert isinstance(_attention(case, transformer.transformer_blocks[0]).processor, backend.processor_class)
         _run(case, pipe, num_inference_steps=1)
         raise KeyboardInterrupt
     after = transformer.attn_processors
@@ -181,15 +211,15 @@ class _DelegatingProcessor:
 
 def test_custom_processor_on_a_traced_block_is_refused_and_left_in_place(case):
     pipe = case.fresh_pipeline()
-    block = pipe.transformer.transformer_blocks[1]
-    custom = _DelegatingProcessor(block.attn.processor)
-    block.attn.processor = custom
+    attn = getattr(pipe.transformer.transformer_blocks[1], backend_for(pipe.transformer).spec.attention)
+    custom = _DelegatingProcessor(attn.processor)
+    attn.processor = custom
     with (
         pytest.raises(ca.ConceptAttentionError, match="IP-Adapter, fused-projection and custom processors"),
         ca.trace(pipe, ["dog"], layers=[1]),
     ):
         pass
-    assert block.attn.processor is custom
+    assert attn.processor is custom
     assert not any(m._forward_pre_hooks for m in pipe.transformer.modules())
     with ca.trace(pipe, ["dog", "sky"], layers=[0]) as tc:  # blocks after the last traced one are not touched
         _run(case, pipe, num_inference_steps=1)
@@ -198,25 +228,24 @@ def test_custom_processor_on_a_traced_block_is_refused_and_left_in_place(case):
 
 def test_encode_averages_every_noise_sample_and_matches_reference(case):
     pipe = case.pipeline()
-    image = torch.rand(3, 32, 48)
+    image = _sample(case, 32, 48)
     concepts = ["dog", "grass", "sky"]
     captured = []
     handle = pipe.transformer.register_forward_pre_hook(lambda m, a, kw: captured.append(dict(kw)), with_kwargs=True)
     try:
-        maps = ca.encode_image(
-            pipe, image, concepts, height=32, width=48, num_samples=3, seed=7, t=0.5, layers=[1, 2], max_batch=1
+        maps = _encode(
+            case, pipe, image, concepts, height=32, width=48, num_samples=3, seed=7, t=0.5, layers=[1, 2], max_batch=1
         )
     finally:
         handle.remove()
     assert len(captured) == 3
-    # each draw really is x_t = (1 - t) z + t eps with a fresh eps from the seeded generator
-    pixels = (image.permute(1, 2, 0).numpy() * 255).round() / 127.5 - 1
+    # each draw really is x_t of the model's noising rule with a fresh eps from the seeded generator
     with torch.no_grad():
-        z = case.clean_latents(pipe, torch.from_numpy(pixels).permute(2, 0, 1)[None].float())
+        z = case.clean_latents(pipe, _model_pixels(case, image))
     generator = torch.Generator().manual_seed(7)
     for record in captured:
         eps = torch.randn(z.shape, generator=generator)
-        expected = case.encoded_latents(pipe, 0.5 * z + 0.5 * eps)
+        expected = case.encoded_latents(pipe, case.noised(pipe, z, eps, 0.5))
         torch.testing.assert_close(record["hidden_states"], expected, rtol=0, atol=1e-5)
         assert float(record["timestep"][0]) == case.encoded_timestep(0.5)
     # maps = mean over samples of the reference on each captured (untraced) forward
@@ -228,14 +257,18 @@ def test_encode_averages_every_noise_sample_and_matches_reference(case):
     torch.testing.assert_close(maps.maps.flatten(2), torch.stack(per_sample).mean(0), rtol=0, atol=1e-5)
     meta = maps.metadata
     assert meta["num_samples"] == 3 and meta["t"] == 0.5 and meta["mode"] == "encode"
-    assert maps.image_size == (32, 48) and maps.images[0].size == (48, 32)
+    assert maps.image_size == (32, 48)
+    first = maps.images[0][0] if case.video else maps.images[0]
+    assert first.size == (48, 32)
+    if case.video:
+        assert len(maps.images[0]) == maps.num_frames == case.frames and maps.maps.ndim == 5
 
 
 @pytest.mark.parametrize("seed", [11, [11, 12]], ids=["one-seed", "per-image-seeds"])
 def test_batched_noise_draws_equal_sequential_forwards(case, seed):
     pipe = case.pipeline()
     g = torch.Generator().manual_seed(0)
-    images = [torch.rand(3, 32, 32, generator=g), torch.rand(3, 32, 32, generator=g)]
+    images = [_sample(case, 32, 32, g), _sample(case, 32, 32, g)]
     kwargs = {"height": 32, "width": 32, "num_samples": 3, "seed": seed, "per_block": True, "layers": [0, 2]}
     batches = []
     hook = pipe.transformer.register_forward_pre_hook(
@@ -243,7 +276,7 @@ def test_batched_noise_draws_equal_sequential_forwards(case, seed):
     )
     try:
         results = {
-            n: ca.encode_image(pipe, images, ["dog", "sky", "grass"], max_batch=n, **kwargs) for n in (1, 2, 4, 6)
+            n: _encode(case, pipe, images, ["dog", "sky", "grass"], max_batch=n, **kwargs) for n in (1, 2, 4, 6)
         }
     finally:
         hook.remove()
@@ -254,11 +287,11 @@ def test_batched_noise_draws_equal_sequential_forwards(case, seed):
         torch.testing.assert_close(results[n].maps, sequential.maps, rtol=0, atol=1e-6)
         torch.testing.assert_close(results[n].block_maps, sequential.block_maps, rtol=0, atol=1e-6)
     assert (sequential.maps[0] - sequential.maps[1]).abs().max() > 1e-3  # the two images' maps differ
-    default = ca.encode_image(pipe, images, ["dog", "sky", "grass"], **kwargs)
+    default = _encode(case, pipe, images, ["dog", "sky", "grass"], **kwargs)
     assert default.metadata["max_batch"] == 4  # the CPU default
     torch.testing.assert_close(default.maps, sequential.maps, rtol=0, atol=1e-6)
     with pytest.raises(ca.ConceptAttentionError, match="`max_batch` must be a positive integer, got 0"):
-        ca.encode_image(pipe, images, ["dog", "sky"], max_batch=0, **kwargs)
+        _encode(case, pipe, images, ["dog", "sky"], max_batch=0, **kwargs)
 
 
 def test_encode_stops_after_the_last_selected_block(case):
@@ -267,7 +300,7 @@ def test_encode_stops_after_the_last_selected_block(case):
     calls = []
     handles = [b.register_forward_pre_hook(lambda m, a, i=i: calls.append(i)) for i, b in enumerate(blocks)]
     try:
-        ca.encode_image(pipe, torch.rand(3, 32, 32), ["dog", "sky"], height=32, width=32, layers=[1])
+        _encode(case, pipe, _sample(case, 32, 32), ["dog", "sky"], height=32, width=32, layers=[1])
     finally:
         for h in handles:
             h.remove()
@@ -280,7 +313,8 @@ def test_generate_returns_images_maps_and_record(case):
     maps = ca.generate(pipe, "a dog on the grass", ["dog", "grass", "sky"], num_inference_steps=3, height=32,
                        width=64, seed=5, config=ca.ConceptAttentionConfig(steps=[1, 2], layers=list(case.layers)),
                        **run)  # fmt: skip
-    assert len(maps.images) == 1 and maps.images[0].size == (64, 32)
+    first = maps.images[0][0] if case.video else maps.images[0]
+    assert len(maps.images) == 1 and first.size == (64, 32)
     meta = maps.metadata
     backend = backend_for(pipe.transformer)
     assert meta["architecture"] == backend.spec.name and meta["mode"] == "generate"
@@ -291,7 +325,9 @@ def test_generate_returns_images_maps_and_record(case):
     assert meta["concept_positions"] == backend.spec.concept_positions
     assert ("conditional half" in meta["cfg"]) == case.conditional_half
     assert meta["versions"]["diffusers"] and meta["versions"]["torch"]
-    torch.testing.assert_close(maps.maps.sum(1), torch.ones(1, 8, 16))  # softmax over concepts, then mean
+    pixels = backend.pixels_per_token(pipe)
+    assert maps.maps.shape[-2:] == (32 // pixels, 64 // pixels)
+    torch.testing.assert_close(maps.maps.sum(1), torch.ones(1, *maps.maps.shape[2:]))  # softmax over concepts, mean
 
 
 def test_default_layers_are_valid_and_recorded(case):
@@ -310,12 +346,15 @@ def test_saved_pipeline_loads_and_runs_the_eval_cli(case, tmp_path):
     pipe.save_pretrained(tmp_path / "model")
     loaded = ca.load_pipeline(tmp_path / "model")
     assert type(loaded) is type(pipe)
-    image = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0))
-    from_disk = ca.encode_image(loaded, image, ["dog", "sky"], height=32, width=32)
-    in_memory = ca.encode_image(pipe, image, ["dog", "sky"], height=32, width=32)
+    sample = _sample(case, 32, 32, torch.Generator().manual_seed(0))
+    from_disk = _encode(case, loaded, sample, ["dog", "sky"], height=32, width=32)
+    in_memory = _encode(case, pipe, sample, ["dog", "sky"], height=32, width=32)
     torch.testing.assert_close(from_disk.maps, in_memory.maps, rtol=0, atol=1e-6)
     assert from_disk.metadata["model"] == str(tmp_path / "model")
     out = tmp_path / "eval"
+    if case.video:
+        _check_video_model_on_the_cli(case, tmp_path / "model", sample, in_memory, tmp_path)
+        return
     result = CliRunner().invoke(
         app, ["eval", "scenes", "--model", str(tmp_path / "model"), "--limit", "4", "--out", str(out)]
     )
@@ -325,3 +364,26 @@ def test_saved_pipeline_loads_and_runs_the_eval_cli(case, tmp_path):
         pipe.transformer)) for r in records)  # fmt: skip
     report = (out / "report.md").read_text()
     assert "concept_attention" in report
+
+
+def _check_video_model_on_the_cli(case: BackendCase, model, sample, in_memory, tmp_path):
+    """A video model from disk: `encode` maps a video file; `eval` (image datasets) refuses it in one line."""
+    from conceptattention.videos import write_video
+
+    frames = [(frame * 255).round().byte().permute(1, 2, 0).numpy() for frame in sample]
+    clip = write_video(tmp_path / "clip.mp4", frames, fps=8)
+    out = tmp_path / "encoded"
+    args = ["encode", str(clip), "--model", str(model), "-c", "dog,sky", "--height", "32", "--width", "32"]
+    result = CliRunner().invoke(app, [*args, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    saved = ca.ConceptMaps.load(out)
+    assert saved.maps.shape == in_memory.maps.shape and saved.num_frames == case.frames
+    assert (out / "overlay_grid.mp4").is_file() or (out / "overlay_grid.gif").is_file()
+    result = CliRunner().invoke(app, ["eval", "scenes", "--model", str(model), "--out", str(tmp_path / "e")])
+    message = " ".join(result.output.split())  # rich wraps long lines
+    assert result.exit_code == 2 and "is a video model (CogVideoX)" in message and "Traceback" not in message
+    image = tmp_path / "still.png"
+    PIL.Image.new("RGB", (32, 32)).save(image)
+    result = CliRunner().invoke(app, ["encode", str(image), "-m", str(model), "-c", "dog", "-o", str(tmp_path / "i")])
+    message = " ".join(result.output.split())
+    assert result.exit_code == 2 and "is a video model" in message and "is a single image" in message

@@ -312,6 +312,10 @@ class Backend(ABC):
         """Frames the pipeline generates by default (video models)."""
         raise NotImplementedError(f"{self.spec.name} is an image model")
 
+    def fps(self, pipe: Any) -> float | None:
+        """Frame rate the model's videos are meant to play at (video models; None: unknown)."""
+        return None
+
     def decoded_frames(self, pipe: Any, token_frames: int) -> int:
         """Frames of the decoded video whose latents fill ``token_frames`` token frames (video models)."""
         r, p_t = self.frame_layout(pipe)

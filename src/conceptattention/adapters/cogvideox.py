@@ -74,7 +74,7 @@ class CogVideoXConceptAttnProcessor(ConceptProcessor):
         if self.stream.runs(self.block_index):
             video = slice(text_length, None)  # the video q/k (after QK-norm and RoPE), v and output, as views
             self.stream.concept_rows(
-                self.block_index, attn, query[:, :, video], key[:, :, video], value[:, :, video], hidden_states[:, video]
+                self.block_index, attn, *(t[:, :, video] for t in (query, key, value)), hidden_states[:, video]
             )
 
         hidden_states = attn.to_out[0](hidden_states)
@@ -137,7 +137,7 @@ class CogVideoXBackend(JointBackend):
         length = encoding.max_sequence_length or self.default_max_sequence_length(pipe)
         hidden = pipe._get_t5_prompt_embeds(prompt=prompts, max_sequence_length=length, device=pipe._execution_device)
         ids = tokenizer(prompts, padding="max_length", max_length=length, truncation=True).input_ids
-        described = f"t5 (text_encoder), each concept alone, padded to {length} tokens without a mask as the pipeline does"
+        described = f"t5 (text_encoder), each concept alone, padded to {length} tokens (no mask), as the pipeline does"
         return pool_spans(hidden, ids, words, tokenizer, encoding.pooling, described)
 
     # -- forwards ------------------------------------------------------------------------------
@@ -185,13 +185,20 @@ class CogVideoXBackend(JointBackend):
     def frame_layout(self, pipe: Any) -> tuple[int, int]:
         return int(pipe.vae_scale_factor_temporal), int(pipe.transformer.config.patch_size_t or 1)
 
+    def fps(self, pipe: Any) -> float:
+        """8 frames/s for CogVideoX 1.0 and 16 for 1.5 (``patch_size_t``), as the model cards export them."""
+        return 16.0 if pipe.transformer.config.patch_size_t else 8.0
+
     def default_num_frames(self, pipe: Any) -> int:
-        """The transformer's ``sample_frames``, lowered to the nearest count encode mode can take (1.5: 81 -> 77)."""
+        return int(pipe.transformer.config.sample_frames)
+
+    def decoded_frames(self, pipe: Any, token_frames: int) -> int:
+        """Decoded frames of a generated video; with ``patch_size_t`` the pipeline padded one latent frame at the
+        start (odd latent counts, as the model's 8k + 1-frame videos have) and dropped it before decoding.
+        """
         r, p_t = self.frame_layout(pipe)
-        count = int(pipe.transformer.config.sample_frames)
-        while count > 1 and not ((count - 1) % r == 0 and ((count - 1) // r + 1) % p_t == 0):
-            count -= 1
-        return count
+        latent = token_frames * p_t - (1 if p_t > 1 else 0)
+        return (latent - 1) * r + 1
 
     def default_size(self, pipe: Any) -> tuple[int, int]:
         config, scale = pipe.transformer.config, int(pipe.vae_scale_factor_spatial)
@@ -215,6 +222,11 @@ class CogVideoXBackend(JointBackend):
         device = pipe._execution_device
         latents = vae.encode(pixels.to(device, vae.dtype)).latent_dist.mode()  # (B, c, F', H', W')
         latents = (latents * pipe.vae_scaling_factor_image).permute(0, 2, 1, 3, 4).to(transformer.dtype)
+        patch_t = transformer.config.patch_size_t
+        if patch_t is not None and latents.shape[1] % patch_t:
+            # 1.5 patches latent frames in pairs: pad at the start with copies of the first latent frame, as the
+            # image-to-video pipeline pads its image latents (text-to-video pads with noise it then discards).
+            latents = torch.cat([latents[:, : patch_t - latents.shape[1] % patch_t], latents], dim=1)
         prompt_embeds, _ = pipe.encode_prompt(
             prompt=[caption] * latents.shape[0],
             do_classifier_free_guidance=False,
