@@ -14,9 +14,12 @@ of paired runs.
   positions 0..T-1 (concepts rotated at their template position); every double block is traced.
 - ``--arch qwenimage``: ``QwenImageTransformer2DModel``, 5 dual-stream blocks, text RoPE, a text
   mask with a quarter of the prompt valid; every block but the dead last one is traced.
+- ``--arch cogvideox``: ``CogVideoXTransformer3DModel`` (5B layout: 3-D RoPE on video, LayerNorm
+  QK-norm), 5 blocks, a video of ``--frames`` latent frames (default 8) x grid/2 x grid/2 tokens
+  (default 8 x 16 x 16 = 2,048 tokens); every block is traced.
 
 Usage:
-    python benchmarks/overhead.py [--arch {flux,sd3,chroma,flux2,qwenimage}] [--device cuda] [--repeats 21]
+    python benchmarks/overhead.py [--arch {flux,sd3,chroma,flux2,qwenimage,cogvideox}] [--device cuda] [--repeats 21]
 
 The last line of output is one JSON object.
 """
@@ -32,6 +35,7 @@ import time
 import torch
 from diffusers import (
     ChromaTransformer2DModel,
+    CogVideoXTransformer3DModel,
     Flux2Transformer2DModel,
     FluxTransformer2DModel,
     QwenImageTransformer2DModel,
@@ -45,7 +49,7 @@ from conceptattention.bundled.components import rope_axes_for_head_dim
 from conceptattention.concepts import ConceptEmbeddings
 from conceptattention.tracing import ConceptSession
 
-DEFAULT_DOUBLE = {"flux": 4, "sd3": 5, "chroma": 4, "flux2": 4, "qwenimage": 5}
+DEFAULT_DOUBLE = {"flux": 4, "sd3": 5, "chroma": 4, "flux2": 4, "qwenimage": 5, "cogvideox": 5}
 POOLED_DIM = 256
 
 
@@ -181,7 +185,44 @@ def build_qwenimage(args):
     return transformer, inputs, model
 
 
+def build_cogvideox(args):
+    """Random CogVideoX (5B layout) and a video of ``args.frames`` latent frames; RoPE as the pipeline makes it."""
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed
+    from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
+
+    side = args.grid // 2  # patch 2: (grid / 2)^2 tokens per latent frame
+    transformer = CogVideoXTransformer3DModel(
+        num_attention_heads=args.heads,
+        attention_head_dim=args.hidden // args.heads,
+        in_channels=16,
+        out_channels=16,
+        time_embed_dim=512,
+        text_embed_dim=args.text_dim,
+        num_layers=args.double,
+        sample_width=2 * side,
+        sample_height=2 * side,
+        sample_frames=(args.frames - 1) * 4 + 1,
+        max_text_seq_length=args.text_tokens,
+        use_rotary_positional_embeddings=True,
+    )
+    rotary = get_3d_rotary_pos_embed(
+        embed_dim=args.hidden // args.heads,
+        crops_coords=get_resize_crop_region_for_grid((side, side), side, side),
+        grid_size=(side, side),
+        temporal_size=args.frames,
+    )
+    inputs = {
+        "hidden_states": torch.randn(1, args.frames, 16, 2 * side, 2 * side),
+        "encoder_hidden_states": torch.randn(1, args.text_tokens, args.text_dim),
+        "timestep": torch.tensor([500]),  # a training timestep in [0, 1000)
+        "image_rotary_emb": rotary,
+    }
+    model = {"double_blocks": args.double, "latent_frames": args.frames, "traced_blocks": list(range(args.double))}
+    return transformer, inputs, model
+
+
 BUILDERS = {
+    "cogvideox": build_cogvideox,
     "flux": build_flux,
     "sd3": build_sd3,
     "chroma": build_chroma,
@@ -195,10 +236,7 @@ def build(args):
     torch.manual_seed(0)
     transformer, inputs, model = BUILDERS[args.arch](args)
     transformer = transformer.to(args.device, args.dtype).eval()
-    inputs = {
-        k: v.to(args.device, args.dtype if v.is_floating_point() else v.dtype) if torch.is_tensor(v) else v
-        for k, v in inputs.items()
-    }
+    inputs = {k: _to(v, args.device, args.dtype) for k, v in inputs.items()}
     concepts = [f"concept{i}" for i in range(args.concepts)]
     embeddings = ConceptEmbeddings(
         states=torch.randn(args.concepts, args.text_dim, device=args.device, dtype=args.dtype),
@@ -209,6 +247,15 @@ def build(args):
     config = ConceptAttentionConfig(layers=tuple(model["traced_blocks"]))
     session = ConceptSession(transformer, embeddings, concepts, config)
     return transformer, inputs, session, model
+
+
+def _to(value, device: str, dtype: torch.dtype):
+    """Tensors (also inside tuples, such as RoPE's (cos, sin)) on the device; floats in the benchmark dtype."""
+    if isinstance(value, tuple):
+        return tuple(_to(v, device, dtype) for v in value)
+    if torch.is_tensor(value):
+        return value.to(device, dtype if value.is_floating_point() else value.dtype)
+    return value
 
 
 def sync(device: str) -> None:
@@ -267,7 +314,8 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--double", type=int, help="double-stream / joint blocks; default 4 (Flux, Chroma) / 5 (SD3)")
     parser.add_argument("--single", type=int, default=4, help="single-stream blocks (Flux, Chroma)")
-    parser.add_argument("--grid", type=int, default=32, help="image tokens = grid * grid")
+    parser.add_argument("--grid", type=int, default=32, help="image tokens = grid * grid (cogvideox: per 2 frames)")
+    parser.add_argument("--frames", type=int, default=8, help="cogvideox: latent frames")
     parser.add_argument("--text-tokens", type=int, default=128)
     parser.add_argument("--text-dim", type=int, default=512)
     parser.add_argument("--concepts", type=int, default=5)
@@ -310,7 +358,7 @@ def main() -> None:
             "arch": args.arch,
             "hidden": args.hidden,
             "heads": args.heads,
-            "image_tokens": args.grid**2,
+            "image_tokens": args.grid**2 if args.arch != "cogvideox" else args.frames * (args.grid // 2) ** 2,
             "text_tokens": args.text_tokens,
             "concepts": args.concepts,
             **model,
