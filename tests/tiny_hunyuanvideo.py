@@ -8,7 +8,8 @@ The prompt side follows the released recipe at toy scale:
   with the real vocabulary. The template's prefix (everything before the user text) is then
   exactly the 95 tokens the pipeline's default ``crop_start`` drops, so the pipeline runs with its
   default ``prompt_template``;
-- a 3-layer ``LlamaModel`` (hidden 16): the pipeline takes ``hidden_states[-3]``;
+- a 3-layer ``LlamaModel`` (hidden 16, weights drawn wider than Llama's default so that words give
+  distinct states): the pipeline takes ``hidden_states[-3]``;
 - CLIP-L's pooled output from the project's tiny CLIP (hidden 12).
 
 The VAE compresses space by 4 and time by 4 (a causal VAE: 4k + 1 frames -> k + 1 latent frames),
@@ -89,6 +90,9 @@ def make_llama_encoder(tokenizer, seed: int = 0, num_layers: int = 3) -> LlamaMo
         num_key_value_heads=1,
         head_dim=8,
         max_position_embeddings=1024,
+        # Llama's default (0.02) gives states so small that the refiner's input projection bias swamps them
+        # and every concept token is nearly the same vector; 0.3 keeps concepts (and prompts) apart.
+        initializer_range=0.3,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -134,12 +138,10 @@ def make_tiny_hunyuanvideo_transformer(
             num_refiner_layers=num_refiner_layers,
             mlp_ratio=2.0,
             patch_size=2,
-            patch_size_t=1,
-            guidance_embeds=True,
             text_embed_dim=TEXT_HIDDEN,
             pooled_projection_dim=CLIP_HIDDEN,
             rope_axes_dim=(4, 6, 6),
-            **extra,
+            **{"patch_size_t": 1, "guidance_embeds": True, **extra},
         ),
     ).eval()
     return cast(model, dtype)

@@ -31,6 +31,7 @@ from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
 
 from conceptattention.adapters.base import BackendSpec, ConceptEncoding, EncodeInputs, ForwardRecord, RunState
+from conceptattention.adapters.flux import last_double_block_if_no_singles
 from conceptattention.adapters.joint import ConceptProcessor, JointBackend
 from conceptattention.concepts import (
     ConceptEmbeddings,
@@ -163,6 +164,9 @@ class HunyuanVideoBackend(JointBackend):
         modality="video",
     )
     processor_class = HunyuanVideoConceptAttnProcessor
+
+    def excluded_blocks(self, transformer: Any) -> dict[int, str]:
+        return last_double_block_if_no_singles(self, transformer)  # none in the released model (40 single blocks)
 
     def default_layers(self, transformer: Any) -> tuple[int, ...]:
         usable = self.usable_blocks(transformer)
