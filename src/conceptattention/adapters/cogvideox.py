@@ -45,7 +45,7 @@ class CogVideoXConceptAttnProcessor(ConceptProcessor):
         hidden_states: torch.Tensor,
         encoder_hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
-        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+        image_rotary_emb: Any = None,  # (cos, sin) of the video tokens, or None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         text_length = encoder_hidden_states.size(1)
         hidden_states = torch.cat([encoder_hidden_states, hidden_states], dim=1)  # (B, T + N, D)
@@ -73,9 +73,8 @@ class CogVideoXConceptAttnProcessor(ConceptProcessor):
 
         if self.stream.runs(self.block_index):
             video = slice(text_length, None)  # the video q/k (after QK-norm and RoPE), v and output, as views
-            self.stream.concept_rows(
-                self.block_index, attn, *(t[:, :, video] for t in (query, key, value)), hidden_states[:, video]
-            )
+            q_x, k_x, v_x = query[:, :, video], key[:, :, video], value[:, :, video]
+            self.stream.concept_rows(self.block_index, attn, q_x, k_x, v_x, hidden_states[:, video])
 
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)
