@@ -12,7 +12,7 @@ from functools import cache
 from typing import Any
 
 import torch
-from naive_reference import CHROMA, COGVIDEOX, FLUX, FLUX2, QWEN_IMAGE, SD3, ReferenceArch
+from naive_reference import CHROMA, COGVIDEOX, FLUX, FLUX2, HUNYUAN_VIDEO, QWEN_IMAGE, SD3, ReferenceArch
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,8 @@ class BackendCase:
         forwards_per_step: transformer calls per denoising step under ``run`` (2: a separate negative pass).
         frames: video models: frames of the test videos (generated and encoded); None for image models.
         noised: ``(pipe, z, eps, t) -> x_t`` as encode mode noises clean latents (default: rectified flow).
+        encode_options: extra ``encode_video`` options (and CLI flags) of video models, e.g. ``num_frames`` when
+            the pipeline's default frame count is that of the released model (HunyuanVideo: 129).
     """
 
     name: str
@@ -52,6 +54,7 @@ class BackendCase:
     noised: Callable[[Any, torch.Tensor, torch.Tensor, float], torch.Tensor] = field(
         default=lambda pipe, z, eps, t: (1 - t) * z + t * eps
     )
+    encode_options: dict[str, Any] = field(default_factory=dict)
 
     @property
     def video(self) -> bool:
@@ -133,6 +136,17 @@ def _cogvideox_latents(pipe, pixels):
 def _ddim_noised(pipe, z, eps, t):
     """x_t by the scheduler's own `add_noise` at training timestep t * 1000."""
     return pipe.scheduler.add_noise(z, eps, torch.tensor([round(t * 1000)]))
+
+
+def _hunyuanvideo_factory(dtype=torch.float32):
+    from tiny_hunyuanvideo import make_tiny_hunyuanvideo_pipeline
+
+    return make_tiny_hunyuanvideo_pipeline(seed=0, dtype=dtype, num_layers=3, num_single_layers=1)
+
+
+def _hunyuanvideo_latents(pipe, pixels):
+    """HunyuanVideo: the VAE mode of (B, 3, F, H, W) frames times its scaling factor, (B, c, F', H', W')."""
+    return pipe.vae.encode(pixels).latent_dist.mode() * pipe.vae.config.scaling_factor
 
 
 def _flux2_normalised(pipe, pixels):
@@ -257,6 +271,22 @@ CASES += [
     )
     for name, factory in (("cogvideox", _cogvideox_factory), ("cogvideox1.5", _cogvideox15_factory))
 ]
+CASES.append(
+    BackendCase(
+        name="hunyuanvideo",
+        factory=_hunyuanvideo_factory,
+        arch=HUNYUAN_VIDEO,
+        run={**RUN, "num_frames": 5},  # 2 latent frames; true CFG (a separate negative forward) is off by default
+        layers=(0, 1, 2),
+        conditional_half=False,
+        encoded_latents=lambda pipe, latents: latents,  # (B, c, F', H', W') as the pipeline passes them
+        encoded_timestep=lambda t: t * 1000,
+        blocks=lambda tr: [*tr.transformer_blocks, *tr.single_transformer_blocks],
+        clean_latents=_hunyuanvideo_latents,
+        frames=5,
+        encode_options={"num_frames": 5},  # the pipeline's default is 129 frames
+    )
+)
 CASES_BY_NAME = {case.name: case for case in CASES}
 
 

@@ -44,7 +44,7 @@ def _sample(case: BackendCase, height: int, width: int, generator=None) -> torch
 
 def _encode(case: BackendCase, pipe, item, concepts, **kwargs):
     if case.video:
-        return ca.encode_video(pipe, item, concepts, **kwargs)
+        return ca.encode_video(pipe, item, concepts, **case.encode_options, **kwargs)
     return ca.encode_image(pipe, item, concepts, **kwargs)
 
 
@@ -374,6 +374,7 @@ def _check_video_model_on_the_cli(case: BackendCase, model, sample, in_memory, t
     clip = write_video(tmp_path / "clip.mp4", frames, fps=8)
     out = tmp_path / "encoded"
     args = ["encode", str(clip), "--model", str(model), "-c", "dog,sky", "--height", "32", "--width", "32"]
+    args += [f"--{key.replace('_', '-')}={value}" for key, value in case.encode_options.items()]
     result = CliRunner().invoke(app, [*args, "--out", str(out)])
     assert result.exit_code == 0, result.output
     saved = ca.ConceptMaps.load(out)
@@ -381,7 +382,8 @@ def _check_video_model_on_the_cli(case: BackendCase, model, sample, in_memory, t
     assert (out / "overlay_grid.mp4").is_file() or (out / "overlay_grid.gif").is_file()
     result = CliRunner().invoke(app, ["eval", "scenes", "--model", str(model), "--out", str(tmp_path / "e")])
     message = " ".join(result.output.split())  # rich wraps long lines
-    assert result.exit_code == 2 and "is a video model (CogVideoX)" in message and "Traceback" not in message
+    name = backend_for(case.pipeline().transformer).spec.name
+    assert result.exit_code == 2 and f"is a video model ({name})" in message and "Traceback" not in message
     image = tmp_path / "still.png"
     PIL.Image.new("RGB", (32, 32)).save(image)
     result = CliRunner().invoke(app, ["encode", str(image), "-m", str(model), "-c", "dog", "-o", str(tmp_path / "i")])
