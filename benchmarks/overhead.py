@@ -17,9 +17,13 @@ of paired runs.
 - ``--arch cogvideox``: ``CogVideoXTransformer3DModel`` (5B layout: 3-D RoPE on video, LayerNorm
   QK-norm), 5 blocks, a video of ``--frames`` latent frames (default 8) x grid/2 x grid/2 tokens
   (default 8 x 16 x 16 = 2,048 tokens); every block is traced.
+- ``--arch hunyuanvideo``: ``HunyuanVideoTransformer3DModel``, 4 double + 4 single blocks, 2 refiner
+  blocks, the same video grid, a text mask with a quarter of the prompt valid; every double block is
+  traced, and each forward runs the 5 concepts' own 8-token sequences through the token refiner.
 
 Usage:
-    python benchmarks/overhead.py [--arch {flux,sd3,chroma,flux2,qwenimage,cogvideox}] [--device cuda] [--repeats 21]
+    python benchmarks/overhead.py [--arch {flux,sd3,chroma,flux2,qwenimage,cogvideox,hunyuanvideo}] [--device cuda]
+        [--repeats 21]
 
 The last line of output is one JSON object.
 """
@@ -38,6 +42,7 @@ from diffusers import (
     CogVideoXTransformer3DModel,
     Flux2Transformer2DModel,
     FluxTransformer2DModel,
+    HunyuanVideoTransformer3DModel,
     QwenImageTransformer2DModel,
     SD3Transformer2DModel,
 )
@@ -46,11 +51,13 @@ from torch.profiler import ProfilerActivity, profile
 from conceptattention import ConceptAttentionConfig
 from conceptattention.adapters.base import StopForward
 from conceptattention.bundled.components import rope_axes_for_head_dim
-from conceptattention.concepts import ConceptEmbeddings
+from conceptattention.concepts import ConceptEmbeddings, ConceptSequences
 from conceptattention.tracing import ConceptSession
 
-DEFAULT_DOUBLE = {"flux": 4, "sd3": 5, "chroma": 4, "flux2": 4, "qwenimage": 5, "cogvideox": 5}
+DEFAULT_DOUBLE = {"flux": 4, "sd3": 5, "chroma": 4, "flux2": 4, "qwenimage": 5, "cogvideox": 5, "hunyuanvideo": 4}
+CONCEPT_TOKENS = 8  # hunyuanvideo: tokens of each concept's own sequence (the word and the template's end)
 POOLED_DIM = 256
+VIDEO = ("cogvideox", "hunyuanvideo")  # --grid and --frames give (grid / 2)^2 tokens per latent frame
 
 
 def _flux_sizes(args) -> dict:
@@ -221,8 +228,43 @@ def build_cogvideox(args):
     return transformer, inputs, model
 
 
+def build_hunyuanvideo(args):
+    """Random HunyuanVideo transformer, a video as ``cogvideox``'s, a masked prompt (a quarter valid)."""
+    side = args.grid // 2
+    transformer = HunyuanVideoTransformer3DModel(
+        in_channels=16,
+        out_channels=16,
+        num_attention_heads=args.heads,
+        attention_head_dim=args.hidden // args.heads,
+        num_layers=args.double,
+        num_single_layers=args.single,
+        text_embed_dim=args.text_dim,
+        pooled_projection_dim=POOLED_DIM,
+        rope_axes_dim=_video_rope_axes(args.hidden // args.heads),
+    )
+    mask = torch.zeros(1, args.text_tokens)
+    mask[:, : args.text_tokens // 4] = 1
+    inputs = {
+        "hidden_states": torch.randn(1, 16, args.frames, 2 * side, 2 * side),
+        "timestep": torch.tensor([500.0]),
+        "encoder_hidden_states": torch.randn(1, args.text_tokens, args.text_dim),
+        "encoder_attention_mask": mask,
+        "pooled_projections": torch.randn(1, POOLED_DIM),
+        "guidance": torch.tensor([6000.0]),
+    }
+    model = {"double_blocks": args.double, "latent_frames": args.frames, "traced_blocks": list(range(args.double))}
+    return transformer, inputs, model
+
+
+def _video_rope_axes(head_dim: int) -> tuple[int, int, int]:
+    """RoPE axes (t, h, w) summing to the head size, in HunyuanVideo's 16 : 56 : 56 proportion (even sizes)."""
+    spatial = (head_dim * 56 // 128) // 2 * 2
+    return head_dim - 2 * spatial, spatial, spatial
+
+
 BUILDERS = {
     "cogvideox": build_cogvideox,
+    "hunyuanvideo": build_hunyuanvideo,
     "flux": build_flux,
     "sd3": build_sd3,
     "chroma": build_chroma,
@@ -238,11 +280,17 @@ def build(args):
     transformer = transformer.to(args.device, args.dtype).eval()
     inputs = {k: _to(v, args.device, args.dtype) for k, v in inputs.items()}
     concepts = [f"concept{i}" for i in range(args.concepts)]
+    sequences = None
+    if args.arch == "hunyuanvideo":  # the token refiner runs on each concept's own sequence
+        states = torch.randn(args.concepts, CONCEPT_TOKENS, args.text_dim, device=args.device, dtype=args.dtype)
+        mask = torch.ones(args.concepts, CONCEPT_TOKENS, device=args.device, dtype=args.dtype)
+        sequences = ConceptSequences(states, mask, ((0, 1),) * args.concepts, "first")
     embeddings = ConceptEmbeddings(
         states=torch.randn(args.concepts, args.text_dim, device=args.device, dtype=args.dtype),
         tokens=tuple((c,) for c in concepts),
         pooling="first",
         positions=(3,) * args.concepts,  # a chat-template header of 3 tokens (used by text-RoPE backends)
+        sequences=sequences,
     )
     config = ConceptAttentionConfig(layers=tuple(model["traced_blocks"]))
     session = ConceptSession(transformer, embeddings, concepts, config)
@@ -358,7 +406,7 @@ def main() -> None:
             "arch": args.arch,
             "hidden": args.hidden,
             "heads": args.heads,
-            "image_tokens": args.grid**2 if args.arch != "cogvideox" else args.frames * (args.grid // 2) ** 2,
+            "image_tokens": args.frames * (args.grid // 2) ** 2 if args.arch in VIDEO else args.grid**2,
             "text_tokens": args.text_tokens,
             "concepts": args.concepts,
             **model,

@@ -276,7 +276,7 @@ def test_the_last_double_blocks_text_queries_are_trained_only_when_single_blocks
 def test_generate_returns_frames_and_video_maps(pipe):
     maps = ca.generate(pipe, "a dog on the grass", ["dog", "grass", "sky"], num_inference_steps=2, height=32,
                        width=48, num_frames=5, max_sequence_length=16, seed=5)  # fmt: skip
-    assert maps.maps.shape == (1, 3, *GRID) and maps.num_frames == 5
+    assert maps.maps.shape == (1, 3, *GRID) and maps.num_frames == 5 and maps.fps == 24.0
     assert len(maps.images) == 1 and len(maps.images[0]) == 5 and maps.images[0][0].size == (48, 32)
     torch.testing.assert_close(maps.maps.sum(1), torch.ones(1, *GRID))  # softmax over concepts, then mean
     meta = maps.metadata
@@ -333,3 +333,21 @@ def test_token_replace_image_to_video_transformers_are_refused():
     with pytest.raises(ConceptAttentionError, match="token_replace"), ca.trace(pipe, ["dog"]):
         pass
     assert not any(m._forward_pre_hooks for m in pipe.transformer.modules())
+
+
+def test_overhead_benchmark_runs_the_refiner_path():
+    """`benchmarks/overhead.py --arch hunyuanvideo` (CPU smoke size) reports self-consistent numbers."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "overhead.py"
+    args = ["--arch", "hunyuanvideo", "--repeats", "3", "--warmup", "0", "--hidden", "64", "--heads", "2", "--grid",
+            "8", "--frames", "2", "--text-tokens", "16", "--text-dim", "32"]  # fmt: skip
+    done = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["config"]["image_tokens"] == 2 * 4 * 4 and result["config"]["traced_blocks"] == [0, 1, 2, 3]
+    assert result["peak_traced_mb"] == pytest.approx(result["peak_mem_ratio"] * result["peak_plain_mb"], abs=0.02)
+    assert result["traced_ms_median"] > 0 and result["overhead_ratio"] > 0

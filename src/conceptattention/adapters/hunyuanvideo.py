@@ -276,6 +276,10 @@ class HunyuanVideoBackend(JointBackend):
             count -= 1
         return count
 
+    def fps(self, pipe: Any) -> float:
+        """24 frames/s: HunyuanVideo's 129 default frames are about 5 s of video."""
+        return 24.0
+
     def default_size(self, pipe: Any) -> tuple[int, int]:
         """The pipeline's default (height, width): (720, 1280)."""
         return int(_call_default(pipe, "height", 720)), int(_call_default(pipe, "width", 1280))
