@@ -70,6 +70,17 @@ def test_video_and_text_streams_are_bit_identical(pipe, extra):
     assert maps.metadata["cfg"].startswith("first forward of each step")
 
 
+def test_bfloat16_video_is_bit_identical_and_maps_are_finite():
+    pipe = make_tiny_hunyuanvideo_pipeline(seed=0, dtype=torch.bfloat16, num_layers=2, num_single_layers=1)
+    plain = _run(pipe)
+    with ca.trace(pipe, ["dog", "grass", "sky"]) as tc:
+        traced = _run(pipe)
+    assert torch.equal(plain, traced)
+    maps = tc.maps().maps
+    assert maps.dtype == torch.float32 and bool(torch.isfinite(maps).all())
+    torch.testing.assert_close(maps.sum(1), torch.ones(2, *GRID))
+
+
 VARIANTS = [
     pytest.param({}, ["dog", "grass", "sky"], id="output"),
     pytest.param({"score_space": "value"}, ["dog", "grass", "sky"], id="value"),
