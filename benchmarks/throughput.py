@@ -47,14 +47,22 @@ from conceptattention.concepts import ConceptEmbeddings
 from conceptattention.tracing import ConceptSession
 
 IMAGENET_SEG_IMAGES = 4276
-# Full-size configs (only the sizes that cost time): FLUX.1 [dev/schnell] and SD3.5 Large.
+# Full-size configs (only the sizes that cost time): FLUX.1 [dev/schnell], SD3.5 Large, Chroma1-HD,
+# FLUX.2-dev and Qwen-Image (prompt budgets: the pipelines' defaults).
 FULL = {
     "flux": {"hidden": 3072, "heads": 24, "double": 19, "single": 38, "text_tokens": 512, "text_dim": 4096},
     "sd3": {"hidden": 2432, "heads": 38, "double": 38, "single": 0, "text_tokens": 333, "text_dim": 4096},
+    "chroma": {"hidden": 3072, "heads": 24, "double": 19, "single": 38, "text_tokens": 512, "text_dim": 4096},
+    "flux2": {"hidden": 6144, "heads": 48, "double": 8, "single": 48, "text_tokens": 512, "text_dim": 15360},
+    "qwenimage": {"hidden": 3072, "heads": 24, "double": 60, "single": 0, "text_tokens": 256, "text_dim": 3584},
 }
+_SMALL_TEXT = {"hidden": 256, "heads": 4, "text_tokens": 64, "text_dim": 256}
 SMALL = {
-    "flux": {"hidden": 256, "heads": 4, "double": 4, "single": 4, "text_tokens": 64, "text_dim": 256},
-    "sd3": {"hidden": 256, "heads": 4, "double": 5, "single": 0, "text_tokens": 64, "text_dim": 256},
+    "flux": {**_SMALL_TEXT, "double": 4, "single": 4},
+    "sd3": {**_SMALL_TEXT, "double": 5, "single": 0},
+    "chroma": {**_SMALL_TEXT, "double": 4, "single": 4},
+    "flux2": {**_SMALL_TEXT, "double": 4, "single": 4},
+    "qwenimage": {**_SMALL_TEXT, "double": 5, "single": 0},
 }
 PIXELS_PER_TOKEN = 16  # VAE scale 8 x patch 2, for both
 
@@ -73,10 +81,19 @@ def build(args):
         torch.set_default_dtype(previous)
     transformer.eval().requires_grad_(False)
     shared = {"img_ids", "txt_ids"}  # Flux position ids carry no batch axis
-    inputs = {k: v if k in shared else v.expand(args.rows, *v.shape[1:]).contiguous() for k, v in inputs.items()}
-    if args.arch == "flux":
+    inputs = {k: v if k in shared else _rows(v, args.rows) for k, v in inputs.items()}
+    if args.arch != "sd3":  # flow-matching time in [0, 1] (and Flux.2's guidance) in float32, as the pipelines pass it
         inputs["timestep"] = inputs["timestep"].float()
+        if "guidance" in inputs:
+            inputs["guidance"] = inputs["guidance"].float()
     return transformer, inputs, sizes
+
+
+def _rows(value, rows: int):
+    """A one-row forward input repeated to ``rows`` rows (tensors, or per-row lists such as Qwen's ``img_shapes``)."""
+    if isinstance(value, list):
+        return value * rows
+    return value.expand(rows, *value.shape[1:]).contiguous()
 
 
 def sessions(transformer, concepts: int, text_dim: int, device: str, dtype: torch.dtype):
@@ -84,7 +101,7 @@ def sessions(transformer, concepts: int, text_dim: int, device: str, dtype: torc
     names = [f"concept{i}" for i in range(concepts)]
     embeddings = ConceptEmbeddings(
         states=torch.randn(concepts, text_dim, device=device, dtype=dtype), tokens=tuple((c,) for c in names),
-        pooling="first",
+        pooling="first", positions=(3,) * concepts,  # a 3-token template header (text-RoPE backends)
     )  # fmt: skip
     config = ConceptAttentionConfig()
     full = ConceptSession(transformer, embeddings, names, config)
@@ -141,7 +158,7 @@ def encode_maps(session, call) -> torch.Tensor:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", default="flux", choices=sorted(BUILDERS))
+    parser.add_argument("--arch", default="flux", choices=sorted(FULL))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--size", type=int, default=None, help="image side in pixels (default 1024; small: 256)")

@@ -370,7 +370,9 @@ def eval_command(
     layers: LayersOption = None,
     seed: SeedOption = 0,
     limit: Annotated[int | None, typer.Option(help="Only the first N images.")] = None,
-    batch_size: Annotated[int, typer.Option(help="Forwards (image x draw rows) per call.")] = 1,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Forwards (image x draw rows) per call (default: by free GPU memory; CPU 4).")
+    ] = None,
     words: Annotated[str, typer.Option(help="ImageNet class words: short (paper) | lemma (WordNet).")] = "short",
     dtype: DtypeOption = None,
     overwrite: Annotated[bool, typer.Option(help="Delete results computed with other settings in --out.")] = False,

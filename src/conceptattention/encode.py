@@ -65,6 +65,15 @@ def default_max_batch(transformer: Any, num_tokens: int) -> int:
     return max(1, min(64, free // per_row))
 
 
+def default_rows(pipe: Any, size: tuple[int, int] | None = None) -> int:
+    """:func:`default_max_batch` for image encodes of this pipeline at ``size`` (default: the model's resolution)."""
+    transformer, backend = pipeline_components(pipe)
+    height, width = _model_size(pipe, backend, *(size or (None, None)))
+    tokens = height * width // backend.pixels_per_token(pipe) ** 2
+    budget = model_defaults(pipe).get("max_sequence_length") or backend.default_max_sequence_length(pipe)
+    return default_max_batch(transformer, tokens + int(budget))
+
+
 def _noise_source(seed: int | Sequence[int], shape: torch.Size):
     """A function drawing the next (B, c, 2h, 2w) noise from one generator, or one generator per image."""
     if isinstance(seed, int) and not isinstance(seed, bool):

@@ -122,6 +122,12 @@ def test_encode_of_a_generated_clip_saved_as_mp4_matches_its_frames(pipe, tmp_pa
     assert len(frames) == 9 and frames[0].size == from_file.display_size[::-1]
 
 
+def test_a_one_frame_video_keeps_its_frame_axis(pipe):
+    maps = ca.encode_video(pipe, _frames(1), CONCEPTS, num_frames=1, height=32, width=48)
+    assert maps.maps.shape == (1, 3, 1, 8, 12) and maps.is_video and maps.num_frames == 1
+    assert maps.upsampled().shape == (1, 3, 1, 32, 48) and maps.metadata["grid"] == [1, 8, 12]
+
+
 def test_longer_videos_use_their_first_frames(pipe):
     frames = _frames(13)
     first = ca.encode_video(pipe, frames[:9], CONCEPTS, num_frames=9, height=32, width=48)

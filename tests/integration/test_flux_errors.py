@@ -114,19 +114,19 @@ def test_unreadable_or_malformed_images(tiny_pipe, tmp_path):
 
 
 def test_unsupported_architecture_lists_supported(tiny_pipe):
-    from diffusers import CogVideoXTransformer3DModel
+    from diffusers import AuraFlowTransformer2DModel
 
     # a joint-attention model without a backend yet
     fake = types.SimpleNamespace(
-        transformer=CogVideoXTransformer3DModel(
-            num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, time_embed_dim=8,
-            text_embed_dim=16, num_layers=1, sample_width=8, sample_height=8, sample_frames=9, patch_size=2,
-            temporal_compression_ratio=4, max_text_seq_length=8,
+        transformer=AuraFlowTransformer2DModel(
+            sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_mmdit_layers=1, num_single_dit_layers=1,
+            attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
+            pos_embed_max_size=16,
         )
     )  # fmt: skip
     supported = r"Supported: Flux\.1: FluxTransformer2DModel \(FluxPipeline.*SD3: SD3Transformer2DModel"
-    unsupported = r"CogVideoXTransformer3DModel is not supported\. "
-    with pytest.raises(UnsupportedArchitectureError, match=unsupported + supported):
+    unsupported = r"AuraFlowTransformer2DModel is not supported\. "
+    with pytest.raises(UnsupportedArchitectureError, match=unsupported + supported + r".*CogVideoX: Cog"):
         ca.trace(fake, ["dog"])
     with pytest.raises(UnsupportedArchitectureError, match="not supported"):
         ca.load_pipeline(fake)

@@ -98,19 +98,22 @@ def test_batch_size_counts_forwards_and_does_not_change_results(saved_scene_mode
 
     monkeypatch.setattr(protocol, "encode_image", counting)
     reports = {}
-    for batch_size in ("1", "6"):
+    for batch_size in ("1", "6", "default"):
         calls.clear()
         out = tmp_path / f"b{batch_size}"
+        option = [] if batch_size == "default" else ["--batch-size", batch_size]
         result, output = _cli("eval", "imagenet-seg", "--data", imagenet_mat, "--model", saved_scene_model, "--out",
-                              out, "--num-samples", "3", "--batch-size", batch_size)  # fmt: skip
+                              out, "--num-samples", "3", *option)  # fmt: skip
         assert result.exit_code == 0, output
         reports[batch_size] = _rows(out)
-        # 6 forwards per call with 3 draws each = 2 images per call (images sharing a concept list)
-        expected = [(1, 1)] * 6 if batch_size == "1" else [(2, 6), (2, 6), (1, 6), (1, 6)]
+        # 6 forwards per call with 3 draws each = 2 images per call (images sharing a concept list);
+        # by default encode mode's rows per forward (4 on CPU): 1 image per call, its 3 draws in one forward
+        expected = {"1": [(1, 1)] * 6, "6": [(2, 6), (2, 6), (1, 6), (1, 6)], "default": [(1, 4)] * 6}[batch_size]
         assert sorted(calls, reverse=True) == sorted(expected, reverse=True)
-    for one, six in zip(reports["1"], reports["6"]):  # same pixels; AP equal up to float summation order
-        assert {k: v for k, v in one.items() if k != "map"} == {k: v for k, v in six.items() if k != "map"}
-        assert float(one["map"]) == pytest.approx(float(six["map"]), abs=1e-6)
+    for one, other in [*zip(reports["1"], reports["6"]), *zip(reports["1"], reports["default"])]:
+        # same pixels; AP equal up to float summation order
+        assert {k: v for k, v in one.items() if k != "map"} == {k: v for k, v in other.items() if k != "map"}
+        assert float(one["map"]) == pytest.approx(float(other["map"]), abs=1e-6)
 
 
 def test_voc_single_and_multi(saved_scene_model, voc_root, tmp_path):

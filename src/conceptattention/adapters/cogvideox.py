@@ -144,7 +144,8 @@ class CogVideoXBackend(JointBackend):
         latents = inputs["hidden_states"]  # (B, F_latent, c, H', W')
         config = transformer.config
         patch, patch_t = int(config.patch_size), int(config.patch_size_t or 1)
-        grid = TokenGrid(latents.shape[-2] // patch, latents.shape[-1] // patch, -(-latents.shape[1] // patch_t))
+        frames = -(-latents.shape[1] // patch_t)
+        grid = TokenGrid(latents.shape[-2] // patch, latents.shape[-1] // patch, frames, video=True)
         rows = slice(latents.shape[0] // 2, None) if batched_cfg else slice(None)
         timestep = torch.as_tensor(inputs["timestep"]).flatten()
         return ForwardRecord(float(timestep[0]) / NUM_TRAIN_TIMESTEPS, grid, rows, None)

@@ -251,7 +251,8 @@ class HunyuanVideoBackend(JointBackend):
         latents = inputs["hidden_states"]  # (B, c, F', H', W')
         config = transformer.config
         patch, patch_t = int(config.patch_size), int(config.patch_size_t)
-        grid = TokenGrid(latents.shape[-2] // patch, latents.shape[-1] // patch, latents.shape[2] // patch_t)
+        frames = latents.shape[2] // patch_t
+        grid = TokenGrid(latents.shape[-2] // patch, latents.shape[-1] // patch, frames, video=True)
         timestep = torch.as_tensor(inputs["timestep"], device=latents.device).flatten().expand(latents.shape[0])
         conditioning = HunyuanConditioning(timestep, inputs.get("guidance"), inputs["pooled_projections"])
         return ForwardRecord(float(timestep[0]) / 1000, grid, slice(None), conditioning)

@@ -39,12 +39,14 @@ class TokenGrid:
     """Layout of the image (or video) tokens of one forward: ``frames`` x ``height`` x ``width``.
 
     Tokens are flattened frame-major, then row-major (every diffusers MM-DiT does this), so
-    ``N = frames * height * width``. Images have ``frames == 1``.
+    ``N = frames * height * width``. Images have ``frames == 1``; ``video`` keeps the frame axis of
+    a video model's maps even when it has one token frame.
     """
 
     height: int
     width: int
     frames: int = 1
+    video: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -53,7 +55,9 @@ class TokenGrid:
     @property
     def shape(self) -> tuple[int, ...]:
         """``(h, w)`` for images, ``(F, h, w)`` for videos: the trailing shape of the maps."""
-        return (self.height, self.width) if self.frames == 1 else (self.frames, self.height, self.width)
+        if self.frames == 1 and not self.video:
+            return self.height, self.width
+        return self.frames, self.height, self.width
 
     def __str__(self) -> str:
         return "x".join(str(n) for n in self.shape)

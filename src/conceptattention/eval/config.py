@@ -32,7 +32,8 @@ class EvalConfig:
         layers: double-block indices; None: the model's default.
         seed: base of the per-image noise seeds.
         limit: only the first ``limit`` images.
-        batch_size: forwards (image x draw rows) per transformer call; results do not depend on it.
+        batch_size: forwards (image x draw rows) per transformer call; results do not depend on it. None:
+            encode mode's default (:func:`conceptattention.encode.default_rows`: from free GPU memory, 4 on CPU).
         words: ImageNet class words, "short" (paper) or "lemma" (WordNet).
         dtype: model dtype; None: the model's default.
         overwrite: delete results computed with other settings in ``out``.
@@ -51,7 +52,7 @@ class EvalConfig:
     layers: tuple[int, ...] | None = None
     seed: int = 0
     limit: int | None = None
-    batch_size: int = 1
+    batch_size: int | None = None
     words: Literal["short", "lemma"] = "short"
     dtype: str | None = None
     overwrite: bool = False

@@ -51,16 +51,19 @@ def _records(
     encode_kwargs: dict[str, Any],
 ) -> Iterator[dict[str, Any]]:
     """One record per (method, t, image) of ``todo``, computed in batches that share a concept list."""
+    from conceptattention.encode import default_rows
+
     protocol = config.protocol()
+    batch_size = config.batch_size or default_rows(pipe, protocol.resolution)
     for (method, t), indices in todo.items():
         method_config = config.method_config(method)
         run_protocol = replace(protocol, t=t)
         used_layers = layers_used(pipe, method_config)
-        for batch in _batches([dataset[i] for i in indices], run_protocol, config.batch_size):
+        for batch in _batches([dataset[i] for i in indices], run_protocol, batch_size):
             start = time.perf_counter()
             results = evaluate_batch(pipe, batch, dataset_kind=dataset.kind, num_classes=len(dataset.class_names),
                                      protocol=run_protocol, config=method_config, seed=config.seed,
-                                     max_batch=config.batch_size, **encode_kwargs)  # fmt: skip
+                                     max_batch=batch_size, **encode_kwargs)  # fmt: skip
             seconds = (time.perf_counter() - start) / len(batch)
             for item, (stats, blocks) in zip(batch, results):
                 yield {
