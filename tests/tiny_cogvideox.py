@@ -27,8 +27,15 @@ MAX_TEXT = 16
 
 
 def make_tiny_cogvideox_transformer(
-    *, seed: int = 0, num_layers: int = 3, version: str = "1.0", dtype: torch.dtype = torch.float32
+    *,
+    seed: int = 0,
+    num_layers: int = 3,
+    version: str = "1.0",
+    dtype: torch.dtype = torch.float32,
+    in_channels: int = LATENT_CHANNELS,
+    **extra,
 ) -> CogVideoXTransformer3DModel:
+    """``in_channels=2 * LATENT_CHANNELS`` (+ ``ofs_embed_dim`` for 1.5) is an image-to-video layout."""
     layout = (
         {"patch_size": 1, "use_rotary_positional_embeddings": False}
         if version == "1.0"
@@ -39,7 +46,7 @@ def make_tiny_cogvideox_transformer(
         lambda: CogVideoXTransformer3DModel(
             num_attention_heads=2,
             attention_head_dim=16,
-            in_channels=LATENT_CHANNELS,
+            in_channels=in_channels,
             out_channels=LATENT_CHANNELS,
             time_embed_dim=8,
             text_embed_dim=T5_HIDDEN,
@@ -50,6 +57,7 @@ def make_tiny_cogvideox_transformer(
             max_text_seq_length=MAX_TEXT,
             norm_eps=1e-5,
             **layout,
+            **extra,
         ),
     ).eval()
     return cast(model, dtype)

@@ -168,8 +168,7 @@ def test_a_video_given_to_an_image_model_is_refused():
 def test_image_to_video_models_are_refused_in_encode_mode(pipe):
     from diffusers import CogVideoXPipeline
 
-    i2v = make_tiny_cogvideox_transformer(seed=0, num_layers=2)
-    i2v.register_to_config(in_channels=8)  # what an image-to-video checkpoint declares
+    i2v = make_tiny_cogvideox_transformer(seed=0, num_layers=2, in_channels=8)  # video + image latents
     odd = CogVideoXPipeline(**{**pipe.components, "transformer": i2v})
     with pytest.raises(ca.ConceptAttentionError, match=r"image-to-video model: .* Load the text-to-video checkpoint"):
         ca.encode_video(odd, _frames(9), CONCEPTS, height=32, width=48)
@@ -184,3 +183,24 @@ def test_concepts_are_encoded_alone_padded_as_the_pipeline_pads_its_prompt(pipe)
     torch.testing.assert_close(embeddings.states[0], prompt_like, rtol=0, atol=0)
     unpadded = pipe.text_encoder(pipe.tokenizer("dog", return_tensors="pt").input_ids)[0][0, 0]
     assert (unpadded - prompt_like).abs().max() > 1e-4  # padding without a mask changes the states: it matters
+
+
+@pytest.mark.parametrize("version", ["1.0", "1.5"])
+def test_image_to_video_pipeline_is_traced_bit_identically(pipe, version):
+    """I2V: image latents concatenated on channels (1.5: plus the `ofs` embedding); the concept path is the same."""
+    from diffusers import CogVideoXImageToVideoPipeline
+
+    extra = {} if version == "1.0" else {"ofs_embed_dim": 8}
+    transformer = make_tiny_cogvideox_transformer(seed=4, num_layers=3, version=version, in_channels=8, **extra)
+    i2v = CogVideoXImageToVideoPipeline(**{**pipe.components, "transformer": transformer})
+    go = lambda: i2v(image=_frames(1)[0], prompt="a dog", generator=torch.Generator().manual_seed(0),  # noqa: E731
+                     num_inference_steps=2, guidance_scale=6.0, output_type="pt", **RUN).frames  # fmt: skip
+    records, plain = capture_forward_inputs(i2v.transformer, go)
+    assert records[0]["forward"]["hidden_states"].shape[2] == 8 and (version == "1.0") == (
+        records[0]["forward"].get("ofs") is None
+    )
+    expected = reference_maps(COGVIDEOX, i2v, records, CONCEPTS, layers=[0, 1, 2], conditional_half=True)
+    with ca.trace(i2v, CONCEPTS, layers=[0, 1, 2]) as tc:
+        traced = go()
+    assert torch.equal(plain, traced)
+    torch.testing.assert_close(tc.maps().maps.flatten(2), expected, rtol=0, atol=1e-5)
