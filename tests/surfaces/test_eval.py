@@ -110,10 +110,14 @@ def test_batch_size_counts_forwards_and_does_not_change_results(saved_scene_mode
         # by default encode mode's rows per forward (4 on CPU): 1 image per call, its 3 draws in one forward
         expected = {"1": [(1, 1)] * 6, "6": [(2, 6), (2, 6), (1, 6), (1, 6)], "default": [(1, 4)] * 6}[batch_size]
         assert sorted(calls, reverse=True) == sorted(expected, reverse=True)
+    numeric = ("acc", "miou", "miou_paper_compat", "map", "acc_argmax", "miou_argmax")
     for one, other in [*zip(reports["1"], reports["6"]), *zip(reports["1"], reports["default"])]:
-        # same pixels; AP equal up to float summation order
-        assert {k: v for k, v in one.items() if k != "map"} == {k: v for k, v in other.items() if k != "map"}
-        assert float(one["map"]) == pytest.approx(float(other["map"]), abs=1e-6)
+        # maps equal to ~1e-7 whatever the batch (batched matmuls sum in another order); a pixel at a
+        # threshold may flip, so the metrics agree to 1e-4 rather than bit for bit
+        kept = [k for k in one if k not in numeric]
+        assert [one[k] for k in kept] == [other[k] for k in kept]
+        for key in numeric:
+            assert float(one[key]) == pytest.approx(float(other[key]), abs=1e-4), key
 
 
 def test_voc_single_and_multi(saved_scene_model, voc_root, tmp_path):
