@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
 
 from conceptattention.adapters.base import BackendSpec, ConceptEncoding, EncodeInputs, ForwardRecord
@@ -82,15 +81,7 @@ def flux_joint_attention(
         query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)  # type: ignore[arg-type,assignment]
         key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)  # type: ignore[arg-type,assignment]
 
-    joint = dispatch_attention_fn(
-        query,
-        key,
-        value,
-        attn_mask=attention_mask,
-        backend=processor._attention_backend,
-        parallel_config=processor._parallel_config,
-    )
-    joint = joint.flatten(2, 3).to(query.dtype)  # (B, T + N, H * D)
+    joint = processor.joint_attention(query, key, value, attention_mask)  # (B, T + N, H * D)
     text_len = encoder_hidden_states.shape[1]
     text_out, image_out = joint.split_with_sizes([text_len, joint.shape[1] - text_len], dim=1)
     return query, key, value, text_out, image_out

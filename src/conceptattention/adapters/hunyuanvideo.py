@@ -26,7 +26,6 @@ from dataclasses import dataclass, replace
 from typing import Any, cast
 
 import torch
-from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
 
@@ -100,17 +99,7 @@ class HunyuanVideoConceptAttnProcessor(ConceptProcessor):
         key = torch.cat([key, text_key], dim=1)
         value = torch.cat([value, text_value], dim=1)
         # 3. Joint attention with the text mask
-        joint = dispatch_attention_fn(
-            query,
-            key,
-            value,
-            attn_mask=attention_mask,
-            dropout_p=0.0,
-            is_causal=False,
-            backend=self._attention_backend,
-            parallel_config=self._parallel_config,
-        )
-        joint = joint.flatten(2, 3).to(query.dtype)  # (B, N + T, H * D)
+        joint = self.joint_attention(query, key, value, attention_mask)  # (B, N + T, H * D)
         text_len = encoder_hidden_states.shape[1]
         video_out, text_out = joint[:, :-text_len], joint[:, -text_len:]
 

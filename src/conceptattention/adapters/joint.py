@@ -242,6 +242,17 @@ class ConceptProcessor:
         self._attention_backend = getattr(original, "_attention_backend", None)
         self._parallel_config = getattr(original, "_parallel_config", None)
 
+    def joint_attention(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The stock processors' joint attention through diffusers' dispatcher: (B, S, H, D) q/k/v -> (B, S, H * D)."""
+        from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+        joint = dispatch_attention_fn(
+            query, key, value, attn_mask=mask, backend=self._attention_backend, parallel_config=self._parallel_config
+        )
+        return joint.flatten(2, 3).to(query.dtype)
+
 
 class JointBackend(Backend):
     """A backend whose joint blocks use diffusers' dual-stream text path: installs :class:`JointConceptStream`.

@@ -27,7 +27,6 @@ from math import prod
 from typing import Any
 
 import torch
-from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
 
 from conceptattention.adapters.base import BackendSpec, ConceptEncoding, EncodeInputs, ForwardRecord, argument
@@ -111,17 +110,7 @@ class QwenImageConceptAttnProcessor(ConceptProcessor):
         joint_query = torch.cat([txt_query, img_query], dim=1)
         joint_key = torch.cat([txt_key, img_key], dim=1)
         joint_value = torch.cat([txt_value, img_value], dim=1)
-        joint = dispatch_attention_fn(
-            joint_query,
-            joint_key,
-            joint_value,
-            attn_mask=attention_mask,
-            dropout_p=0.0,
-            is_causal=False,
-            backend=self._attention_backend,
-            parallel_config=self._parallel_config,
-        )
-        joint = joint.flatten(2, 3).to(joint_query.dtype)  # (B, T + N, H * D)
+        joint = self.joint_attention(joint_query, joint_key, joint_value, attention_mask)  # (B, T + N, H * D)
         txt_out = joint[:, :seq_txt, :]
         img_out = joint[:, seq_txt:, :]
 
