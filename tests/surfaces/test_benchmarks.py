@@ -62,4 +62,5 @@ def test_host_memory_of_a_video_generation_is_reported_per_variant():
     assert result["maps_shape"] == [1, 5, 2, 4, 4]  # 5 concepts, 2 latent frames of 4 x 4 tokens
     peaks = result["peak_rss_mb"]
     assert result["peak_rss_ratio"] == pytest.approx(peaks["traced"] / peaks["plain"], abs=0.01)
-    assert all(v > 0 for v in (*peaks.values(), *result["rss_increase_mb"].values()))
+    assert all(v > 0 for v in peaks.values())
+    assert all(v >= 0 for v in result["rss_increase_mb"].values())  # the peak starts at the RSS before the call
