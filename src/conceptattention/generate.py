@@ -63,6 +63,8 @@ def generate(
         if key in ("height", "width", "max_sequence_length", "num_inference_steps"):
             pipe_kwargs.setdefault(key, value)
     backend = backend_for(getattr(pipe, "transformer", None), pipe)
+    for key, value in backend.call_defaults(pipe).items():
+        pipe_kwargs.setdefault(key, value)
     backend.check_call(pipe, pipe_kwargs)
     with trace(pipe, concepts, config) as tracer:
         output = pipe(prompt=prompt, **pipe_kwargs)  # by keyword: some pipelines take `image` first

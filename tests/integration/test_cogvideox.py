@@ -204,3 +204,26 @@ def test_image_to_video_pipeline_is_traced_bit_identically(pipe, version):
         traced = go()
     assert torch.equal(plain, traced)
     torch.testing.assert_close(tc.maps().maps.flatten(2), expected, rtol=0, atol=1e-5)
+
+
+def test_cli_generates_a_video_and_refuses_frames_for_an_image_model(pipe, tmp_path):
+    from typer.testing import CliRunner
+
+    from conceptattention.cli import app
+
+    pipe.save_pretrained(tmp_path / "model")
+    out = tmp_path / "out"
+    args = ["generate", "a dog on the grass", "-m", str(tmp_path / "model"), "-c", "dog,grass", "--steps", "2",
+            "--height", "32", "--width", "48", "--num-frames", "9", "-o", str(out), "--frames"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    saved = ca.ConceptMaps.load(out)
+    assert saved.maps.shape == (1, 2, 3, 8, 12) and saved.num_frames == 9 and saved.fps == 8.0
+    assert saved.metadata["num_frames"] == 9 and saved.metadata["mode"] == "generate"
+    assert len(load_video(out / "overlay_00_dog.mp4")) == 9 and len(list((out / "frames" / "video").glob("*.png"))) == 9
+    assert "(9 frames)" in " ".join(result.output.split())  # frame folders are one summary line each
+    flux = CASES_BY_NAME["flux"].pipeline()
+    flux.save_pretrained(tmp_path / "flux")
+    result = CliRunner().invoke(app, ["generate", "a dog", "-m", str(tmp_path / "flux"), "-c", "dog", "--num-frames",
+                                      "9", "-o", str(tmp_path / "f")])  # fmt: skip
+    assert result.exit_code == 2 and "`--num-frames` applies to video models only" in result.output

@@ -286,6 +286,10 @@ class Backend(ABC):
         """The prompt token budget when neither the call nor the model's recorded defaults give one."""
         return self.spec.max_sequence_length
 
+    def call_defaults(self, pipe: Any) -> dict[str, Any]:
+        """Pipeline-call arguments ``generate`` sets when the caller does not (default: none)."""
+        return {}
+
     def check_call(self, pipe: Any, call: Mapping[str, Any]) -> None:
         """Refuse pipeline-call arguments the pipeline needs but lacks, before any compute (default: none)."""
         return None

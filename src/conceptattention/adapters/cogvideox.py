@@ -120,6 +120,10 @@ class CogVideoXBackend(JointBackend):
     def default_max_sequence_length(self, pipe: Any) -> int:
         return int(pipe.transformer.config.max_text_seq_length)
 
+    def call_defaults(self, pipe: Any) -> dict[str, Any]:
+        """The prompt budget the transformer was built for: its text positions assume it (the pipeline says 226)."""
+        return {"max_sequence_length": self.default_max_sequence_length(pipe)}
+
     def batched_cfg(self, pipe: Any) -> bool:
         # The pipeline batches [uncond; cond] when `guidance_scale > 1` at the start of the call (it has no
         # `do_classifier_free_guidance` property); read at a run's first forward, before dynamic CFG changes it.
