@@ -178,6 +178,10 @@ def main() -> None:
     if args.attention_backend:
         transformer.set_attention_backend(args.attention_backend)
     full, encode = sessions(transformer, args.concepts, sizes["text_dim"], args.device, args.dtype)
+    # As encode_image batches the protocol: row r is noise draw r % num_samples of image r // num_samples, and
+    # the maps are summed per image (the running sum is (images, C, N), not one per row).
+    encode.state.row_items = torch.arange(args.rows, device=args.device) // args.num_samples
+    encode.state.num_items = -(-args.rows // args.num_samples)
     forward = forward_call(transformer, inputs)
     stopped = stopped_call(transformer, inputs, encode.layers[-1])
     compiled = None
