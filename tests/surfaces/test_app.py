@@ -60,6 +60,15 @@ def test_bad_concepts_are_one_readable_line(text, message):
     assert "\n" not in str(error.value)
 
 
+def test_a_video_model_is_refused_before_the_app_starts():
+    from backend_cases import CASES_BY_NAME
+
+    video = CASES_BY_NAME["cogvideox"].pipeline()
+    with pytest.raises(ConceptAttentionError, match=r"The web app shows image models, and CogVideoXPipeline is a "
+                       r"video model \(CogVideoX\); map videos with `conceptattention generate`"):  # fmt: skip
+        logic.model_info(video)
+
+
 def test_model_info_of_the_bundled_model(pipe):
     info = logic.model_info(pipe)
     assert info.name == "the bundled model" and info.architecture == "Flux.1"

@@ -88,8 +88,14 @@ class ModelInfo:
 
 
 def model_info(pipe: Any) -> ModelInfo:
-    """Layer range, default layers, default size and steps of a loaded pipeline."""
+    """Layer range, default layers, default size and steps of a loaded pipeline (image models only)."""
     transformer, backend = pipeline_components(pipe)
+    if backend.spec.modality != "image":
+        raise ConceptAttentionError(
+            f"The web app shows image models, and {type(pipe).__name__} is a {backend.spec.modality} model "
+            f"({backend.spec.name}); map videos with `conceptattention generate` / `conceptattention encode` or the "
+            "Python API (`ca.generate`, `ca.encode_video`)"
+        )
     name = getattr(getattr(pipe, "config", None), "_name_or_path", None) or type(pipe).__name__
     if Path(str(name)).resolve() == bundled_model_path().resolve():
         name = "the bundled model"
