@@ -68,8 +68,7 @@ def default_max_batch(transformer: Any, num_tokens: int) -> int:
 def default_rows(pipe: Any, size: tuple[int, int] | None = None) -> int:
     """:func:`default_max_batch` for image encodes of this pipeline at ``size`` (default: the model's resolution)."""
     transformer, backend = pipeline_components(pipe)
-    height, width = _model_size(pipe, backend, *(size or (None, None)))
-    tokens = height * width // backend.pixels_per_token(pipe) ** 2
+    tokens = _token_count(pipe, backend, _model_size(pipe, backend, *(size or (None, None))))
     budget = model_defaults(pipe).get("max_sequence_length") or backend.default_max_sequence_length(pipe)
     return default_max_batch(transformer, tokens + int(budget))
 
@@ -224,7 +223,7 @@ def _encode(
     row_items = torch.arange(run.num_samples * batch, device=clean.device) % batch
     max_batch = run.max_batch
     if max_batch is None:
-        max_batch = default_max_batch(transformer, _token_count(pipe, backend, size, pixels) + max_sequence_length)
+        max_batch = default_max_batch(transformer, _token_count(pipe, backend, size, num_frames) + max_sequence_length)
     state = session.state
     state.num_items = batch
     with session:
@@ -248,13 +247,13 @@ def _encode(
     return session.concept_maps(details, items, image_size=size, num_frames=num_frames, fps=fps)
 
 
-def _token_count(pipe: Any, backend: Backend, size: tuple[int, int], pixels: torch.Tensor) -> int:
-    """Image (or video) tokens of one encode row."""
+def _token_count(pipe: Any, backend: Backend, size: tuple[int, int], num_frames: int | None = None) -> int:
+    """Image tokens of one encode row at ``size``; for ``num_frames`` video frames, all their token frames' tokens."""
     spatial = size[0] * size[1] // backend.pixels_per_token(pipe) ** 2
-    if pixels.ndim == 4:
+    if num_frames is None:
         return spatial
     r, p_t = backend.frame_layout(pipe)
-    return spatial * -(-((pixels.shape[2] - 1) // r + 1) // p_t)
+    return spatial * -(-((num_frames - 1) // r + 1) // p_t)
 
 
 def _num_frames(pipe: Any, backend: Backend, requested: int | None, available: int) -> int:

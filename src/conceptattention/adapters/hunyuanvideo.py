@@ -31,7 +31,7 @@ from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PRO
 
 from conceptattention.adapters.base import BackendSpec, ConceptEncoding, EncodeInputs, ForwardRecord, RunState
 from conceptattention.adapters.flux import last_double_block_if_no_singles
-from conceptattention.adapters.joint import ConceptProcessor, JointBackend
+from conceptattention.adapters.joint import ConceptProcessor, JointBackend, apply_norm, projections
 from conceptattention.concepts import (
     ConceptEmbeddings,
     ConceptSequences,
@@ -58,6 +58,13 @@ class HunyuanConditioning:
     pooled: torch.Tensor
 
 
+def _stream_qkv(attn: Any, states: torch.Tensor, added: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, S, H, D) q, k, v of the video (``added=False``) or text stream, QK-normed, as the stock processor."""
+    query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in projections(attn, states, added))
+    norm_q, norm_k = (attn.norm_added_q, attn.norm_added_k) if added else (attn.norm_q, attn.norm_k)
+    return apply_norm(norm_q, query), apply_norm(norm_k, key), value
+
+
 class HunyuanVideoConceptAttnProcessor(ConceptProcessor):
     """Stock ``HunyuanVideoAttnProcessor2_0`` (its dual-stream path) plus the concept rows of one block.
 
@@ -76,24 +83,12 @@ class HunyuanVideoConceptAttnProcessor(ConceptProcessor):
         if attn.add_q_proj is None or encoder_hidden_states is None:
             raise ConceptAttentionError("The ConceptAttention processor serves HunyuanVideo's dual-stream blocks only")
         # 1. Video q/k/v, QK-norm, RoPE (video only)
-        query = attn.to_q(hidden_states).unflatten(2, (attn.heads, -1))  # (B, N, H, D)
-        key = attn.to_k(hidden_states).unflatten(2, (attn.heads, -1))
-        value = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value = _stream_qkv(attn, hidden_states, added=False)  # (B, N, H, D)
         if image_rotary_emb is not None:
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)  # type: ignore[arg-type,assignment]
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)  # type: ignore[arg-type,assignment]
         # 2. Text q/k/v and QK-norm
-        text_query = attn.add_q_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))  # (B, T, H, D)
-        text_key = attn.add_k_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-        text_value = attn.add_v_proj(encoder_hidden_states).unflatten(2, (attn.heads, -1))
-        if attn.norm_added_q is not None:
-            text_query = attn.norm_added_q(text_query)
-        if attn.norm_added_k is not None:
-            text_key = attn.norm_added_k(text_key)
+        text_query, text_key, text_value = _stream_qkv(attn, encoder_hidden_states, added=True)  # (B, T, H, D)
         video_qkv = (query, key, value)
         query = torch.cat([query, text_query], dim=1)  # (B, N + T, H, D)
         key = torch.cat([key, text_key], dim=1)
