@@ -50,8 +50,10 @@ from torch.profiler import ProfilerActivity, profile
 
 from conceptattention import ConceptAttentionConfig
 from conceptattention.adapters.base import StopForward
+from conceptattention.adapters.flux2 import ConceptPositions
+from conceptattention.adapters.hunyuanvideo import ConceptSequences
 from conceptattention.bundled.components import rope_axes_for_head_dim
-from conceptattention.concepts import ConceptEmbeddings, ConceptSequences
+from conceptattention.concepts import ConceptEmbeddings
 from conceptattention.tracing import ConceptSession
 
 DEFAULT_DOUBLE = {"flux": 4, "sd3": 5, "chroma": 4, "flux2": 4, "qwenimage": 5, "cogvideox": 5, "hunyuanvideo": 4}
@@ -280,17 +282,18 @@ def build(args):
     transformer = transformer.to(args.device, args.dtype).eval()
     inputs = {k: _to(v, args.device, args.dtype) for k, v in inputs.items()}
     concepts = [f"concept{i}" for i in range(args.concepts)]
-    sequences = None
-    if args.arch == "hunyuanvideo":  # the token refiner runs on each concept's own sequence
+    # Backend-private extras: a chat-template header of 3 tokens (Flux.2's text positions); the token refiner of
+    # HunyuanVideo runs on each concept's own sequence.
+    extras: object = ConceptPositions((3,) * args.concepts) if args.arch == "flux2" else None
+    if args.arch == "hunyuanvideo":
         states = torch.randn(args.concepts, CONCEPT_TOKENS, args.text_dim, device=args.device, dtype=args.dtype)
         mask = torch.ones(args.concepts, CONCEPT_TOKENS, device=args.device, dtype=args.dtype)
-        sequences = ConceptSequences(states, mask, ((0, 1),) * args.concepts, "first")
+        extras = ConceptSequences(states, mask, ((0, 1),) * args.concepts, "first")
     embeddings = ConceptEmbeddings(
         states=torch.randn(args.concepts, args.text_dim, device=args.device, dtype=args.dtype),
         tokens=tuple((c,) for c in concepts),
         pooling="first",
-        positions=(3,) * args.concepts,  # a chat-template header of 3 tokens (used by text-RoPE backends)
-        sequences=sequences,
+        extras=extras,
     )
     config = ConceptAttentionConfig(layers=tuple(model["traced_blocks"]))
     session = ConceptSession(transformer, embeddings, concepts, config)

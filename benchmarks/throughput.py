@@ -29,6 +29,7 @@ checked against the eager maps). The last line of output is one JSON object.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -43,6 +44,7 @@ from overhead import BUILDERS, forward_call, peak_bytes, timed
 
 from conceptattention import ConceptAttentionConfig
 from conceptattention.adapters import backend_for
+from conceptattention.adapters.flux2 import ConceptPositions
 from conceptattention.concepts import ConceptEmbeddings
 from conceptattention.tracing import ConceptSession
 
@@ -101,7 +103,7 @@ def sessions(transformer, concepts: int, text_dim: int, device: str, dtype: torc
     names = [f"concept{i}" for i in range(concepts)]
     embeddings = ConceptEmbeddings(
         states=torch.randn(concepts, text_dim, device=device, dtype=dtype), tokens=tuple((c,) for c in names),
-        pooling="first", positions=(3,) * concepts,  # a 3-token template header (text-RoPE backends)
+        pooling="first", extras=ConceptPositions((3,) * concepts),  # a 3-token template header (Flux.2's text RoPE)
     )  # fmt: skip
     config = ConceptAttentionConfig()
     full = ConceptSession(transformer, embeddings, names, config)
@@ -178,10 +180,13 @@ def main() -> None:
     if args.attention_backend:
         transformer.set_attention_backend(args.attention_backend)
     full, encode = sessions(transformer, args.concepts, sizes["text_dim"], args.device, args.dtype)
+    stack = contextlib.ExitStack()
     # As encode_image batches the protocol: row r is noise draw r % num_samples of image r // num_samples, and
     # the maps are summed per image (the running sum is (images, C, N), not one per row).
-    encode.state.row_items = torch.arange(args.rows, device=args.device) // args.num_samples
-    encode.state.num_items = -(-args.rows // args.num_samples)
+    rows_map = encode.rows_of_items(
+        torch.arange(args.rows, device=args.device) // args.num_samples, -(-args.rows // args.num_samples)
+    )
+    stack.enter_context(rows_map)  # every encode forward below carries these rows
     forward = forward_call(transformer, inputs)
     stopped = stopped_call(transformer, inputs, encode.layers[-1])
     compiled = None
@@ -242,6 +247,7 @@ def main() -> None:
         "repeats": args.repeats,
         "torch": torch.__version__,
     }
+    stack.close()
     print(
         f"{args.arch} ({result['preset']}, {result['params_b']} B params) on {result['device']} {result['dtype']}: "
         f"plain {result['plain_full_ms']} ms, traced {result['traced_full_ms']} ms, "

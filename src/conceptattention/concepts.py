@@ -55,47 +55,6 @@ def validate_concepts(concepts: Sequence[str] | str | None) -> tuple[str, ...]:
 
 
 @dataclass(frozen=True)
-class ConceptSequences:
-    """Each concept's whole encoded sequence, for context embedders that take sequences, not vectors.
-
-    HunyuanVideo's context embedder is a token refiner that self-attends over a prompt (with its
-    mask) and takes the timestep: each concept's sequence goes through it on its own at every
-    traced forward, and the concept's span is pooled afterwards.
-
-    Attributes:
-        states: (C, S, D_text) encoder states of each concept's own sequence, right-padded to the longest.
-        mask: (C, S) 1 at the valid tokens of each sequence, 0 at padding.
-        spans: (start, stop) of each concept's own sub-tokens in its sequence.
-        pooling: how a span is pooled into one vector.
-    """
-
-    states: torch.Tensor
-    mask: torch.Tensor
-    spans: tuple[tuple[int, int], ...]
-    pooling: Pooling
-
-    def to(self, device: torch.device, dtype: torch.dtype) -> ConceptSequences:
-        """States and mask on ``device`` in ``dtype`` (as a pipeline hands its prompt to the transformer)."""
-        return replace(self, states=self.states.to(device, dtype), mask=self.mask.to(device, dtype))
-
-    def span_mask(self) -> torch.Tensor:
-        """(C, S) bool, True at each concept's own sub-tokens, on the states' device."""
-        keep = torch.zeros(self.mask.shape, dtype=torch.bool)
-        for row, (start, stop) in enumerate(self.spans):
-            keep[row, start:stop] = True
-        return keep.to(self.states.device)
-
-    def pool(self, refined: torch.Tensor) -> torch.Tensor:
-        """(..., C, S, D) states of these sequences -> (..., C, D), each concept's span pooled."""
-        keep = self.span_mask()
-        if self.pooling == "first":
-            first = torch.tensor([start for start, _ in self.spans], device=refined.device)
-            return refined[..., torch.arange(len(self.spans), device=refined.device), first, :]
-        weights = keep.to(refined.dtype).unsqueeze(-1)  # (C, S, 1)
-        return (refined * weights).sum(dim=-2) / weights.sum(dim=-2)
-
-
-@dataclass(frozen=True)
 class ConceptEmbeddings:
     """Pooled text-encoder states of the concepts, before the transformer's context embedder.
 
@@ -104,18 +63,16 @@ class ConceptEmbeddings:
         tokens: the sub-tokens of each concept (special tokens removed), for the record.
         pooling: how ``states`` was pooled from the sub-tokens.
         encoder: which prompt encoder produced them, in words (for the record).
-        positions: (C,) index of each concept's first sub-token in the sequence the encoder saw
-            (templated encoders), for backends that place concepts under text RoPE; else None.
-        sequences: each concept's whole encoded sequence, for backends whose context embedder
-            runs on sequences (HunyuanVideo's token refiner); else None.
+        extras: what the backend that encoded them needs besides ``states``, in its own type
+            (e.g. Flux.2: each concept's text position; HunyuanVideo: each concept's whole
+            sequence for its token refiner); None for most backends. Only that backend reads it.
     """
 
     states: torch.Tensor
     tokens: tuple[tuple[str, ...], ...]
     pooling: Pooling
     encoder: str = ""
-    positions: tuple[int, ...] | None = None
-    sequences: ConceptSequences | None = None
+    extras: Any = None
 
     def with_encoder(self, encoder: str) -> ConceptEmbeddings:
         return replace(self, encoder=encoder)
@@ -208,6 +165,7 @@ def pool_spans(
 
     For pipelines whose prompt path pads or wraps the text (templates, fixed lengths): the
     concept's span is found in the sequence the encoder actually saw, not assumed at an index.
+    Where each span starts is :func:`span_starts` (for backends that place concepts at text positions).
 
     Args:
         hidden: (C, S, D) encoder states of each concept's sequence.
@@ -218,14 +176,16 @@ def pool_spans(
         encoder: the encoding, in words, for the record.
     """
     keep = torch.zeros(hidden.shape[:2], dtype=torch.bool)
-    starts = []
-    for row, word in enumerate(words):
-        start = locate_span(sequences[row], word)
+    for row, (word, start) in enumerate(zip(words, span_starts(sequences, words))):
         keep[row, start : start + len(word)] = True
-        starts.append(start)
     tokens = tuple(tuple(tokenizer.convert_ids_to_tokens(list(word))) for word in words)
     states = pool_token_states(hidden, keep.to(hidden.device), pooling)
-    return ConceptEmbeddings(states, tokens, pooling, encoder, positions=tuple(starts))
+    return ConceptEmbeddings(states, tokens, pooling, encoder)
+
+
+def span_starts(sequences: Sequence[Sequence[int]], words: Sequence[Sequence[int]]) -> tuple[int, ...]:
+    """(C,) index of each concept's first sub-token (``words[c]``) in its encoded sequence (``sequences[c]``)."""
+    return tuple(locate_span(sequence, word) for sequence, word in zip(sequences, words))
 
 
 def pool_token_states(hidden: torch.Tensor, keep: torch.Tensor, pooling: Pooling) -> torch.Tensor:

@@ -224,16 +224,14 @@ def _encode(
     max_batch = run.max_batch
     if max_batch is None:
         max_batch = default_max_batch(transformer, _token_count(pipe, backend, size, num_frames) + max_sequence_length)
-    state = session.state
-    state.num_items = batch
     with session:
         session.start_run()
         for start in range(0, run.num_samples * batch, max_batch):
             rows = slice(start, start + max_batch)
             part = inputs.rows(row_items[rows])
-            state.row_items = row_items[rows]
-            with contextlib.suppress(StopForward):  # raised after the last selected block
-                backend.encode_forward(pipe, part, backend.noised(pipe, part.latents, noise[rows], run.t), run.t)
+            noisy = backend.noised(pipe, part.latents, noise[rows], run.t)
+            with session.rows_of_items(row_items[rows], batch), contextlib.suppress(StopForward):
+                backend.encode_forward(pipe, part, noisy, run.t)  # StopForward: raised after the last selected block
     details = EncodeDetails(
         t=float(run.t),
         num_samples=run.num_samples,

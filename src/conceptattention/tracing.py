@@ -6,21 +6,23 @@ Nothing here knows an architecture: every per-model fact comes from the backend
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 
 from conceptattention.adapters import backend_for
-from conceptattention.adapters.base import Attachment, Backend, ConceptEncoding, RunState
+from conceptattention.adapters.base import Attachment, Backend, ConceptEncoding, ForwardContext, RunState
 from conceptattention.concepts import ConceptEmbeddings, validate_concepts
 from conceptattention.config import ConceptAttentionConfig
 from conceptattention.core import Normalization, ScoreAccumulator, TokenGrid, finalize_maps, tokens_to_grid
 from conceptattention.errors import ConceptAttentionError
 from conceptattention.loading import model_defaults
 from conceptattention.outputs import ConceptMaps, EncodeDetails, GenerateDetails, RunRecord, library_versions
+from conceptattention.steps import StepCounter
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +73,6 @@ class ConceptSession:
         self.config = config
         self.embeddings = embeddings
         self.pipeline = pipeline
-        self.scheduler = getattr(pipeline, "scheduler", None)
         self.layers = self.backend.resolve_layers(transformer, config.layers)
         softmax = config.use_softmax(len(self.concepts))
         if softmax and len(self.concepts) == 1:
@@ -81,18 +82,18 @@ class ConceptSession:
         self.state = RunState(
             config=config,
             layers=self.layers,
-            concept_states=embeddings.states,
+            concepts=embeddings,
             accumulator=ScoreAccumulator(self.layers, per_block=config.per_block),
             softmax=softmax,
             stop_after_last_block=stop_after_last_block,
-            concept_positions=embeddings.positions,
-            concept_sequences=embeddings.sequences,
         )
+        self.steps = StepCounter(pipeline)
+        self._rows: tuple[torch.Tensor, int] | None = None  # (row items, item count) of the next forwards
         self.normalization = _normalization(softmax, len(self.concepts))
         self._attachment = Attachment(transformer, marker=self.backend.processor_class)
         # Inspected once: reading the signature on every forward is measurable on small models.
         self._forward_signature = inspect.signature(transformer.forward)
-        self._reset_run(run_token=None)
+        self._reset_run()
 
     # -- attach / detach -------------------------------------------------------------------
     def __enter__(self) -> ConceptSession:
@@ -107,46 +108,35 @@ class ConceptSession:
     def __exit__(self, *exc_info: object) -> None:
         self._attachment.detach()
 
-    # -- run bookkeeping (host-side, no device syncs per layer) ------------------------------
-    def _reset_run(self, run_token: object) -> None:
-        self._run_token = run_token
-        self._steps_seen: set[int] = set()
-        self._step_t: dict[int, float] = {}
-        if run_token is None:
-            self._first_index: int | None = None
+    # -- run bookkeeping (host-side: nothing here reads a device tensor) ----------------------
+    def _reset_run(self) -> None:
+        self._step_times: dict[int, tuple[torch.Tensor, float]] = {}  # step -> (timestep on the device, scale)
         self._grid: TokenGrid | None = None
         self._conditional_half = False
         self._run_cfg: bool | None = None
         self.state.accumulator.reset()
 
-    def _step_key(self) -> tuple[object, int]:
-        if self.scheduler is None:
-            return self._run_token, len(self._steps_seen)
-        timesteps = self.scheduler.timesteps
-        if not hasattr(self.scheduler, "step_index"):
-            return timesteps, self._step_from_timestep(timesteps)
-        # img2img pipelines start at `begin_index` (set by strength); count steps from the first one run.
-        begin = getattr(self.scheduler, "begin_index", None) or 0
-        step = self.scheduler.step_index
-        return timesteps, 0 if step is None else int(step) - begin
-
-    def _step_from_timestep(self, timesteps: Any) -> int:
-        """Step of schedulers that keep no ``step_index`` (CogVideoX's DDIM/DPM): the position of the pipeline's
-        ``_current_timestep`` in the schedule, counted from the first one the run saw (video-to-video starts
-        part-way); without it, every forward is the next step.
-        """
-        same_run = timesteps is self._run_token
-        current = getattr(self.pipeline, "_current_timestep", None)
-        if current is None or timesteps is None:
-            return len(self._steps_seen) if same_run else 0
-        index = int((torch.as_tensor(timesteps) == torch.as_tensor(current).to(timesteps.device)).int().argmax())
-        if not same_run or self._first_index is None:
-            self._first_index = index  # kept across the run reset that a new schedule triggers
-        return index - self._first_index
-
     def start_run(self) -> None:
         """Forget the current run's maps (a new pipeline call does this by itself)."""
-        self._reset_run(run_token=object() if self.scheduler is None else None)
+        self.steps.start_run()
+        self._reset_run()
+
+    @contextlib.contextmanager
+    def rows_of_items(self, row_items: torch.Tensor, num_items: int) -> Iterator[None]:
+        """Forwards inside the block carry rows of several items: row r of the batch belongs to item ``row_items[r]``.
+
+        Encode mode batches noise draws of several images into one forward; the maps are then
+        averaged per item, however the rows were batched.
+
+        Args:
+            row_items: (R,) int64 item of each batch row, on the model's device.
+            num_items: how many items the maps describe.
+        """
+        self._rows = (row_items, num_items)
+        try:
+            yield
+        finally:
+            self._rows = None
 
     def _batched_cfg(self) -> bool:
         """Whether this run's forwards batch [uncond; cond], decided at the run's first forward."""
@@ -157,23 +147,24 @@ class ConceptSession:
 
     def _on_forward_start(self, transformer, args: tuple, kwargs: dict) -> None:
         state = self.state
-        token, step = self._step_key()
-        if token is not self._run_token:
-            self._reset_run(token)
-        if step in self._steps_seen:
+        state.forward = None
+        where = self.steps.observe()
+        if where.new_run:
+            self._reset_run()
+        if where.repeat:
             state.active = False  # a second forward at this step: a separate guidance pass
             return
-        self._steps_seen.add(step)
-        selected = self.config.steps is None or step in self.config.steps
+        selected = self.config.steps is None or where.step in self.config.steps
         state.active = selected
         if not selected:
             return
         inputs = self._forward_signature.bind_partial(*args, **kwargs).arguments
         batched_cfg = self._batched_cfg()
         record = self.backend.read_forward(transformer, inputs, batched_cfg)
-        state.forward = record
+        row_items, num_items = self._rows if self._rows is not None else (None, None)
+        state.forward = ForwardContext(record, row_items, num_items)
         self._conditional_half = self._conditional_half or batched_cfg
-        self._step_t[step] = record.t
+        self._step_times[where.step] = (record.timestep, record.time_scale)
         if self._grid is None:
             self._grid = record.grid
 
@@ -181,15 +172,19 @@ class ConceptSession:
     @property
     def steps_run(self) -> int:
         """Number of denoising steps observed in the current run."""
-        return len(self._steps_seen)
+        return self.steps.steps_run
 
     def used_steps(self) -> list[int]:
         """Indices of the traced steps of the current run."""
-        return sorted(self._step_t)
+        return sorted(self._step_times)
 
     def used_timesteps(self) -> list[float]:
-        """Flow-matching times in [0, 1] (1 = pure noise) of the traced steps."""
-        return [self._step_t[s] for s in self.used_steps()]
+        """Flow-matching times in [0, 1] (1 = pure noise) of the traced steps: one host read for all of them."""
+        steps = self.used_steps()
+        if not steps:
+            return []
+        values = torch.stack([self._step_times[s][0].detach().reshape(()) for s in steps])
+        return [value / self._step_times[s][1] for s, value in zip(steps, values.tolist())]
 
     def check_steps(self) -> None:
         steps = self.config.steps

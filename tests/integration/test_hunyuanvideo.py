@@ -10,7 +10,7 @@ from tiny_hunyuanvideo import make_tiny_hunyuanvideo_pipeline, make_tiny_hunyuan
 import conceptattention as ca
 from conceptattention.adapters import backend_for
 from conceptattention.adapters.base import ConceptEncoding, ForwardRecord
-from conceptattention.adapters.hunyuanvideo import HunyuanConditioning
+from conceptattention.adapters.hunyuanvideo import ConceptSequences, HunyuanConditioning
 from conceptattention.core import TokenGrid
 from conceptattention.errors import ConceptAttentionError
 from conceptattention.videos import to_model_video
@@ -173,11 +173,13 @@ def _refined_alone(pipe, concept, timestep, pooling="first"):
 def _embedded(pipe, concepts, timesteps, pooling="first"):
     backend = backend_for(pipe.transformer)
     embeddings = backend.encode_concepts(pipe, concepts, ConceptEncoding(pooling=pooling))
-    assert embeddings.sequences is not None
-    conditioning = HunyuanConditioning(torch.tensor(timesteps), None, torch.zeros(len(timesteps), 12))
-    record = ForwardRecord(timesteps[0] / 1000, TokenGrid(4, 6, 2), slice(None), conditioning)
+    assert isinstance(embeddings.extras, ConceptSequences)
+    timestep = torch.tensor(timesteps)
+    shared = len(timesteps) == 1  # one timestep given for the batch: every row shares it
+    conditioning = HunyuanConditioning(timestep, None, torch.zeros(len(timesteps), 12), shared_timestep=shared)
+    record = ForwardRecord(timestep[0], 1000.0, TokenGrid(4, 6, 2), slice(None), conditioning)
     with torch.no_grad():
-        return backend.embed_concepts(pipe.transformer, embeddings.sequences, record), embeddings
+        return backend.embed_concepts(pipe.transformer, embeddings.extras, record), embeddings
 
 
 @pytest.mark.parametrize("pooling", ["first", "mean"])
@@ -185,7 +187,7 @@ def test_each_concept_goes_through_the_refiner_alone_at_the_forwards_timestep(pi
     concepts = ["skyscraper", "dog", "traffic light"]
     tokens, embeddings = _embedded(pipe, concepts, [700.0], pooling)
     assert tokens.shape == (3, 32)
-    sequences = embeddings.sequences
+    sequences = embeddings.extras
     assert sequences.states.shape[1] == int(sequences.mask.sum(1).max())  # padding beyond the longest trimmed
     assert [stop - start for start, stop in sequences.spans] == [len(t) for t in embeddings.tokens]
     assert [start for start, _ in sequences.spans] == [0, 0, 0]  # the template prefix is cropped away

@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import inspect
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -22,24 +25,82 @@ from typing import Any, ClassVar, Generic, Literal, TypeVar
 import torch
 from typing_extensions import Self
 
-from conceptattention.concepts import ConceptSequences
+from conceptattention.concepts import ConceptEmbeddings
 from conceptattention.config import ConceptAttentionConfig, Pooling
 from conceptattention.core import ScoreAccumulator, TokenGrid
 from conceptattention.errors import ConceptAttentionError
 
 CfgLayout = Literal["separate", "batched"]
 Conditioning = TypeVar("Conditioning")
+Fact = TypeVar("Fact")
 
 
 class StopForward(Exception):
     """Raised after the last used block when the rest of the forward pass is not needed."""
 
 
-def argument(args: tuple, kwargs: Mapping[str, Any], name: str, position: int) -> Any:
-    """Read a call argument given either by keyword or by position (as under checkpointing)."""
-    if name in kwargs:
-        return kwargs[name]
-    return args[position] if position < len(args) else None
+@functools.cache
+def _forward_parameters(module_class: Any) -> tuple[dict[str, int], dict[str, Any]]:
+    """Name -> position (``self`` excluded) and name -> default of a module class's ``forward``, read once."""
+    parameters = list(inspect.signature(module_class.forward).parameters.values())[1:]
+    positions = {p.name: i for i, p in enumerate(parameters) if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)}
+    defaults = {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
+    return positions, defaults
+
+
+class CallArguments:
+    """The arguments of one module call, read by name through the module class's ``forward`` signature.
+
+    Blocks are called by keyword in a plain forward and positionally under gradient checkpointing
+    (and by some transformers always): reading by signature serves both. The signature of each
+    class is inspected once and cached, as diffusers' ``_get_parameter_from_args_kwargs`` does.
+    """
+
+    __slots__ = ("args", "kwargs", "module_class")
+
+    def __init__(self, module: torch.nn.Module, args: tuple, kwargs: Mapping[str, Any]) -> None:
+        self.module_class: Any = type(module)
+        self.args = args
+        self.kwargs = kwargs
+
+    def __getitem__(self, name: str) -> Any:
+        if name in self.kwargs:
+            return self.kwargs[name]
+        positions, defaults = _forward_parameters(self.module_class)
+        if name not in positions and name not in defaults:
+            raise ConceptAttentionError(
+                f"{self.module_class.__name__}.forward has no argument `{name}`; this diffusers version's block "
+                "signature is not the one ConceptAttention supports (diffusers>=0.40)"
+            )
+        position = positions.get(name)
+        if position is not None and position < len(self.args):
+            return self.args[position]
+        return defaults.get(name)
+
+
+class TensorFacts(Generic[Fact]):
+    """Host facts computed once from a device tensor and kept while that tensor lives.
+
+    Pipelines pass the same position-id tensor at every step of a call, so the token geometry it
+    encodes is read to the host once per call, not once per forward.
+
+    Args:
+        compute: ``tensor -> facts`` (may read the tensor on the host).
+    """
+
+    def __init__(self, compute: Callable[[torch.Tensor], Fact]) -> None:
+        self._compute = compute
+        self._cache: dict[int, tuple[weakref.ref, Fact]] = {}
+
+    def __call__(self, tensor: torch.Tensor) -> Fact:
+        key = id(tensor)
+        hit = self._cache.get(key)
+        if hit is not None and hit[0]() is tensor:
+            return hit[1]
+        facts = self._compute(tensor)
+        self._cache[key] = (weakref.ref(tensor), facts)
+        weakref.finalize(tensor, self._cache.pop, key, None)
+        return facts
 
 
 @dataclass(frozen=True)
@@ -91,7 +152,9 @@ class ForwardRecord(Generic[Conditioning]):
     """What one traced transformer forward tells the concept stream, read by the backend.
 
     Attributes:
-        t: flow-matching time of the forward in [0, 1] (1 = pure noise), for the record.
+        timestep: the forward's timestep as the model got it, one element of its (B,) ``timestep`` (a 0-d
+            tensor left on the device: reading it on the host would stall a GPU once per forward).
+        time_scale: what divides ``timestep`` into the flow-matching time in [0, 1] (1 = pure noise), e.g. 1000.
         grid: layout of the image tokens.
         rows: batch rows whose maps are kept: all, or the conditional half under batched CFG.
         conditioning: the backend's typed record of what the concept conditioning needs.
@@ -99,49 +162,61 @@ class ForwardRecord(Generic[Conditioning]):
             target grid when reference-image tokens follow it, as in image-editing pipelines).
     """
 
-    t: float
+    timestep: torch.Tensor
+    time_scale: float
     grid: TokenGrid
     rows: slice
     conditioning: Conditioning
     target: slice = dataclasses.field(default_factory=lambda: slice(None))
 
 
+def first_timestep(timestep: Any, device: torch.device | None = None) -> torch.Tensor:
+    """The first element of a forward's ``timestep`` (tensor or number) as a 0-d tensor, without a host read."""
+    return torch.as_tensor(timestep, device=device).flatten()[0]
+
+
+@dataclass(frozen=True)
+class ForwardContext:
+    """What the session hands the concept stream for one traced forward (the stream only reads it).
+
+    Attributes:
+        record: the backend's record of the forward.
+        row_items: (R,) item (image) of each kept batch row, when rows of one forward belong to
+            different items (noise draws batched together in encode mode); None: row r is item r.
+        num_items: the number of items the maps describe (with ``row_items``).
+    """
+
+    record: ForwardRecord
+    row_items: torch.Tensor | None = None
+    num_items: int | None = None
+
+
 @dataclass
 class RunState:
     """What one session shares with the hooks and processors it installs.
 
-    The session owns it; processors and hooks read it and add to ``accumulator``.
+    The session owns it and is the only writer of ``active`` and ``forward``; processors and
+    hooks read it and add to ``accumulator``.
 
     Attributes:
         config: the validated configuration.
         layers: selected block indices (sorted).
-        concept_states: (C, D_text) pooled concept states before the context embedder.
+        concepts: the encoded concepts (their backend-private ``extras`` included).
         accumulator: running sums of saliency over (step, block).
         softmax: whether the softmax over concepts is applied.
         stop_after_last_block: abort the forward after the last selected block (encode mode).
         active: the concept stream runs in the current forward.
-        forward: the current forward's record (None outside a traced forward).
-        row_items: (R,) item (image) of each kept batch row of the current forward, when rows of
-            one forward belong to different items (noise draws batched together); None: row = item.
-        num_items: the number of items the maps describe (with ``row_items``).
-        concept_positions: (C,) each concept's first sub-token index in its encoded sequence
-            (:attr:`ConceptEmbeddings.positions`), for backends with text RoPE at real positions.
-        concept_sequences: each concept's whole encoded sequence (:attr:`ConceptEmbeddings.sequences`),
-            for backends whose context embedder runs on sequences (HunyuanVideo's token refiner).
+        forward: the current forward's context (None outside a traced forward).
     """
 
     config: ConceptAttentionConfig
     layers: tuple[int, ...]
-    concept_states: torch.Tensor
+    concepts: ConceptEmbeddings
     accumulator: ScoreAccumulator
     softmax: bool
     stop_after_last_block: bool
     active: bool = False
-    forward: ForwardRecord | None = None
-    row_items: torch.Tensor | None = None
-    num_items: int | None = None
-    concept_positions: tuple[int, ...] | None = None
-    concept_sequences: ConceptSequences | None = None
+    forward: ForwardContext | None = None
 
     @property
     def last_block(self) -> int:

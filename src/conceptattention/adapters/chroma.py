@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from conceptattention.adapters.base import EncodeInputs, ForwardRecord, argument
+from conceptattention.adapters.base import CallArguments, EncodeInputs, ForwardRecord, first_timestep
 from conceptattention.adapters.flux import FluxBackend, image_grid
 
 
@@ -51,16 +51,16 @@ class ChromaBackend(FluxBackend):
 
     def read_forward(self, transformer, inputs: Mapping[str, Any], batched_cfg: bool) -> ForwardRecord:
         timestep = inputs["timestep"]
-        return ForwardRecord(float(timestep.flatten()[0]), image_grid(inputs), slice(None), None)
+        return ForwardRecord(first_timestep(timestep), 1.0, image_grid(inputs), slice(None), None)
 
     def concept_conditioning(self, transformer, record: ForwardRecord, dtype: torch.dtype) -> None:
         return None  # per block: the block's own text modulation slice
 
     def block_conditioning(
-        self, forward_conditioning: torch.Tensor | None, record: ForwardRecord, args: tuple, kwargs: Mapping[str, Any]
+        self, forward_conditioning: torch.Tensor | None, record: ForwardRecord, arguments: CallArguments
     ) -> torch.Tensor:
         """(B_rows, 6, D) the block's text modulation: a function of the timestep only."""
-        temb = argument(args, kwargs, "temb", 2)  # (B, 12, D): [image slice; text slice]
+        temb = arguments["temb"]  # (B, 12, D): [image slice; text slice]
         return temb[record.rows, 6:]
 
     # -- encode mode ---------------------------------------------------------------------------

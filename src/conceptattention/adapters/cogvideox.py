@@ -23,7 +23,14 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.embeddings import apply_rotary_emb
 
-from conceptattention.adapters.base import BackendSpec, ConceptEncoding, EncodeInputs, ForwardRecord, argument
+from conceptattention.adapters.base import (
+    BackendSpec,
+    CallArguments,
+    ConceptEncoding,
+    EncodeInputs,
+    ForwardRecord,
+    first_timestep,
+)
 from conceptattention.adapters.joint import ConceptProcessor, JointBackend, TextAttention
 from conceptattention.concepts import ConceptEmbeddings, concept_token_ids, pipeline_part, pool_spans
 from conceptattention.core import TokenGrid
@@ -151,16 +158,15 @@ class CogVideoXBackend(JointBackend):
         frames = -(-latents.shape[1] // patch_t)
         grid = TokenGrid(latents.shape[-2] // patch, latents.shape[-1] // patch, frames, video=True)
         rows = slice(latents.shape[0] // 2, None) if batched_cfg else slice(None)
-        timestep = torch.as_tensor(inputs["timestep"]).flatten()
-        return ForwardRecord(float(timestep[0]) / NUM_TRAIN_TIMESTEPS, grid, rows, None)
+        return ForwardRecord(first_timestep(inputs["timestep"]), float(NUM_TRAIN_TIMESTEPS), grid, rows, None)
 
     def concept_conditioning(self, transformer: Any, record: ForwardRecord, dtype: torch.dtype) -> None:
         return None  # each block's own `temb` (the timestep embedding, nothing from the prompt)
 
     def block_conditioning(
-        self, forward_conditioning: torch.Tensor | None, record: ForwardRecord, args: tuple, kwargs: Mapping[str, Any]
+        self, forward_conditioning: torch.Tensor | None, record: ForwardRecord, arguments: CallArguments
     ) -> torch.Tensor:
-        return argument(args, kwargs, "temb", 2)[record.rows]
+        return arguments["temb"][record.rows]
 
     def embed_concepts(self, transformer: Any, states: torch.Tensor, record: ForwardRecord) -> torch.Tensor:
         # As the prompt: `patch_embed.text_proj`; the positions added after it are zero on text.

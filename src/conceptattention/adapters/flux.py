@@ -15,7 +15,14 @@ from typing import Any
 import torch
 from diffusers.models.embeddings import apply_rotary_emb
 
-from conceptattention.adapters.base import BackendSpec, ConceptEncoding, EncodeInputs, ForwardRecord
+from conceptattention.adapters.base import (
+    BackendSpec,
+    ConceptEncoding,
+    EncodeInputs,
+    ForwardRecord,
+    TensorFacts,
+    first_timestep,
+)
 from conceptattention.adapters.joint import ConceptProcessor, JointBackend, projections
 from conceptattention.concepts import ConceptEmbeddings, encode_concepts, pipeline_part
 from conceptattention.core import TokenGrid
@@ -33,11 +40,18 @@ class FluxConditioning:
     pooled: torch.Tensor
 
 
-def image_grid(inputs: Mapping[str, Any]) -> TokenGrid:
-    """The (h, w) token grid of a Flux-style forward, from its ``img_ids`` (read once per forward)."""
-    img_ids = inputs["img_ids"]
+def _grid_of_ids(img_ids: torch.Tensor) -> tuple[int, int]:
     ids = img_ids[0] if img_ids.ndim == 3 else img_ids  # (N, 3): (unused, row, column)
     h, w = (int(v) + 1 for v in ids[-1, 1:3].tolist())
+    return h, w
+
+
+_ids_grid = TensorFacts(_grid_of_ids)
+
+
+def image_grid(inputs: Mapping[str, Any]) -> TokenGrid:
+    """The (h, w) token grid of a Flux-style forward, from its ``img_ids`` (read once per pipeline call)."""
+    h, w = _ids_grid(inputs["img_ids"])
     num_tokens = inputs["hidden_states"].shape[1]
     if h * w != num_tokens:
         raise ConceptAttentionError(
@@ -187,7 +201,7 @@ class FluxBackend(JointBackend):
     def read_forward(self, transformer, inputs: Mapping[str, Any], batched_cfg: bool) -> ForwardRecord:
         timestep = inputs["timestep"]
         conditioning = FluxConditioning(timestep, inputs.get("guidance"), inputs["pooled_projections"])
-        return ForwardRecord(float(timestep.flatten()[0]), image_grid(inputs), slice(None), conditioning)
+        return ForwardRecord(first_timestep(timestep), 1.0, image_grid(inputs), slice(None), conditioning)
 
     def concept_conditioning(self, transformer, record: ForwardRecord, dtype: torch.dtype) -> torch.Tensor | None:
         """Timestep (+ guidance) embedding with a zero pooled-text input: nothing from the prompt."""

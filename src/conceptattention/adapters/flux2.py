@@ -20,6 +20,7 @@ Double-stream blocks followed by single blocks, ``Flux2AttnProcessor``, joint se
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,14 +28,37 @@ from typing import Any
 import torch
 from diffusers.models.embeddings import apply_rotary_emb
 
-from conceptattention.adapters.base import BackendSpec, ConceptEncoding, EncodeInputs, ForwardRecord, argument
+from conceptattention.adapters.base import (
+    BackendSpec,
+    CallArguments,
+    ConceptEncoding,
+    EncodeInputs,
+    ForwardRecord,
+    TensorFacts,
+    first_timestep,
+)
 from conceptattention.adapters.flux import FluxConceptAttnProcessor, last_double_block_if_no_singles
 from conceptattention.adapters.joint import JointBackend
-from conceptattention.concepts import ConceptEmbeddings, concept_token_ids, locate_span, pipeline_part, pool_spans
+from conceptattention.concepts import (
+    ConceptEmbeddings,
+    concept_token_ids,
+    locate_span,
+    pipeline_part,
+    pool_spans,
+    span_starts,
+)
 from conceptattention.core import TokenGrid
 from conceptattention.errors import ConceptAttentionError
 
 DEFAULT_NUM_LAYERS = 3
+
+
+@dataclass(frozen=True)
+class ConceptPositions:
+    """The ``extras`` of Flux.2 concepts: (C,) text position l of each concept's first sub-token in its own
+    templated encoding (where a prompt's first user token sits)."""
+
+    positions: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -66,8 +90,9 @@ class Flux2ConceptAttnProcessor(FluxConceptAttnProcessor):
         """
         rotary = self._rotary.get(device)
         if rotary is None:
-            positions = self.stream.state.concept_positions
-            assert positions is not None, "Flux.2 concepts carry their template positions"
+            extras = self.stream.state.concepts.extras
+            assert isinstance(extras, ConceptPositions), "Flux.2 concepts carry their template positions"
+            positions = extras.positions
             ids = torch.zeros(len(positions), 4, device=device)
             ids[:, 3] = torch.tensor(positions, device=device, dtype=ids.dtype)
             rotary = self._rotary[device] = self.stream.transformer.pos_embed(ids)  # (C, D) cos, sin
@@ -185,33 +210,27 @@ class Flux2Backend(JointBackend):
             )
         sequences = [list(row) for row in (ids.tolist() if torch.is_tensor(ids) else ids)]
         words = [_word_in_context(tokenizer, c, seq) for c, seq in zip(prompts, sequences)]
-        return pool_spans(hidden, sequences, words, tokenizer, encoding.pooling, described)
+        embeddings = pool_spans(hidden, sequences, words, tokenizer, encoding.pooling, described)
+        return dataclasses.replace(embeddings, extras=ConceptPositions(span_starts(sequences, words)))
 
     # -- forwards ------------------------------------------------------------------------------
     def read_forward(self, transformer, inputs: Mapping[str, Any], batched_cfg: bool) -> ForwardRecord:
-        timestep = inputs["timestep"]
-        img_ids = inputs["img_ids"]
-        ids = img_ids[0] if img_ids.ndim == 3 else img_ids  # (N, 4): (t, h, w, l)
-        target = ids[:, 0] == ids[0, 0]  # the target image's tokens come first; references have t > 0
-        count = int(target.sum())
-        if not bool(target[:count].all()):
-            raise ConceptAttentionError("The target image tokens must come first in the image sequence")
-        h, w = (int(v) + 1 for v in ids[:count, 1:3].amax(0).tolist())
+        count, h, w = _target_geometry(inputs["img_ids"])
         if h * w != count:
             raise ConceptAttentionError(f"The target image ids describe a {h}x{w} grid but there are {count} tokens")
         if inputs.get("kv_cache_mode") is not None:
             raise ConceptAttentionError("KV-cached reference forwards (Flux.2 Klein KV) are not supported")
-        return ForwardRecord(float(timestep.flatten()[0]), TokenGrid(h, w), slice(None), Flux2Conditioning(),
+        return ForwardRecord(first_timestep(inputs["timestep"]), 1.0, TokenGrid(h, w), slice(None), Flux2Conditioning(),
                              slice(0, count))  # fmt: skip
 
     def concept_conditioning(self, transformer, record: ForwardRecord, dtype: torch.dtype) -> None:
         return None  # the model-level text modulation, read from each block's arguments
 
     def block_conditioning(
-        self, forward_conditioning: torch.Tensor | None, record: ForwardRecord, args: tuple, kwargs: Mapping[str, Any]
+        self, forward_conditioning: torch.Tensor | None, record: ForwardRecord, arguments: CallArguments
     ) -> torch.Tensor:
         """(B_rows, 6D) the text modulation the block gets: timestep (+ guidance) only."""
-        return argument(args, kwargs, "temb_mod_txt", 3)[record.rows]
+        return arguments["temb_mod_txt"][record.rows]
 
     # -- encode mode ---------------------------------------------------------------------------
     def pixels_per_token(self, pipe: Any) -> int:
@@ -262,6 +281,20 @@ class Flux2Backend(JointBackend):
             img_ids=inputs.img_ids,
             return_dict=False,
         )
+
+
+def _read_target_geometry(img_ids: torch.Tensor) -> tuple[int, int, int]:
+    """(count, h, w) of the target image's tokens in ``img_ids`` (N, 4) or (B, N, 4): (t, h, w, l), one host read."""
+    ids = (img_ids[0] if img_ids.ndim == 3 else img_ids)[:, :3].cpu()
+    target = ids[:, 0] == ids[0, 0]  # the target image's tokens come first; references have t > 0
+    count = int(target.sum())
+    if not bool(target[:count].all()):
+        raise ConceptAttentionError("The target image tokens must come first in the image sequence")
+    h, w = (int(v) + 1 for v in ids[:count, 1:3].amax(0).tolist())
+    return count, h, w
+
+
+_target_geometry = TensorFacts(_read_target_geometry)
 
 
 def _split(mod: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:

@@ -32,13 +32,8 @@ from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PRO
 from conceptattention.adapters.base import BackendSpec, ConceptEncoding, EncodeInputs, ForwardRecord, RunState
 from conceptattention.adapters.flux import last_double_block_if_no_singles
 from conceptattention.adapters.joint import ConceptProcessor, JointBackend, apply_norm, projections
-from conceptattention.concepts import (
-    ConceptEmbeddings,
-    ConceptSequences,
-    concept_token_ids,
-    pipeline_part,
-    pool_spans,
-)
+from conceptattention.concepts import ConceptEmbeddings, concept_token_ids, pipeline_part, pool_spans, span_starts
+from conceptattention.config import Pooling
 from conceptattention.core import TokenGrid
 from conceptattention.errors import ConceptAttentionError
 
@@ -51,11 +46,54 @@ CROP_START: int = cast(int, DEFAULT_PROMPT_TEMPLATE["crop_start"])
 
 @dataclass(frozen=True)
 class HunyuanConditioning:
-    """Forward inputs the concepts need: (B,) timestep on the 0-1000 scale, (B,) guidance (x 1000), (B, P) pooled."""
+    """Forward inputs the concepts need: (B,) timestep on the 0-1000 scale, (B,) guidance (x 1000), (B, P) pooled,
+    and whether the rows share one timestep by construction (one refiner pass then serves every row)."""
 
     timestep: torch.Tensor
     guidance: torch.Tensor | None
     pooled: torch.Tensor
+    shared_timestep: bool = False  # every row has the same timestep, by construction of the call
+
+
+@dataclass(frozen=True)
+class ConceptSequences:
+    """Each concept's whole encoded sequence, for context embedders that take sequences, not vectors.
+
+    HunyuanVideo's context embedder is a token refiner that self-attends over a prompt (with its
+    mask) and takes the timestep: each concept's sequence goes through it on its own at every
+    traced forward, and the concept's span is pooled afterwards.
+
+    Attributes:
+        states: (C, S, D_text) encoder states of each concept's own sequence, right-padded to the longest.
+        mask: (C, S) 1 at the valid tokens of each sequence, 0 at padding.
+        spans: (start, stop) of each concept's own sub-tokens in its sequence.
+        pooling: how a span is pooled into one vector.
+    """
+
+    states: torch.Tensor
+    mask: torch.Tensor
+    spans: tuple[tuple[int, int], ...]
+    pooling: Pooling
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> ConceptSequences:
+        """States and mask on ``device`` in ``dtype`` (as a pipeline hands its prompt to the transformer)."""
+        return replace(self, states=self.states.to(device, dtype), mask=self.mask.to(device, dtype))
+
+    def span_mask(self) -> torch.Tensor:
+        """(C, S) bool, True at each concept's own sub-tokens, on the states' device."""
+        keep = torch.zeros(self.mask.shape, dtype=torch.bool)
+        for row, (start, stop) in enumerate(self.spans):
+            keep[row, start:stop] = True
+        return keep.to(self.states.device)
+
+    def pool(self, refined: torch.Tensor) -> torch.Tensor:
+        """(..., C, S, D) states of these sequences -> (..., C, D), each concept's span pooled."""
+        keep = self.span_mask()
+        if self.pooling == "first":
+            first = torch.tensor([start for start, _ in self.spans], device=refined.device)
+            return refined[..., torch.arange(len(self.spans), device=refined.device), first, :]
+        weights = keep.to(refined.dtype).unsqueeze(-1)  # (C, S, 1)
+        return (refined * weights).sum(dim=-2) / weights.sum(dim=-2)
 
 
 def _stream_qkv(attn: Any, states: torch.Tensor, added: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -163,7 +201,7 @@ class HunyuanVideoBackend(JointBackend):
                 "'token_replace', HunyuanVideo-I2V); ConceptAttention supports the text-to-video model "
                 "(HunyuanVideoPipeline)"
             )
-        if state.concept_sequences is None:
+        if not isinstance(state.concepts.extras, ConceptSequences):
             raise ConceptAttentionError(
                 "HunyuanVideo concepts must be encoded as whole sequences (for the token refiner); encode them with "
                 "this backend's `encode_concepts`"
@@ -208,20 +246,26 @@ class HunyuanVideoBackend(JointBackend):
             "refiner (context_embedder) as its own sequence at every traced step"
         )
         embeddings = pool_spans(hidden, sequences, words, tokenizer, encoding.pooling, described)
-        assert embeddings.positions is not None
-        spans = tuple((start, start + len(word)) for start, word in zip(embeddings.positions, words))
-        return replace(embeddings, sequences=ConceptSequences(hidden, mask.to(device), spans, encoding.pooling))
+        spans = tuple((start, start + len(word)) for start, word in zip(span_starts(sequences, words), words))
+        return replace(embeddings, extras=ConceptSequences(hidden, mask.to(device), spans, encoding.pooling))
+
+    def concept_inputs(self, concepts: ConceptEmbeddings, device: torch.device, dtype: torch.dtype) -> Any:
+        """Each concept's whole sequence (its ``extras``), for the token refiner."""
+        sequences: ConceptSequences = concepts.extras
+        return sequences.to(device, dtype)
 
     def embed_concepts(self, transformer: Any, states: Any, record: ForwardRecord) -> torch.Tensor:
         """Each concept's sequence through the token refiner with its own mask and the forward's timestep, pooled.
 
-        Returns (C, D_model) when the kept rows share one timestep (as in every pipeline call), else
-        (B_rows, C, D_model).
+        Returns (C, D_model) when the rows share one timestep by construction (a timestep given once for the
+        batch, as the pipeline and encode mode give it), else (B_rows, C, D_model). Decided from the call's
+        tensor layout, never by reading the timesteps on the host.
         """
         sequences: ConceptSequences = states
-        timestep = record.conditioning.timestep[record.rows]  # (B_rows,)
+        conditioning: HunyuanConditioning = record.conditioning
+        timestep = conditioning.timestep[record.rows]  # (B_rows,)
         count = sequences.states.shape[0]
-        if bool((timestep == timestep[0]).all()):
+        if conditioning.shared_timestep:
             refined = transformer.context_embedder(sequences.states, timestep[:1].expand(count), sequences.mask)
             return sequences.pool(refined)  # (C, D)
         rows = timestep.shape[0]
@@ -237,9 +281,13 @@ class HunyuanVideoBackend(JointBackend):
         patch, patch_t = int(config.patch_size), int(config.patch_size_t)
         frames = latents.shape[2] // patch_t
         grid = TokenGrid(latents.shape[-2] // patch, latents.shape[-1] // patch, frames, video=True)
-        timestep = torch.as_tensor(inputs["timestep"], device=latents.device).flatten().expand(latents.shape[0])
-        conditioning = HunyuanConditioning(timestep, inputs.get("guidance"), inputs["pooled_projections"])
-        return ForwardRecord(float(timestep[0]) / 1000, grid, slice(None), conditioning)
+        given = torch.as_tensor(inputs["timestep"], device=latents.device)
+        # A timestep given once for the batch (a number, or a tensor expanded over it): every row shares it, known
+        # without reading it on the host.
+        shared = given.numel() == 1 or all(stride == 0 for stride in given.stride())
+        timestep = given.flatten().expand(latents.shape[0])
+        conditioning = HunyuanConditioning(timestep, inputs.get("guidance"), inputs["pooled_projections"], shared)
+        return ForwardRecord(timestep[0], 1000.0, grid, slice(None), conditioning)
 
     def concept_conditioning(self, transformer: Any, record: ForwardRecord, dtype: torch.dtype) -> torch.Tensor:
         """Timestep + guidance embedding with a zero pooled-CLIP input: nothing from the prompt."""
@@ -305,7 +353,8 @@ class HunyuanVideoBackend(JointBackend):
         """One forward as the pipeline's: timestep on the 0-1000 scale (float32), guidance x 1000."""
         assert isinstance(inputs, HunyuanEncodeInputs)
         batch = noisy_latents.shape[0]
-        timestep = torch.full((batch,), float(t) * 1000, device=noisy_latents.device, dtype=torch.float32)
+        # One timestep for the batch, expanded as the pipeline expands it (rows then share the refiner pass).
+        timestep = torch.full((1,), float(t) * 1000, device=noisy_latents.device, dtype=torch.float32).expand(batch)
         pipe.transformer(
             hidden_states=noisy_latents.to(pipe.transformer.dtype),
             timestep=timestep,

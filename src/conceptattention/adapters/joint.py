@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import contextlib
 from abc import abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from conceptattention.adapters.base import Backend, ForwardRecord, RunState, StopForward, argument
+from conceptattention.adapters.base import Backend, CallArguments, ForwardRecord, RunState, StopForward
+from conceptattention.concepts import ConceptEmbeddings
 from conceptattention.core import block_saliency, concept_attention
 
 
@@ -124,13 +125,13 @@ class JointConceptStream:
         Done here rather than in the transformer pre-hook so that offloading hooks have
         already moved the weights to the execution device.
         """
-        record = self.state.forward
-        assert record is not None
+        context = self.state.forward
+        assert context is not None
+        record = context.record
         dtype, device = hidden_states.dtype, hidden_states.device
         rows = len(range(*record.rows.indices(hidden_states.shape[0])))
-        sequences = self.state.concept_sequences  # set by backends whose context embedder takes sequences
-        states = self.state.concept_states if sequences is None else sequences
-        concepts = self.backend.embed_concepts(self.transformer, states.to(device, dtype), record)  # (C | B_rows, C, D)
+        inputs = self.backend.concept_inputs(self.state.concepts, device, dtype)
+        concepts = self.backend.embed_concepts(self.transformer, inputs, record)  # (C | B_rows, C, D)
         self.hidden = (concepts if concepts.ndim == 3 else concepts.unsqueeze(0)).expand(rows, -1, -1)  # (B_rows, C, D)
         self.temb = self.backend.concept_conditioning(self.transformer, record, dtype)
 
@@ -138,11 +139,12 @@ class JointConceptStream:
         def pre_hook(block, args, kwargs):
             if not self.runs(index):
                 return None
+            arguments = CallArguments(block, args, kwargs)
             if index == 0 or self.hidden is None:
-                self._start(argument(args, kwargs, "hidden_states", 0))
-            record = self.state.forward
-            assert record is not None
-            emb = self.backend.block_conditioning(self.temb, record, args, kwargs)
+                self._start(arguments["hidden_states"])
+            context = self.state.forward
+            assert context is not None
+            emb = self.backend.block_conditioning(self.temb, context.record, arguments)
             self.current = BlockPass(index, *self.backend.text_modulation(block, self.hidden, emb))
             return None
 
@@ -193,8 +195,9 @@ class JointConceptStream:
         state = self.state
         config = state.config
         step = self.current
-        record = state.forward
-        assert step is not None and step.index == index and record is not None
+        context = state.forward
+        assert step is not None and step.index == index and context is not None
+        record = context.record
         rows = record.rows  # the conditional half under batched CFG
         q_x, k_x, v_x, o_x = q_x[rows], k_x[rows], v_x[rows], o_x[rows]
         assert step.normed is not None and self.hidden is not None
@@ -223,7 +226,7 @@ class JointConceptStream:
                 v_x=v_x[:, :, target],
                 softmax=state.softmax,
             )  # (B, C, N_target)
-            state.accumulator.add(saliency, index, items=state.row_items, num_items=state.num_items)
+            state.accumulator.add(saliency, index, items=context.row_items, num_items=context.num_items)
         # The attention half of the residual update, as the text stream's: output projection, gate.
         self.hidden = self.hidden + step.gate_msa.unsqueeze(1) * weights.out(o_c)
         step.attended = True
@@ -269,7 +272,7 @@ class JointBackend(Backend):
         """
 
     def block_conditioning(
-        self, forward_conditioning: torch.Tensor | None, record: ForwardRecord, args: tuple, kwargs: Mapping[str, Any]
+        self, forward_conditioning: torch.Tensor | None, record: ForwardRecord, arguments: CallArguments
     ) -> torch.Tensor:
         """The ``emb`` a block's ``norm1_context`` gets for the concepts, from the block's call arguments.
 
@@ -279,13 +282,15 @@ class JointBackend(Backend):
         return forward_conditioning
 
     # -- the text-stream modules the concepts go through (diffusers' dual-stream names by default) --
+    def concept_inputs(self, concepts: ConceptEmbeddings, device: torch.device, dtype: torch.dtype) -> Any:
+        """What :meth:`embed_concepts` takes, on the forward's device and dtype: the (C, D_text) pooled states."""
+        return concepts.states.to(device, dtype)
+
     def embed_concepts(self, transformer: Any, states: Any, record: ForwardRecord) -> torch.Tensor:
-        """Concept states -> (C, D_model) or (B_rows, C, D_model) concept tokens, as the prompt is embedded.
+        """Concept inputs -> (C, D_model) or (B_rows, C, D_model) concept tokens, as the prompt is embedded.
 
         Args:
-            states: the session's concept states: (C, D_text) pooled (``RunState.concept_states``), or the
-                :class:`~conceptattention.concepts.ConceptSequences` (``RunState.concept_sequences``) of a
-                backend whose context embedder runs on whole sequences; on the forward's device and dtype.
+            states: :meth:`concept_inputs` of the session's concepts.
             record: the forward (for context embedders that take the timestep).
         """
         return transformer.context_embedder(states)

@@ -29,7 +29,14 @@ from typing import Any
 import torch
 from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
 
-from conceptattention.adapters.base import BackendSpec, ConceptEncoding, EncodeInputs, ForwardRecord, argument
+from conceptattention.adapters.base import (
+    BackendSpec,
+    CallArguments,
+    ConceptEncoding,
+    EncodeInputs,
+    ForwardRecord,
+    first_timestep,
+)
 from conceptattention.adapters.joint import ConceptProcessor, JointBackend
 from conceptattention.concepts import ConceptEmbeddings, concept_token_ids, pipeline_part, pool_spans
 from conceptattention.core import TokenGrid
@@ -227,16 +234,17 @@ class QwenImageBackend(JointBackend):
                 "pipeline's `img_shapes` unchanged"
             )
         conditioning = QwenConditioning(bool(transformer.config.zero_cond_t))
-        return ForwardRecord(float(timestep.flatten()[0]), TokenGrid(h, w), slice(None), conditioning, slice(0, h * w))
+        grid = TokenGrid(h, w)
+        return ForwardRecord(first_timestep(timestep), 1.0, grid, slice(None), conditioning, slice(0, h * w))
 
     def concept_conditioning(self, transformer, record: ForwardRecord, dtype: torch.dtype) -> None:
         return None  # the block's own temb (read in block_conditioning)
 
     def block_conditioning(
-        self, forward_conditioning: torch.Tensor | None, record: ForwardRecord, args: tuple, kwargs: Mapping[str, Any]
+        self, forward_conditioning: torch.Tensor | None, record: ForwardRecord, arguments: CallArguments
     ) -> torch.Tensor:
         """(B_rows, D) the ``temb`` the block's text modulation takes: the timestep embedding only."""
-        temb = argument(args, kwargs, "temb", 3)
+        temb = arguments["temb"]
         if record.conditioning.zero_cond_t:
             temb = temb.chunk(2, dim=0)[0]  # [target; reference (t = 0)]: text uses the target half
         return temb[record.rows]

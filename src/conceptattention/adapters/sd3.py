@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from conceptattention.adapters.base import BackendSpec, ConceptEncoding, EncodeInputs, ForwardRecord
+from conceptattention.adapters.base import BackendSpec, ConceptEncoding, EncodeInputs, ForwardRecord, first_timestep
 from conceptattention.adapters.joint import ConceptProcessor, JointBackend, apply_norm, projections
 from conceptattention.concepts import ConceptEmbeddings, concept_token_ids, pipeline_part, pool_spans
 from conceptattention.core import TokenGrid
@@ -164,7 +164,7 @@ class SD3Backend(JointBackend):
         batch = latents.shape[0]
         rows = slice(batch // 2, None) if batched_cfg else slice(None)
         conditioning = SD3Conditioning(timestep, inputs["pooled_projections"])
-        return ForwardRecord(float(timestep.flatten()[0]) / 1000, grid, rows, conditioning)
+        return ForwardRecord(first_timestep(timestep), 1000.0, grid, rows, conditioning)
 
     def concept_conditioning(self, transformer, record: ForwardRecord, dtype: torch.dtype) -> torch.Tensor:
         """Timestep embedding with a zero pooled-text input: nothing from the prompt."""
