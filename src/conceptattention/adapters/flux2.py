@@ -112,7 +112,9 @@ class Flux2EncodeInputs(EncodeInputs):
     img_ids: torch.Tensor
     guidance: torch.Tensor | None
 
-    batched_fields = ("prompt_embeds", "txt_ids", "img_ids", "guidance")
+    # The ids are (B, S, 4) but the transformer reads their first row only: shared by every micro-batch, so the
+    # target geometry is read from them once per encode call.
+    batched_fields = ("prompt_embeds", "guidance")
 
 
 class Flux2Backend(JointBackend):
@@ -284,13 +286,14 @@ class Flux2Backend(JointBackend):
 
 
 def _read_target_geometry(img_ids: torch.Tensor) -> tuple[int, int, int]:
-    """(count, h, w) of the target image's tokens in ``img_ids`` (N, 4) or (B, N, 4): (t, h, w, l), one host read."""
-    ids = (img_ids[0] if img_ids.ndim == 3 else img_ids)[:, :3].cpu()
-    target = ids[:, 0] == ids[0, 0]  # the target image's tokens come first; references have t > 0
-    count = int(target.sum())
-    if not bool(target[:count].all()):
+    """(count, h, w) of the target image's tokens in ``img_ids`` (N, 4) or (B, N, 4): (t, h, w, l); one host read."""
+    ids = (img_ids[0] if img_ids.ndim == 3 else img_ids)[:, :3].tolist()
+    first_t = ids[0][0]  # the target image's tokens come first; references have t > 0
+    count = sum(1 for t, _, _ in ids if t == first_t)
+    if any(t != first_t for t, _, _ in ids[:count]):
         raise ConceptAttentionError("The target image tokens must come first in the image sequence")
-    h, w = (int(v) + 1 for v in ids[:count, 1:3].amax(0).tolist())
+    h = int(max(row for _, row, _ in ids[:count])) + 1
+    w = int(max(column for _, _, column in ids[:count])) + 1
     return count, h, w
 
 
