@@ -30,8 +30,7 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
 
 import conceptattention as ca
-from conceptattention.adapters.flux import FluxConceptAttnProcessor
-from conceptattention.adapters.joint import projections
+from conceptattention.adapters.joint import FluxStyleProcessor, projections
 from conceptattention.bundled.components import (
     assemble_pipeline,
     make_clip_encoder,
@@ -61,7 +60,7 @@ def build_pipeline(device: str):
     return pipe.to(device)
 
 
-class OfficialStyleProcessor(FluxConceptAttnProcessor):
+class OfficialStyleProcessor(FluxStyleProcessor):
     """Our processor (same maps) plus the reference code's extra work: full joint attention, concept rows kept."""
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
@@ -88,7 +87,7 @@ def official_style(pipe):
         transformer = pipe.transformer
         processors = dict(transformer.attn_processors)
         for name, p in processors.items():
-            if isinstance(p, FluxConceptAttnProcessor):
+            if isinstance(p, FluxStyleProcessor):
                 processors[name] = OfficialStyleProcessor(p.block_index, p.stream)
         transformer.set_attn_processor(processors)
         yield tc

@@ -14,6 +14,25 @@ from typing import Any
 import torch
 from naive_reference import CHROMA, COGVIDEOX, FLUX, FLUX2, HUNYUAN_VIDEO, QWEN_IMAGE, SD3, ReferenceArch
 
+CFG_MODES = ("off", "batched", "negative-pass", "true-cfg")
+"""Classifier-free guidance modes a pipeline may have: none; [uncond; cond] batched in one forward; a separate
+negative forward by ``guidance_scale``; a separate negative forward by ``true_cfg_scale``."""
+
+
+@dataclass(frozen=True)
+class CfgMode:
+    """One classifier-free guidance mode of a pipeline.
+
+    Attributes:
+        call: the pipeline call arguments (on top of ``BackendCase.run``) that turn the mode on.
+        forwards_per_step: transformer calls per denoising step (2: the conditional, then the negative forward).
+        conditional_half: each forward batches [uncond; cond].
+    """
+
+    call: dict[str, Any]
+    forwards_per_step: int = 1
+    conditional_half: bool = False
+
 
 @dataclass(frozen=True)
 class BackendCase:
@@ -36,6 +55,12 @@ class BackendCase:
         noised: ``(pipe, z, eps, t) -> x_t`` as encode mode noises clean latents (default: rectified flow).
         encode_options: extra ``encode_video`` options (and CLI flags) of video models, e.g. ``num_frames`` when
             the pipeline's default frame count is that of the released model (HunyuanVideo: 129).
+        attention: the attribute of a block's joint attention module (CogVideoX: ``attn1``).
+        cfg: every mode of :data:`CFG_MODES`: the :class:`CfgMode` that turns it on, or why the pipeline has none.
+        text_mask: the block argument that carries the pipeline's text mask (prompts of different lengths in one
+            batch); None where the pipeline passes none (padded prompt tokens are keys, as in the released model).
+        checkpointing_changes_output: why diffusers' own gradient-checkpointing branch computes something other
+            than its plain branch (so maps with checkpointing cannot equal maps without); None where it does not.
     """
 
     name: str
@@ -55,6 +80,10 @@ class BackendCase:
         default=lambda pipe, z, eps, t: (1 - t) * z + t * eps
     )
     encode_options: dict[str, Any] = field(default_factory=dict)
+    attention: str = "attn"
+    cfg: dict[str, CfgMode | str] = field(default_factory=dict)
+    text_mask: str | None = None
+    checkpointing_changes_output: str | None = None
 
     @property
     def video(self) -> bool:
@@ -176,6 +205,10 @@ def _packed(pipe, latents):
 
 
 RUN = {"height": 32, "width": 48, "num_inference_steps": 2, "max_sequence_length": 16}
+NEGATIVE = "a cat"  # a negative prompt unlike the test prompts: its forward gives other maps
+NO_BATCHED_CFG = "no batched CFG: each guidance forward is a call of its own"
+EMBEDDED_GUIDANCE = "`guidance_scale` only feeds a guidance-distilled model's guidance embedding (no negative forward)"
+NO_TRUE_CFG = "the pipeline has no `true_cfg_scale`"
 # What the two Flux.2 pipelines (Klein, dev) share in the suite.
 FLUX2_CASE: dict[str, Any] = {
     "arch": FLUX2,
@@ -199,6 +232,12 @@ CASES = [
         encoded_latents=_packed,
         encoded_timestep=lambda t: t,
         blocks=lambda tr: [*tr.transformer_blocks, *tr.single_transformer_blocks],
+        cfg={
+            "off": CfgMode({}),
+            "batched": NO_BATCHED_CFG,
+            "negative-pass": EMBEDDED_GUIDANCE,
+            "true-cfg": CfgMode({"true_cfg_scale": 2.0, "negative_prompt": NEGATIVE}, forwards_per_step=2),
+        },
     ),
     *(
         BackendCase(
@@ -210,6 +249,13 @@ CASES = [
             conditional_half=True,
             encoded_latents=lambda pipe, latents: latents,
             encoded_timestep=lambda t: t * 1000,
+            cfg={
+                "off": CfgMode({"guidance_scale": 1.0}),
+                "batched": CfgMode({"guidance_scale": 4.0, "negative_prompt": NEGATIVE}, conditional_half=True),
+                "negative-pass": "guidance batches [uncond; cond] into one forward (skip-layer guidance's extra "
+                "forward skips blocks: not a negative pass)",
+                "true-cfg": NO_TRUE_CFG,
+            },
         )
         for name, factory in (("sd3", _sd3_factory), ("sd3.5", _sd35_factory))
     ),
@@ -225,6 +271,15 @@ CASES = [
         blocks=lambda tr: [*tr.transformer_blocks, *tr.single_transformer_blocks],
         pooled_text=False,
         forwards_per_step=2,
+        cfg={
+            "off": CfgMode({"guidance_scale": 1.0}),
+            "batched": NO_BATCHED_CFG,
+            "negative-pass": CfgMode({"guidance_scale": 5.0, "negative_prompt": NEGATIVE}, forwards_per_step=2),
+            "true-cfg": NO_TRUE_CFG + ": its `guidance_scale` > 1 is already a separate negative forward",
+        },
+        text_mask="attention_mask",  # (B, T + N): padded prompt tokens masked, one padding token kept
+        checkpointing_changes_output="diffusers' ChromaTransformer2DModel calls its single blocks without "
+        "`attention_mask` under gradient checkpointing (its plain branch passes it): a different computation",
     ),
     BackendCase(
         name="qwenimage",
@@ -238,18 +293,38 @@ CASES = [
         clean_latents=_qwen_normalised,
         pooled_text=False,
         forwards_per_step=2,
+        cfg={
+            "off": CfgMode({"true_cfg_scale": 1.0}),
+            "batched": NO_BATCHED_CFG,
+            "negative-pass": EMBEDDED_GUIDANCE,
+            "true-cfg": CfgMode({"true_cfg_scale": 4.0, "negative_prompt": NEGATIVE}, forwards_per_step=2),
+        },
+        text_mask="encoder_hidden_states_mask",  # (B, T); None when no prompt is padded
     ),
     BackendCase(
         name="flux2-klein",
         factory=_klein_factory,
         run={**RUN, "max_sequence_length": 64},  # guidance_scale 4 by default: a separate negative forward
         forwards_per_step=2,
+        cfg={
+            "off": CfgMode({"guidance_scale": 1.0}),
+            "batched": NO_BATCHED_CFG,
+            # no `negative_prompt` argument: the negative forward encodes ""
+            "negative-pass": CfgMode({"guidance_scale": 4.0}, forwards_per_step=2),
+            "true-cfg": NO_TRUE_CFG + ": its `guidance_scale` > 1 is already a separate negative forward",
+        },
         **FLUX2_CASE,
     ),
     BackendCase(
         name="flux2-dev",
         factory=_flux2_dev_factory,
         run={**RUN, "max_sequence_length": 256},  # the system message takes most of the budget
+        cfg={
+            "off": CfgMode({}),
+            "batched": "guidance-distilled: " + EMBEDDED_GUIDANCE,
+            "negative-pass": "guidance-distilled: " + EMBEDDED_GUIDANCE,
+            "true-cfg": NO_TRUE_CFG + " (guidance-distilled)",
+        },
         **FLUX2_CASE,
     ),
 ]
@@ -268,6 +343,13 @@ CASES += [
         pooled_text=False,
         frames=9,
         noised=_ddim_noised,
+        attention="attn1",
+        cfg={
+            "off": CfgMode({"guidance_scale": 1.0}),
+            "batched": CfgMode({"guidance_scale": 6.0, "negative_prompt": NEGATIVE}, conditional_half=True),
+            "negative-pass": "guidance batches [uncond; cond] into one forward",
+            "true-cfg": NO_TRUE_CFG,
+        },
     )
     for name, factory in (("cogvideox", _cogvideox_factory), ("cogvideox1.5", _cogvideox15_factory))
 ]
@@ -285,6 +367,13 @@ CASES.append(
         clean_latents=_hunyuanvideo_latents,
         frames=5,
         encode_options={"num_frames": 5},  # the pipeline's default is 129 frames
+        cfg={
+            "off": CfgMode({}),
+            "batched": NO_BATCHED_CFG,
+            "negative-pass": EMBEDDED_GUIDANCE,
+            "true-cfg": CfgMode({"true_cfg_scale": 3.0, "negative_prompt": NEGATIVE}, forwards_per_step=2),
+        },
+        text_mask="attention_mask",  # (B, 1, 1, N + T) bool: padded prompt tokens are not keys
     )
 )
 CASES_BY_NAME = {case.name: case for case in CASES}

@@ -5,8 +5,8 @@ computes, for every contract case, the maps and per-block maps of a traced gener
 encode (two noise draws in micro-batches of one row, so rows map to items), plus the bundled
 model's demo scenes, and writes them to ``tests/fixtures/behaviour.safetensors`` with the
 machine they were computed on. ``tests/contract/test_behaviour_fixture.py`` recomputes them and
-compares: bit for bit on the machine kind that wrote them (same torch build, same CPU
-capability), to 1e-6 elsewhere (another CPU's kernels may round differently).
+compares: bit for bit on the machine kind that wrote them (same torch build, CPU capability
+and thread count), to 2e-5 elsewhere (other kernels and reduction orders round differently).
 """
 
 from __future__ import annotations

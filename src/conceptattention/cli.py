@@ -249,7 +249,7 @@ def encode(
     """Concept maps of a real image (or, with a video model, of a real video)."""
     from conceptattention.encode import encode_image, encode_video
     from conceptattention.images import load_image
-    from conceptattention.tracing import pipeline_components
+    from conceptattention.plan import model_plan
     from conceptattention.videos import is_video_file, load_video
 
     check_positive(num_samples=num_samples, height=height, width=width, num_frames=num_frames)
@@ -263,17 +263,12 @@ def encode(
     what = f"{'VIDEO' if is_video else 'IMAGE'} {str(image)!r}"
     source = load_video(image, what) if is_video else load_image(image, what)  # unreadable files fail before loading
     pipe = _load(model, device, dtype)
-    _, backend = pipeline_components(pipe)
-    if backend.spec.modality == "video" and not is_video:
-        raise ConceptAttentionError(
-            f"{backend.spec.name} is a video model, but {str(image)!r} is a single image; give a video file "
-            "(MP4, WebM, GIF, ...)"
-        )
-    if backend.spec.modality == "image" and is_video:
-        raise ConceptAttentionError(
-            f"{backend.spec.name} is an image model, but {str(image)!r} is a video; give an image, or a video "
-            "model (e.g. --model THUDM/CogVideoX-2b)"
-        )
+    if is_video:
+        model_plan(pipe).require("video", f"{str(image)!r} is a video", "give an image, or a video model "
+                                 "(e.g. --model THUDM/CogVideoX-2b)")  # fmt: skip
+    else:
+        model_plan(pipe).require("image", f"{str(image)!r} is a single image", "give a video file (MP4, WebM, "
+                                 "GIF, ...)")  # fmt: skip
     options: dict[str, Any] = {"caption": caption, "config": config, "t": t, "num_samples": num_samples, "seed": seed}
     options.update(height=height, width=width)
     with console.status(f"Encoding with {num_samples} noise sample(s) ..."):
@@ -313,7 +308,7 @@ def generate(
 ) -> None:
     """Generate an image (or a video, with a video model) from a prompt and map each concept in it."""
     from conceptattention.generate import generate as run_generate
-    from conceptattention.tracing import pipeline_components
+    from conceptattention.plan import model_plan
 
     check_positive(steps=steps, height=height, width=width, num_frames=num_frames)
     check_seed(seed)
@@ -327,8 +322,8 @@ def generate(
     pipe = _load(model, device, dtype)
     given = {"height": height, "width": width, "guidance_scale": guidance_scale, "num_frames": num_frames}
     extra = {k: v for k, v in given.items() if v is not None}  # 0 is passed on, not replaced
-    if num_frames is not None and pipeline_components(pipe)[1].spec.modality != "video":
-        raise ConceptAttentionError("`--num-frames` applies to video models only")
+    if num_frames is not None:
+        model_plan(pipe).require("video", "`--num-frames` applies to video models only", "leave it out")
     maps = run_generate(pipe, prompt, words, config=config, seed=seed, num_inference_steps=steps, **extra)
     _summary(f"Wrote {out}", maps.save(out, overwrite=overwrite, frames=frames))
 

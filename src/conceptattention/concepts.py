@@ -244,3 +244,15 @@ def encode_concepts(
     ).last_hidden_state  # (C, S, D_text)
     states = pool_token_states(hidden, keep.to(hidden.device), pooling)  # (C, D_text)
     return ConceptEmbeddings(states=states, tokens=tokens, pooling=pooling)
+
+
+def encode_t5_concepts(
+    pipe: Any, concepts: Sequence[str], pooling: Pooling, tokenizer_name: str, encoder_name: str
+) -> ConceptEmbeddings:
+    """Concepts through a pipeline's T5 prompt encoder (``pipe.<tokenizer_name>``, ``pipe.<encoder_name>``), each
+    concept alone with its attention mask (:func:`encode_concepts`)."""
+    why = "concepts are encoded with the T5 prompt encoder"
+    tokenizer = pipeline_part(pipe, tokenizer_name, why)
+    encoder = pipeline_part(pipe, encoder_name, why)
+    embeddings = encode_concepts(concepts, tokenizer, encoder, pipe._execution_device, pooling)
+    return embeddings.with_encoder(f"t5 ({encoder_name}), each concept alone with an attention mask")

@@ -12,40 +12,13 @@ from typing import Any, cast
 import numpy as np
 import torch
 
-from conceptattention.adapters.base import Backend, StopForward
-from conceptattention.concepts import validate_concepts
+from conceptattention.adapters.base import StopForward
 from conceptattention.config import ConceptAttentionConfig
 from conceptattention.errors import ConceptAttentionError
 from conceptattention.images import ImageInput, load_images, resize_for_model, to_model_input
-from conceptattention.loading import model_defaults
 from conceptattention.outputs import ConceptMaps, EncodeDetails
-from conceptattention.tracing import (
-    ConceptSession,
-    config_with_overrides,
-    encode_pipeline_concepts,
-    pipeline_components,
-)
-
-
-def _model_size(pipe: Any, backend: Backend, height: int | None, width: int | None) -> tuple[int, int]:
-    pixels = backend.pixels_per_token(pipe)
-    largest = backend.max_pixels_per_side(pipe)
-    defaults = model_defaults(pipe)
-    default = backend.default_size(pipe)
-    size = (height or defaults.get("height", default[0]), width or defaults.get("width", default[1]))
-    for name, value in zip(("height", "width"), size):
-        if isinstance(value, bool) or not isinstance(value, int) or value < pixels or value % pixels:
-            lower = max(pixels, (value // pixels) * pixels) if isinstance(value, int) else pixels
-            raise ConceptAttentionError(
-                f"`{name}`={value!r} cannot be taken by {type(pipe).__name__}: it must be a positive multiple of "
-                f"{pixels} (VAE scale x patch size); try {lower} or {lower + pixels}"
-            )
-        if largest is not None and value > largest:
-            raise ConceptAttentionError(
-                f"`{name}`={value!r} is larger than {type(pipe).__name__} can take: its position table covers at "
-                f"most {largest} pixels per side; use {largest} or less (a multiple of {pixels})"
-            )
-    return size
+from conceptattention.plan import CallPlan, ModelPlan, call_plan, model_plan
+from conceptattention.tracing import ConceptSession, config_with_overrides
 
 
 def default_max_batch(transformer: Any, num_tokens: int) -> int:
@@ -67,10 +40,9 @@ def default_max_batch(transformer: Any, num_tokens: int) -> int:
 
 def default_rows(pipe: Any, size: tuple[int, int] | None = None) -> int:
     """:func:`default_max_batch` for image encodes of this pipeline at ``size`` (default: the model's resolution)."""
-    transformer, backend = pipeline_components(pipe)
-    tokens = _token_count(pipe, backend, _model_size(pipe, backend, *(size or (None, None))))
-    budget = model_defaults(pipe).get("max_sequence_length") or backend.default_max_sequence_length(pipe)
-    return default_max_batch(transformer, tokens + int(budget))
+    model = model_plan(pipe)
+    tokens = _token_count(model, model.size(*(size or (None, None))))
+    return default_max_batch(model.transformer, tokens + model.max_sequence_length())
 
 
 def _noise_source(seed: int | Sequence[int], shape: torch.Size):
@@ -138,22 +110,19 @@ def encode_image(
         >>> maps = encode_image(pipe, "photo.jpg", ["dog", "grass", "sky"])  # doctest: +SKIP
         >>> maps.segmentation().shape  # (B, height, width)  # doctest: +SKIP
     """
-    concepts, config = _check_options(concepts, config, overrides, t, num_samples, max_batch)
-    transformer, backend = pipeline_components(pipe)
-    _check_modality(pipe, backend, "image")
-    backend.resolve_layers(transformer, config.layers)  # fail before any compute
-    size = _model_size(pipe, backend, height, width)
+    plan = _plan(pipe, concepts, config, overrides, t, num_samples, max_batch)
+    plan.model.require("image", "`encode_image` maps images", "use `conceptattention.encode_video` (CLI: "
+                       "`conceptattention encode` picks it from the model)")  # fmt: skip
+    size = plan.model.size(height, width)
     images = [resize_for_model(im, size) for im in load_images(image)]
-    run = _EncodeRun(concepts, config, caption, t, num_samples, seed, guidance_scale, max_sequence_length, max_batch)
-    return _encode(pipe, transformer, backend, to_model_input(images), images, size, run)
+    run = _EncodeRun(caption, t, num_samples, seed, guidance_scale, max_sequence_length, max_batch)
+    return _encode(plan, to_model_input(images), images, size, run)
 
 
 @dataclass(frozen=True)
 class _EncodeRun:
     """The options of one encode call shared by images and videos (validated)."""
 
-    concepts: tuple[str, ...]
-    config: ConceptAttentionConfig
     caption: str
     t: float
     num_samples: int
@@ -163,41 +132,27 @@ class _EncodeRun:
     max_batch: int | None
 
 
-def _check_options(
+def _plan(
+    pipe: Any,
     concepts: Sequence[str],
     config: ConceptAttentionConfig | None,
     overrides: dict[str, Any],
     t: float,
     num_samples: int,
     max_batch: int | None,
-) -> tuple[tuple[str, ...], ConceptAttentionConfig]:
-    concepts = validate_concepts(concepts)
+) -> CallPlan:
+    """The encode call's plan (``steps`` cleared: one forward per draw), after checking its own options."""
     config = dataclasses.replace(config_with_overrides(config, overrides), steps=None)
     if not 0.0 < float(t) < 1.0:
         raise ConceptAttentionError(f"`t` must be in (0, 1), got {t!r}; the paper uses t=0.5")
     for name, value in (("num_samples", num_samples), ("max_batch", max_batch)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ConceptAttentionError(f"`{name}` must be a positive integer, got {value!r}")
-    return concepts, config
-
-
-def _check_modality(pipe: Any, backend: Backend, wanted: str) -> None:
-    """Refuse an image given to a video model and a video given to an image model."""
-    modality = backend.spec.modality
-    if modality == wanted:
-        return
-    other = "encode_video" if modality == "video" else "encode_image"
-    raise ConceptAttentionError(
-        f"{type(pipe).__name__} is a{'n' if modality == 'image' else ''} {modality} model ({backend.spec.name}), "
-        f"but `encode_{wanted}` was called; use `conceptattention.{other}` (CLI: `conceptattention encode` picks it "
-        "from the model)"
-    )
+    return call_plan(pipe, concepts, config)
 
 
 def _encode(
-    pipe: Any,
-    transformer: Any,
-    backend: Backend,
+    plan: CallPlan,
     pixels: torch.Tensor,
     items: list[Any],
     size: tuple[int, int],
@@ -205,16 +160,15 @@ def _encode(
     num_frames: int | None = None,
 ) -> ConceptMaps:
     """The encode loop of images (B, 3, H, W) and videos (B, 3, F, H, W) in [-1, 1]."""
-    max_sequence_length = (
-        run.max_sequence_length
-        or model_defaults(pipe).get("max_sequence_length")
-        or backend.default_max_sequence_length(pipe)
-    )
-    embeddings = encode_pipeline_concepts(pipe, backend, run.concepts, run.config)
+    model = plan.model
+    pipe, transformer, backend = model.pipe, model.transformer, model.backend
+    max_sequence_length = model.max_sequence_length(run.max_sequence_length)
+    embeddings = plan.encode_concepts()
     inputs = backend.encode_inputs(pipe, pixels, run.caption, run.guidance_scale, max_sequence_length)
     session = ConceptSession(
-        transformer, embeddings, run.concepts, run.config, backend=backend, owner=pipe, stop_after_last_block=True
-    )
+        transformer, embeddings, plan.concepts, plan.config, backend=backend, owner=pipe, stop_after_last_block=True,
+        layers=plan.layers,
+    )  # fmt: skip
     clean = inputs.latents
     batch = clean.shape[0]
     draw_noise = _noise_source(run.seed, clean.shape)
@@ -223,7 +177,7 @@ def _encode(
     row_items = torch.arange(run.num_samples * batch, device=clean.device) % batch
     max_batch = run.max_batch
     if max_batch is None:
-        max_batch = default_max_batch(transformer, _token_count(pipe, backend, size, num_frames) + max_sequence_length)
+        max_batch = default_max_batch(transformer, _token_count(model, size, num_frames) + max_sequence_length)
     with session:
         session.start_run()
         for start in range(0, run.num_samples * batch, max_batch):
@@ -245,22 +199,23 @@ def _encode(
     return session.concept_maps(details, items, image_size=size, num_frames=num_frames, fps=fps)
 
 
-def _token_count(pipe: Any, backend: Backend, size: tuple[int, int], num_frames: int | None = None) -> int:
+def _token_count(model: ModelPlan, size: tuple[int, int], num_frames: int | None = None) -> int:
     """Image tokens of one encode row at ``size``; for ``num_frames`` video frames, all their token frames' tokens."""
-    spatial = size[0] * size[1] // backend.pixels_per_token(pipe) ** 2
+    spatial = size[0] * size[1] // model.backend.pixels_per_token(model.pipe) ** 2
     if num_frames is None:
         return spatial
-    r, p_t = backend.frame_layout(pipe)
+    r, p_t = model.backend.frame_layout(model.pipe)
     return spatial * -(-((num_frames - 1) // r + 1) // p_t)
 
 
-def _num_frames(pipe: Any, backend: Backend, requested: int | None, available: int) -> int:
+def _num_frames(model: ModelPlan, requested: int | None, available: int) -> int:
     """The frame count to encode: ``requested`` (or the model's default), checked against the model and the video.
 
     A causal video VAE takes ``r k + 1`` frames (r = its temporal compression) and makes ``k + 1`` latent frames.
     """
+    pipe, backend = model.pipe, model.backend
     r, _ = backend.frame_layout(pipe)
-    count = requested if requested is not None else int(model_defaults(pipe).get("num_frames") or 0)
+    count = requested if requested is not None else int(model.defaults.get("num_frames") or 0)
     count = count or backend.default_num_frames(pipe)
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:
         raise ConceptAttentionError(f"`num_frames` must be a positive integer, got {count!r}")
@@ -334,13 +289,12 @@ def encode_video(
     """
     from conceptattention.videos import load_video, resize_frames, to_model_video
 
-    concepts, config = _check_options(concepts, config, overrides, t, num_samples, max_batch)
-    transformer, backend = pipeline_components(pipe)
-    _check_modality(pipe, backend, "video")
-    backend.resolve_layers(transformer, config.layers)  # fail before any compute
-    size = _model_size(pipe, backend, height, width)
+    plan = _plan(pipe, concepts, config, overrides, t, num_samples, max_batch)
+    plan.model.require("video", "`encode_video` maps videos", "use `conceptattention.encode_image` (CLI: "
+                       "`conceptattention encode` picks it from the model)")  # fmt: skip
+    size = plan.model.size(height, width)
     videos = [load_video(v, f"`video[{i}]`") for i, v in enumerate(_video_batch(video))]
-    count = _num_frames(pipe, backend, num_frames, min(len(v) for v in videos))
+    count = _num_frames(plan.model, num_frames, min(len(v) for v in videos))
     videos = [resize_frames(v[:count], size) for v in videos]
-    run = _EncodeRun(concepts, config, caption, t, num_samples, seed, guidance_scale, max_sequence_length, max_batch)
-    return _encode(pipe, transformer, backend, to_model_video(videos), videos, size, run, num_frames=count)
+    run = _EncodeRun(caption, t, num_samples, seed, guidance_scale, max_sequence_length, max_batch)
+    return _encode(plan, to_model_video(videos), videos, size, run, num_frames=count)

@@ -7,11 +7,10 @@ from typing import Any
 
 import torch
 
-from conceptattention.adapters import backend_for
 from conceptattention.config import ConceptAttentionConfig
 from conceptattention.errors import ConceptAttentionError
-from conceptattention.loading import model_defaults
 from conceptattention.outputs import ConceptMaps
+from conceptattention.plan import call_plan
 from conceptattention.tracing import config_with_overrides, trace
 
 
@@ -49,6 +48,7 @@ def generate(
     """
     options = {k: pipe_kwargs.pop(k) for k in list(pipe_kwargs) if k in ConceptAttentionConfig.__dataclass_fields__}
     config = config_with_overrides(config, options)  # method options given as keywords, as on every entry point
+    plan = call_plan(pipe, concepts, config)
     if not prompt or (not isinstance(prompt, str) and not all(isinstance(p, str) for p in prompt)):
         raise ConceptAttentionError(f"`prompt` must be a non-empty string or list of strings, got {prompt!r}")
     if "output_type" in pipe_kwargs and pipe_kwargs["output_type"] != "pil":
@@ -59,14 +59,14 @@ def generate(
         pipe_kwargs["generator"] = torch.Generator("cpu").manual_seed(seed)
     if num_inference_steps is not None:
         pipe_kwargs["num_inference_steps"] = num_inference_steps
-    for key, value in model_defaults(pipe).items():
+    for key, value in plan.model.defaults.items():
         if key in ("height", "width", "max_sequence_length", "num_inference_steps"):
             pipe_kwargs.setdefault(key, value)
-    backend = backend_for(getattr(pipe, "transformer", None), pipe)
+    backend = plan.model.backend
     for key, value in backend.call_defaults(pipe).items():
         pipe_kwargs.setdefault(key, value)
     backend.check_call(pipe, pipe_kwargs)
-    with trace(pipe, concepts, config) as tracer:
+    with trace.from_plan(plan) as tracer:
         output = pipe(prompt=prompt, **pipe_kwargs)  # by keyword: some pipelines take `image` first
     scalars = {k: v for k, v in pipe_kwargs.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
     prompts = prompt if isinstance(prompt, str) else list(prompt)

@@ -9,19 +9,19 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 
 from conceptattention.adapters import backend_for
-from conceptattention.adapters.base import Attachment, Backend, ConceptEncoding, ForwardContext, RunState
-from conceptattention.concepts import ConceptEmbeddings, validate_concepts
+from conceptattention.adapters.base import Attachment, Backend, BlockRecord, ForwardContext, RunState
+from conceptattention.concepts import ConceptEmbeddings
 from conceptattention.config import ConceptAttentionConfig
 from conceptattention.core import Normalization, ScoreAccumulator, TokenGrid, finalize_maps, tokens_to_grid
 from conceptattention.errors import ConceptAttentionError
-from conceptattention.loading import model_defaults
 from conceptattention.outputs import ConceptMaps, EncodeDetails, GenerateDetails, RunRecord, library_versions
+from conceptattention.plan import CallPlan, call_plan
 from conceptattention.steps import StepCounter
 
 logger = logging.getLogger(__name__)
@@ -52,6 +52,7 @@ class ConceptSession:
             it, every forward is the next step and there is no guidance batch.
         owner: the pipeline, for error messages and the record (defaults to ``pipeline``).
         stop_after_last_block: abort each forward after the last selected block (encode mode).
+        layers: the blocks, already resolved by the call's plan (default: resolved from ``config``).
     """
 
     def __init__(
@@ -65,6 +66,7 @@ class ConceptSession:
         pipeline: Any = None,
         owner: Any = None,
         stop_after_last_block: bool = False,
+        layers: tuple[int, ...] | None = None,
     ) -> None:
         self.transformer = transformer
         self.owner = owner if owner is not None else pipeline
@@ -73,7 +75,7 @@ class ConceptSession:
         self.config = config
         self.embeddings = embeddings
         self.pipeline = pipeline
-        self.layers = self.backend.resolve_layers(transformer, config.layers)
+        self.layers = layers if layers is not None else self.backend.resolve_layers(transformer, config.layers)
         softmax = config.use_softmax(len(self.concepts))
         if softmax and len(self.concepts) == 1:
             raise ConceptAttentionError(
@@ -278,30 +280,6 @@ class ConceptSession:
         )
 
 
-def pipeline_components(pipe: Any) -> tuple[torch.nn.Module, Backend]:
-    """The transformer of a pipeline and its backend, or a clear error."""
-    transformer = getattr(pipe, "transformer", None)
-    if transformer is None:
-        raise ConceptAttentionError(
-            f"{type(pipe).__name__} has no `transformer`; pass a diffusers pipeline of a joint-attention MM-DiT "
-            "(see `conceptattention.supported_architectures()`)"
-        )
-    return transformer, backend_for(transformer, pipe)
-
-
-def encode_pipeline_concepts(
-    pipe: Any, backend: Backend, concepts: Sequence[str], config: ConceptAttentionConfig
-) -> ConceptEmbeddings:
-    """Encode concepts with the pipeline's own prompt encoder, as the backend prescribes."""
-    backend.concept_encoder(config.concept_encoder)  # a bad choice fails before any compute
-    encoding = ConceptEncoding(
-        pooling=config.pooling,
-        encoder=config.concept_encoder,
-        max_sequence_length=model_defaults(pipe).get("max_sequence_length"),
-    )
-    return backend.encode_concepts(pipe, concepts, encoding)
-
-
 class trace:  # noqa: N801 - a context manager used like a function, as DAAM's `trace`
     """Attach ConceptAttention to a pipeline for the duration of a ``with`` block.
 
@@ -329,25 +307,54 @@ class trace:  # noqa: N801 - a context manager used like a function, as DAAM's `
         config: ConceptAttentionConfig | None = None,
         **overrides: Any,
     ) -> None:
+        self.plan = call_plan(pipe, concepts, config_with_overrides(config, overrides))  # fails before encoding
         self.pipe = pipe
-        self.concepts = validate_concepts(concepts)
-        self.config = config_with_overrides(config, overrides)
-        self.transformer, self.backend = pipeline_components(pipe)
-        self.backend.resolve_layers(self.transformer, self.config.layers)  # fail before encoding
-        self.backend.concept_encoder(self.config.concept_encoder)
+        self.concepts = self.plan.concepts
+        self.config = self.plan.config
+        self.transformer, self.backend = self.plan.model.transformer, self.plan.model.backend
         self._session: ConceptSession | None = None
         self._finished: ConceptSession | None = None  # kept after exit so maps stay readable
+        self._observers: list[Callable[[BlockRecord], None]] = []
+
+    @classmethod
+    def from_plan(cls, plan: CallPlan) -> trace:
+        """A trace of a call already planned (:func:`~conceptattention.plan.call_plan`): nothing is resolved again."""
+        self = cls.__new__(cls)
+        self.plan = plan
+        self.pipe = plan.model.pipe
+        self.concepts, self.config = plan.concepts, plan.config
+        self.transformer, self.backend = plan.model.transformer, plan.model.backend
+        self._session = None
+        self._finished = None
+        self._observers = []
+        return self
 
     def __enter__(self) -> trace:
         if self._session is not None:
             raise ConceptAttentionError("This trace is already entered; exit it before entering it again.")
-        embeddings = encode_pipeline_concepts(self.pipe, self.backend, self.concepts, self.config)
         session = ConceptSession(
-            self.transformer, embeddings, self.concepts, self.config, backend=self.backend, pipeline=self.pipe
-        )
+            self.transformer, self.plan.encode_concepts(), self.concepts, self.config, backend=self.backend,
+            pipeline=self.pipe, layers=self.plan.layers,
+        )  # fmt: skip
+        session.state.observers.extend(self._observers)
         session.__enter__()
         self._session = session
         return self
+
+    def on_block(self, callback: Callable[[BlockRecord], None]) -> None:
+        """Call ``callback`` with a :class:`~conceptattention.adapters.base.BlockRecord` after every block the concept
+        stream passes, in every traced forward (e.g. to study the concept tokens block by block). Nothing is kept
+        unless the callback keeps it.
+
+        Example:
+            >>> tokens = {}  # doctest: +SKIP
+            >>> with trace(pipe, ["dog", "sky"]) as tc:  # doctest: +SKIP
+            ...     tc.on_block(lambda r: tokens.__setitem__(r.block, r.concept_tokens.clone()))
+            ...     pipe("a dog", num_inference_steps=4)
+        """
+        self._observers.append(callback)
+        if self._session is not None:
+            self._session.state.observers.append(callback)
 
     def __exit__(self, *exc_info: object) -> None:
         session, self._session = self._session, None

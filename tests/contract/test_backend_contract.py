@@ -33,7 +33,7 @@ def _run(case: BackendCase, pipe, prompt="a dog on the grass near a tree", **ext
 
 def _attention(case: BackendCase, block):
     """The block's joint attention module (``attn``; CogVideoX: ``attn1``)."""
-    return getattr(block, backend_for(case.pipeline().transformer).spec.attention)
+    return getattr(block, case.attention)
 
 
 def _sample(case: BackendCase, height: int, width: int, generator=None) -> torch.Tensor:
@@ -142,14 +142,16 @@ def test_generate_maps_match_naive_reference(case, options, concepts):
 
 def test_score_space_changes_only_the_score_not_the_concept_tokens(case):
     pipe = case.pipeline()
-    streams = {}
+    streams: dict[str, list[tuple[int, torch.Tensor]]] = {}
     for space in ("output", "value", "cross_attention"):
-        with ca.trace(pipe, ["dog", "sky"], layers=list(case.layers), score_space=space):
+        blocks = streams[space] = []
+        with ca.trace(pipe, ["dog", "sky"], layers=list(case.layers), score_space=space) as tc:
+            tc.on_block(lambda record, kept=blocks: kept.append((record.block, record.concept_tokens.clone())))
             _run(case, pipe)
-            streams[space] = _attention(case, pipe.transformer.transformer_blocks[0]).processor.stream.hidden.clone()
-    assert torch.equal(streams["output"], streams["value"]) and torch.equal(
-        streams["output"], streams["cross_attention"]
-    )
+    steps = case.run["num_inference_steps"]
+    assert [b for b, _ in streams["output"]] == list(range(max(case.layers) + 1)) * steps  # every block, every step
+    for other in ("value", "cross_attention"):
+        assert all(torch.equal(a, b) for (_, a), (_, b) in zip(streams["output"], streams[other], strict=True))
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.pooled_text], ids=lambda c: c.name)
@@ -211,7 +213,7 @@ class _DelegatingProcessor:
 
 def test_custom_processor_on_a_traced_block_is_refused_and_left_in_place(case):
     pipe = case.fresh_pipeline()
-    attn = getattr(pipe.transformer.transformer_blocks[1], backend_for(pipe.transformer).spec.attention)
+    attn = _attention(case, pipe.transformer.transformer_blocks[1])
     custom = _DelegatingProcessor(attn.processor)
     attn.processor = custom
     with (
@@ -275,9 +277,7 @@ def test_batched_noise_draws_equal_sequential_forwards(case, seed):
         lambda m, a, kw: batches.append(kw["hidden_states"].shape[0]), with_kwargs=True
     )
     try:
-        results = {
-            n: _encode(case, pipe, images, ["dog", "sky", "grass"], max_batch=n, **kwargs) for n in (1, 2, 4, 6)
-        }
+        results = {n: _encode(case, pipe, images, ["dog", "sky", "grass"], max_batch=n, **kwargs) for n in (1, 2, 4, 6)}
     finally:
         hook.remove()
     assert batches == [1] * 6 + [2] * 3 + [4, 2] + [6]  # 2 images x 3 draws in rows of at most max_batch

@@ -1,8 +1,9 @@
 """Behaviour is unchanged: every contract case's maps equal the saved ones (tests/behaviour_fixture.py).
 
 The fixture was computed before the backend seam was refactored. On the machine kind that wrote
-it (same torch build and CPU capability) the maps must be equal bit for bit; elsewhere another
-CPU's kernels may round the last bit differently, so they must agree to 1e-6.
+it (same torch build, CPU capability and thread count) the maps must be equal bit for bit;
+elsewhere other kernels or reduction orders round differently (4e-6 seen with one thread), so
+they must agree to 2e-5.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def _compare(got: dict[str, torch.Tensor], prefix: str) -> None:
         if exact:
             assert torch.equal(value, expected), f"{key}: max |diff| {(value - expected).abs().max().item():.3g}"
         else:
-            torch.testing.assert_close(value, expected, rtol=0, atol=1e-6, msg=key)
+            torch.testing.assert_close(value, expected, rtol=0, atol=2e-5, msg=key)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])

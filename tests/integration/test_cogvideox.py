@@ -11,8 +11,7 @@ from naive_reference import COGVIDEOX, capture_forward_inputs, reference_maps
 from tiny_cogvideox import make_tiny_cogvideox_pipeline, make_tiny_cogvideox_transformer
 
 import conceptattention as ca
-from conceptattention.adapters import backend_for
-from conceptattention.tracing import encode_pipeline_concepts
+from conceptattention.plan import call_plan
 from conceptattention.videos import load_video, write_video
 
 RUN = {"height": 32, "width": 48, "num_frames": 9, "max_sequence_length": 16}
@@ -145,8 +144,8 @@ def test_bad_video_input_gets_clear_errors(pipe, tmp_path):
         ca.encode_video(pipe, _frames(9), CONCEPTS, num_frames=13, height=32, width=48)
     with pytest.raises(ca.ConceptAttentionError, match=r"`num_frames`=8 cannot be taken .* 4k \+ 1 frames; try 5 or 9"):
         ca.encode_video(pipe, _frames(9), CONCEPTS, num_frames=8, height=32, width=48)
-    with pytest.raises(ca.ConceptAttentionError, match=r"is a video model \(CogVideoX\), but `encode_image` was "
-                       r"called; use `conceptattention.encode_video`"):  # fmt: skip
+    with pytest.raises(ca.ConceptAttentionError, match=r"`encode_image` maps images, and CogVideoXPipeline is a video "
+                       r"model \(CogVideoX\); use `conceptattention.encode_video`"):  # fmt: skip
         ca.encode_image(pipe, _frames(1)[0], CONCEPTS, height=32, width=48)
     with pytest.raises(ca.ConceptAttentionError, match="is a single image"):
         ca.encode_video(pipe, np.zeros((32, 48, 3), dtype=np.uint8), CONCEPTS, height=32, width=48)
@@ -160,8 +159,8 @@ def test_bad_video_input_gets_clear_errors(pipe, tmp_path):
 
 def test_a_video_given_to_an_image_model_is_refused():
     image_pipe = CASES_BY_NAME["flux"].pipeline()
-    with pytest.raises(ca.ConceptAttentionError, match=r"is an image model \(Flux.1\), but `encode_video` was called; "
-                       r"use `conceptattention.encode_image`"):  # fmt: skip
+    with pytest.raises(ca.ConceptAttentionError, match=r"`encode_video` maps videos, and FluxPipeline is an image "
+                       r"model \(Flux.1\); use `conceptattention.encode_image`"):  # fmt: skip
         ca.encode_video(image_pipe, _frames(9), ["dog"])
 
 
@@ -179,7 +178,7 @@ def test_concepts_are_encoded_alone_padded_as_the_pipeline_pads_its_prompt(pipe)
     assert maps.metadata["concept_encoder"].startswith("t5 (text_encoder), each concept alone, padded to 16 tokens")
     # the prompt path's own states of "dog" alone (padded, no mask): its first token is the concept
     prompt_like = pipe._get_t5_prompt_embeds(prompt=["dog"], max_sequence_length=16)[0, 0]
-    embeddings = encode_pipeline_concepts(pipe, backend_for(pipe.transformer), ["dog"], ca.ConceptAttentionConfig())
+    embeddings = call_plan(pipe, ["dog"], ca.ConceptAttentionConfig()).encode_concepts()
     torch.testing.assert_close(embeddings.states[0], prompt_like, rtol=0, atol=0)
     unpadded = pipe.text_encoder(pipe.tokenizer("dog", return_tensors="pt").input_ids)[0][0, 0]
     assert (unpadded - prompt_like).abs().max() > 1e-4  # padding without a mask changes the states: it matters

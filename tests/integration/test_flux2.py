@@ -27,8 +27,8 @@ def _run(pipe, prompt="a dog on the grass", **extra):
 
 def test_concepts_sit_where_a_prompts_first_user_token_sits(klein, monkeypatch):
     """Prompt "dog", concept "dog": the concept's rotated key equals the prompt's key at l = 3 (after the header)."""
-    import conceptattention.adapters.flux as flux_module
     import conceptattention.adapters.flux2 as flux2_module
+    import conceptattention.adapters.joint as joint_module
 
     calls = []
     stock = flux2_module.apply_rotary_emb
@@ -38,7 +38,7 @@ def test_concepts_sit_where_a_prompts_first_user_token_sits(klein, monkeypatch):
         calls.append(out)
         return out
 
-    for module in (flux_module, flux2_module):  # the joint attention (shared with Flux.1), the concept rows
+    for module in (joint_module, flux2_module):  # the shared Flux-family joint attention, the concept rows
         monkeypatch.setattr(module, "apply_rotary_emb", recording)
     with ca.trace(klein, ["dog", "sky"], layers=[0]) as tc:
         _run(klein, "dog", num_inference_steps=1, guidance_scale=1.0)

@@ -1,4 +1,8 @@
-"""HunyuanVideo: streams untouched, maps equal to the naive reference, concepts through the token refiner alone."""
+"""HunyuanVideo specifics beyond the contract suite: concepts through the token refiner alone, temporal patches.
+
+Maps equal to the naive reference (masked prompts of different lengths, every variant) and bfloat16 are
+checked for every backend in ``tests/contract/``.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +17,6 @@ from conceptattention.adapters.base import ConceptEncoding, ForwardRecord
 from conceptattention.adapters.hunyuanvideo import ConceptSequences, HunyuanConditioning
 from conceptattention.core import TokenGrid
 from conceptattention.errors import ConceptAttentionError
-from conceptattention.videos import to_model_video
 
 RUN = {"height": 32, "width": 48, "num_frames": 5, "num_inference_steps": 2, "output_type": "pt",
        "max_sequence_length": 16}  # fmt: skip
@@ -68,65 +71,6 @@ def test_video_and_text_streams_are_bit_identical(pipe, extra):
     height, width = extra.get("height", 32), extra.get("width", 48)
     assert maps.maps.shape == (2, 3, 2, height // 8, width // 8)  # one map set per video, frame-major tokens
     assert maps.metadata["cfg"].startswith("first forward of each step")
-
-
-def test_bfloat16_video_is_bit_identical_and_maps_are_finite():
-    pipe = make_tiny_hunyuanvideo_pipeline(seed=0, dtype=torch.bfloat16, num_layers=2, num_single_layers=1)
-    plain = _run(pipe)
-    with ca.trace(pipe, ["dog", "grass", "sky"]) as tc:
-        traced = _run(pipe)
-    assert torch.equal(plain, traced)
-    maps = tc.maps().maps
-    assert maps.dtype == torch.float32 and bool(torch.isfinite(maps).all())
-    torch.testing.assert_close(maps.sum(1), torch.ones(2, *GRID))
-
-
-VARIANTS = [
-    pytest.param({}, ["dog", "grass", "sky"], id="output"),
-    pytest.param({"score_space": "value"}, ["dog", "grass", "sky"], id="value"),
-    pytest.param({"score_space": "cross_attention"}, ["dog", "grass", "sky"], id="cross-attention"),
-    pytest.param({"concept_keys": "image"}, ["dog", "grass", "sky"], id="keys-image"),
-    pytest.param({"concept_keys": "concepts"}, ["dog", "grass", "sky"], id="keys-concepts"),
-    pytest.param({"softmax": False}, ["dog", "grass", "sky"], id="no-softmax"),
-    pytest.param({"pooling": "mean"}, ["skyscraper", "dog"], id="pooling-mean"),
-    pytest.param({"pooling": "first"}, ["skyscraper", "dog"], id="pooling-first-multitoken"),
-    pytest.param({"layers": [0], "steps": [1]}, ["dog", "sky"], id="layer-0-step-1"),
-    pytest.param({}, ["dog"], id="single-concept-minmax"),
-]
-
-
-@pytest.fixture(scope="module")
-def captured(pipe):
-    """The untraced forwards of one pipeline call (two prompts of different lengths)."""
-    records, _ = capture_forward_inputs(pipe.transformer, lambda: _run(pipe))
-    mask = records[0]["forward"]["encoder_attention_mask"]
-    assert not bool(mask[0].all()) and bool(mask[1].all())  # the short prompt is padded: the mask matters
-    return records
-
-
-@pytest.mark.parametrize(("options", "concepts"), VARIANTS)
-def test_maps_match_the_naive_reference(pipe, captured, options, concepts):
-    layers = options.get("layers", [0, 1])
-    expected = reference_maps(HUNYUAN_VIDEO, pipe, captured, concepts, **{**options, "layers": layers})
-    with ca.trace(pipe, concepts, **{**options, "layers": layers}) as tc:
-        _run(pipe)
-    maps = tc.maps()
-    assert maps.maps.shape == (2, len(concepts), *GRID)
-    torch.testing.assert_close(maps.maps.flatten(2), expected, rtol=0, atol=1e-5)
-    assert maps.metadata["layers"] == layers and maps.metadata["steps"] == options.get("steps", [0, 1])
-    assert (maps.maps[0] - maps.maps[1]).abs().max() > 1e-4  # the two videos' maps differ
-
-
-def test_the_text_mask_matters_to_the_reference(pipe, captured):
-    """A reference that lets padded prompt tokens be keys does not match: the traced maps honour the mask."""
-    concepts = ["dog", "grass", "sky"]
-    expected = reference_maps(HUNYUAN_VIDEO, pipe, captured, concepts, layers=[0, 1])
-    unmasked = [
-        {"forward": r["forward"], "blocks": [{**b, "attention_mask": torch.ones_like(b["attention_mask"])}
-                                             for b in r["blocks"]]}
-        for r in captured
-    ]  # fmt: skip
-    assert (reference_maps(HUNYUAN_VIDEO, pipe, unmasked, concepts, layers=[0, 1]) - expected).abs().max() > 1e-4
 
 
 def test_temporal_patches_give_fewer_token_frames():
@@ -297,7 +241,8 @@ def test_generate_returns_frames_and_video_maps(pipe):
     assert len(meta["timesteps"]) == 2 and 1 >= meta["timesteps"][0] > meta["timesteps"][1] > 0
 
 
-def test_encode_video_noises_the_vae_latents_and_matches_the_reference(pipe):
+def test_encode_video_passes_the_embedded_guidance_and_the_caption(pipe):
+    """Encode forwards carry the guidance embedding's input (6.0 x 1000) and the caption's text."""
     video = torch.rand(5, 3, 32, 48, generator=torch.Generator().manual_seed(0))
     captured = []
     hook = pipe.transformer.register_forward_pre_hook(lambda m, a, kw: captured.append(dict(kw)), with_kwargs=True)
@@ -307,20 +252,10 @@ def test_encode_video_noises_the_vae_latents_and_matches_the_reference(pipe):
     finally:
         hook.remove()
     assert maps.maps.shape == (1, 2, *GRID) and len(captured) == 2
-    pixels = to_model_video(maps.images)  # (1, 3, F, H, W) in [-1, 1]: the resized frames the maps describe
-    with torch.no_grad():
-        z = pipe.vae.encode(pixels).latent_dist.mode() * pipe.vae.config.scaling_factor  # (1, c, F', H', W')
-    g = torch.Generator().manual_seed(7)
+    prompt_embeds = pipe.encode_prompt("a dog", max_sequence_length=256)[0]
     for record in captured:
-        eps = torch.randn(z.shape, generator=g)
-        torch.testing.assert_close(record["hidden_states"], 0.5 * z + 0.5 * eps, rtol=0, atol=1e-5)
         assert float(record["timestep"][0]) == 500.0 and float(record["guidance"][0]) == 6000.0
-    per_sample = []
-    with torch.inference_mode():
-        for record in captured:
-            records, _ = capture_forward_inputs(pipe.transformer, lambda r=record: pipe.transformer(**r))
-            per_sample.append(reference_maps(HUNYUAN_VIDEO, pipe, records, ["dog", "sky"], layers=[0, 1]))
-    torch.testing.assert_close(maps.maps.flatten(2), torch.stack(per_sample).mean(0), rtol=0, atol=1e-5)
+        torch.testing.assert_close(record["encoder_hidden_states"], prompt_embeds, rtol=0, atol=1e-6)
     assert maps.metadata["guidance_scale"] == 6.0
 
 

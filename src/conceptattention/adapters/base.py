@@ -115,8 +115,6 @@ class BackendSpec:
             any other processor there (IP-Adapter, fused, custom) is refused.
         double_blocks: attribute of the transformer holding the dual-stream (joint) blocks.
         attention: attribute of a block holding its joint attention module.
-        joint_order: order of the joint attention sequence, e.g. ``("text", "image")``.
-        layout: attention tensor layout of the stock processor, ``"BSHD"`` or ``"BHSD"``.
         concept_encoders: names of the prompt encoders concepts can be encoded with; the first
             is the default.
         default_layers: the default-layer rule in words (recorded and documented).
@@ -132,8 +130,6 @@ class BackendSpec:
     pipeline_classes: tuple[str, ...]
     processor_classes: tuple[str, ...]
     double_blocks: str
-    joint_order: tuple[str, str]
-    layout: Literal["BSHD", "BHSD"]
     concept_encoders: tuple[str, ...]
     default_layers: str
     cfg_layout: CfgLayout
@@ -191,6 +187,20 @@ class ForwardContext:
     num_items: int | None = None
 
 
+@dataclass(frozen=True)
+class BlockRecord:
+    """What the concept stream did in one block of one traced forward, for observers (``trace.on_block``).
+
+    Attributes:
+        block: the block index.
+        concept_tokens: (B_rows, C, D_model) the concept residual stream after the block (its attention and
+            feed-forward updates), the input of the next block. Valid during the callback; clone it to keep it.
+    """
+
+    block: int
+    concept_tokens: torch.Tensor
+
+
 @dataclass
 class RunState:
     """What one session shares with the hooks and processors it installs.
@@ -207,6 +217,7 @@ class RunState:
         stop_after_last_block: abort the forward after the last selected block (encode mode).
         active: the concept stream runs in the current forward.
         forward: the current forward's context (None outside a traced forward).
+        observers: callbacks given each block's :class:`BlockRecord` (none by default: nothing is kept).
     """
 
     config: ConceptAttentionConfig
@@ -217,6 +228,7 @@ class RunState:
     stop_after_last_block: bool
     active: bool = False
     forward: ForwardContext | None = None
+    observers: list[Callable[[BlockRecord], None]] = dataclasses.field(default_factory=list)
 
     @property
     def last_block(self) -> int:

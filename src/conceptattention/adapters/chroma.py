@@ -1,7 +1,7 @@
 """Chroma backend (``ChromaTransformer2DModel``; Chroma1-HD / -Base, a FLUX.1-schnell derivative).
 
 The blocks are Flux.1's with the stock ``FluxAttnProcessor`` (same joint order, QK-norm and
-RoPE, text position ids 0), so the processor is Flux's. What differs:
+RoPE, text position ids 0), so the processor is the shared Flux-family one. What differs:
 
 * Modulation: no pooled text and no timestep MLP per block; a "distilled guidance" network maps
   the timestep to one modulation slice per block, passed to the block as ``temb`` (B, 12, D):
@@ -17,15 +17,32 @@ RoPE, text position ids 0), so the processor is Flux's. What differs:
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from conceptattention.adapters.base import CallArguments, EncodeInputs, ForwardRecord, first_timestep
-from conceptattention.adapters.flux import FluxBackend, image_grid
+from conceptattention.adapters.base import (
+    BackendSpec,
+    CallArguments,
+    ConceptEncoding,
+    EncodeInputs,
+    ForwardRecord,
+    first_timestep,
+)
+from conceptattention.adapters.joint import (
+    FluxStyleProcessor,
+    JointBackend,
+    image_grid,
+    last_double_block_if_no_singles,
+    last_usable_blocks,
+    packed_latent_forward,
+    packed_pixels_per_token,
+)
+from conceptattention.concepts import ConceptEmbeddings, encode_t5_concepts
+
+DEFAULT_NUM_LAYERS = 10
 
 
 @dataclass
@@ -40,14 +57,31 @@ class ChromaEncodeInputs(EncodeInputs):
     batched_fields = ("prompt_embeds", "attention_mask")
 
 
-class ChromaBackend(FluxBackend):
-    spec = dataclasses.replace(
-        FluxBackend.spec,
+class ChromaBackend(JointBackend):
+    spec = BackendSpec(
         name="Chroma",
         transformer_classes=("ChromaTransformer2DModel",),
         pipeline_classes=("ChromaPipeline", "ChromaImg2ImgPipeline"),
+        processor_classes=("FluxAttnProcessor",),
+        double_blocks="transformer_blocks",
+        concept_encoders=("t5",),
+        default_layers=f"the last {DEFAULT_NUM_LAYERS} double-stream blocks (all of them when there are fewer)",
+        cfg_layout="separate",
+        concept_positions="text position ids 0 (RoPE is the identity on concepts)",
+        max_sequence_length=512,
     )
-    t5_parts = ("tokenizer", "text_encoder")  # Chroma's only encoder: T5, run with its attention mask
+    processor_class = FluxStyleProcessor
+
+    def excluded_blocks(self, transformer) -> dict[int, str]:
+        return last_double_block_if_no_singles(self, transformer)
+
+    def default_layers(self, transformer) -> tuple[int, ...]:
+        return last_usable_blocks(self, transformer, DEFAULT_NUM_LAYERS)
+
+    def encode_concepts(self, pipe: Any, concepts: Sequence[str], encoding: ConceptEncoding) -> ConceptEmbeddings:
+        self.concept_encoder(encoding.encoder)
+        # Chroma's only encoder: T5, run with its attention mask
+        return encode_t5_concepts(pipe, concepts, encoding.pooling, "tokenizer", "text_encoder")
 
     def read_forward(self, transformer, inputs: Mapping[str, Any], batched_cfg: bool) -> ForwardRecord:
         timestep = inputs["timestep"]
@@ -87,13 +121,18 @@ class ChromaBackend(FluxBackend):
             img_ids=pipe._prepare_latent_image_ids(batch, height, width, device, dtype),
         )
 
-    def conditioning_arguments(self, inputs: EncodeInputs) -> dict[str, Any]:
+    def pixels_per_token(self, pipe: Any) -> int:
+        return packed_pixels_per_token(pipe, default_scale=1)
+
+    def encode_forward(self, pipe: Any, inputs: EncodeInputs, noisy_latents: torch.Tensor, t: float) -> None:
         assert isinstance(inputs, ChromaEncodeInputs)
-        return {
+        arguments = {
             "encoder_hidden_states": inputs.prompt_embeds,
             "txt_ids": inputs.txt_ids,
             "img_ids": inputs.img_ids,
             "attention_mask": inputs.attention_mask,
         }
+        packed_latent_forward(pipe, noisy_latents, t, arguments)
+
 
 BACKEND = ChromaBackend()

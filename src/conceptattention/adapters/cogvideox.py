@@ -109,8 +109,6 @@ class CogVideoXBackend(JointBackend):
         processor_classes=("CogVideoXAttnProcessor2_0",),
         double_blocks="transformer_blocks",
         attention="attn1",
-        joint_order=("text", "image"),
-        layout="BHSD",
         concept_encoders=("t5",),
         default_layers="the later half of the blocks, without the last (whose text output the model discards)",
         cfg_layout="batched",

@@ -37,8 +37,13 @@ from conceptattention.adapters.base import (
     TensorFacts,
     first_timestep,
 )
-from conceptattention.adapters.flux import FluxConceptAttnProcessor, last_double_block_if_no_singles
-from conceptattention.adapters.joint import JointBackend
+from conceptattention.adapters.joint import (
+    FluxStyleProcessor,
+    JointBackend,
+    last_double_block_if_no_singles,
+    last_usable_blocks,
+    packed_pixels_per_token,
+)
 from conceptattention.concepts import (
     ConceptEmbeddings,
     concept_token_ids,
@@ -66,7 +71,7 @@ class Flux2Conditioning:
     """Nothing per forward: the text modulation is read from each block's ``temb_mod_txt``."""
 
 
-class Flux2ConceptAttnProcessor(FluxConceptAttnProcessor):
+class Flux2ConceptAttnProcessor(FluxStyleProcessor):
     """Stock ``Flux2AttnProcessor`` (double blocks) plus the one-way concept attention of one block.
 
     Up to the output projections Flux.2's joint attention is Flux.1's (same operations, same
@@ -124,8 +129,6 @@ class Flux2Backend(JointBackend):
         pipeline_classes=("Flux2Pipeline", "Flux2KleinPipeline"),
         processor_classes=("Flux2AttnProcessor",),
         double_blocks="transformer_blocks",
-        joint_order=("text", "image"),
-        layout="BSHD",
         concept_encoders=("prompt",),
         default_layers=f"the last {DEFAULT_NUM_LAYERS} double-stream blocks (FLUX.2-dev: 5-7 of 0-7)",
         cfg_layout="separate",
@@ -140,7 +143,7 @@ class Flux2Backend(JointBackend):
         return last_double_block_if_no_singles(self, transformer)
 
     def default_layers(self, transformer) -> tuple[int, ...]:
-        return tuple(self.usable_blocks(transformer)[-DEFAULT_NUM_LAYERS:])
+        return last_usable_blocks(self, transformer, DEFAULT_NUM_LAYERS)
 
     # -- the text-stream modules ----------------------------------------------------------------
     def text_modulation(self, block: Any, hidden: torch.Tensor, emb: torch.Tensor):
@@ -236,7 +239,7 @@ class Flux2Backend(JointBackend):
 
     # -- encode mode ---------------------------------------------------------------------------
     def pixels_per_token(self, pipe: Any) -> int:
-        return int(getattr(pipe, "vae_scale_factor", 8)) * 2  # 2x2 patchified latents
+        return packed_pixels_per_token(pipe, default_scale=8)  # 2x2 patchified latents
 
     @staticmethod
     def vae_latents(pipe: Any, pixels: torch.Tensor) -> torch.Tensor:

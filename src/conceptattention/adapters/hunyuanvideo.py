@@ -30,8 +30,14 @@ from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
 
 from conceptattention.adapters.base import BackendSpec, ConceptEncoding, EncodeInputs, ForwardRecord, RunState
-from conceptattention.adapters.flux import last_double_block_if_no_singles
-from conceptattention.adapters.joint import ConceptProcessor, JointBackend, apply_norm, projections
+from conceptattention.adapters.joint import (
+    ConceptProcessor,
+    JointBackend,
+    apply_norm,
+    last_double_block_if_no_singles,
+    later_half_of_usable_blocks,
+    projections,
+)
 from conceptattention.concepts import ConceptEmbeddings, concept_token_ids, pipeline_part, pool_spans, span_starts
 from conceptattention.config import Pooling
 from conceptattention.core import TokenGrid
@@ -175,8 +181,6 @@ class HunyuanVideoBackend(JointBackend):
         pipeline_classes=("HunyuanVideoPipeline",),
         processor_classes=("HunyuanVideoAttnProcessor2_0",),
         double_blocks="transformer_blocks",
-        joint_order=("image", "text"),
-        layout="BSHD",
         concept_encoders=("llama",),
         default_layers="the later half of the double-stream blocks (10-19 of 0-19; single-stream blocks follow, "
         "so none is dead)",
@@ -191,8 +195,7 @@ class HunyuanVideoBackend(JointBackend):
         return last_double_block_if_no_singles(self, transformer)  # none in the released model (40 single blocks)
 
     def default_layers(self, transformer: Any) -> tuple[int, ...]:
-        usable = self.usable_blocks(transformer)
-        return tuple(usable[len(usable) // 2 :])
+        return later_half_of_usable_blocks(self, transformer)
 
     def install(self, transformer: Any, state: RunState, stack: contextlib.ExitStack) -> None:
         if transformer.config.image_condition_type == "token_replace":

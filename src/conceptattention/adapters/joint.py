@@ -6,6 +6,10 @@ through: ``norm1_context`` (AdaLayerNormZero), ``attn.add_{q,k,v}_proj`` (+ opti
 holds that path once; a backend adds only its processor (the stock joint attention,
 mirrored op for op), its forward reading and its concept conditioning.
 
+It also holds the parts several backends compose (no backend imports another): the Flux-family
+joint attention (``FluxStyleProcessor``), position-id geometry, the dead-last-block and
+default-layer rules, and the packed-latent encode forward.
+
 Per block and traced forward, data flows one way through a :class:`BlockPass`:
 pre-hook (modulate concepts) -> processor (concept rows, saliency) -> post-hook
 (residual update).
@@ -15,15 +19,25 @@ from __future__ import annotations
 
 import contextlib
 from abc import abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from diffusers.models.embeddings import apply_rotary_emb
 
-from conceptattention.adapters.base import Backend, CallArguments, ForwardRecord, RunState, StopForward
+from conceptattention.adapters.base import (
+    Backend,
+    BlockRecord,
+    CallArguments,
+    ForwardRecord,
+    RunState,
+    StopForward,
+    TensorFacts,
+)
 from conceptattention.concepts import ConceptEmbeddings
-from conceptattention.core import block_saliency, concept_attention
+from conceptattention.core import TokenGrid, block_saliency, concept_attention
+from conceptattention.errors import ConceptAttentionError
 
 
 @dataclass
@@ -119,6 +133,7 @@ class JointConceptStream:
         return self.state.runs_block(index)
 
     # -- hooks -----------------------------------------------------------------------------------
+    @torch.no_grad()
     def _start(self, hidden_states: torch.Tensor) -> None:
         """Concept tokens and conditioning of this forward, at its first block.
 
@@ -136,6 +151,7 @@ class JointConceptStream:
         self.temb = self.backend.concept_conditioning(self.transformer, record, dtype)
 
     def _pre_hook(self, index: int):
+        @torch.no_grad()  # the concept stream is never differentiated (checkpointed or grad-enabled forwards)
         def pre_hook(block, args, kwargs):
             if not self.runs(index):
                 return None
@@ -151,6 +167,7 @@ class JointConceptStream:
         return pre_hook
 
     def _post_hook(self, index: int):
+        @torch.no_grad()
         def post_hook(block, args, kwargs, output):
             if not self.runs(index):
                 return None
@@ -163,6 +180,10 @@ class JointConceptStream:
             if concepts.dtype == torch.float16:
                 concepts = concepts.clip(-65504, 65504)
             self.hidden = concepts
+            if self.state.observers:
+                record = BlockRecord(index, concepts)
+                for observe in self.state.observers:
+                    observe(record)
             if index == self.state.last_block and self.state.stop_after_last_block:
                 raise StopForward
             return None
@@ -170,6 +191,7 @@ class JointConceptStream:
         return post_hook
 
     # -- called by the processors ------------------------------------------------------------------
+    @torch.no_grad()
     def concept_rows(
         self,
         index: int,
@@ -322,3 +344,143 @@ class JointBackend(Backend):
         originals = self.check_processors(transformer, range(state.last_block + 1))
         stream = JointConceptStream(transformer, state, self)
         stream.install(stack, self.blocks(transformer), originals, lambda i, p: self.processor_class(i, stream, p))
+
+
+# -- parts shared by the Flux-family backends (Flux.1, Chroma, Flux.2, HunyuanVideo's block layout) -----------
+def _grid_of_ids(img_ids: torch.Tensor) -> tuple[int, int]:
+    ids = img_ids[0] if img_ids.ndim == 3 else img_ids  # (N, 3): (unused, row, column)
+    h, w = (int(v) + 1 for v in ids[-1, 1:3].tolist())
+    return h, w
+
+
+_ids_grid = TensorFacts(_grid_of_ids)
+
+
+def image_grid(inputs: Mapping[str, Any]) -> TokenGrid:
+    """The (h, w) token grid of a Flux-style forward, from its ``img_ids`` (read once per pipeline call)."""
+    h, w = _ids_grid(inputs["img_ids"])
+    num_tokens = inputs["hidden_states"].shape[1]
+    if h * w != num_tokens:
+        raise ConceptAttentionError(
+            f"The image position ids describe a {h}x{w} grid but there are {num_tokens} image tokens; "
+            "image-conditioned variants with extra tokens (Kontext, reference images) are not supported"
+        )
+    return TokenGrid(h, w)
+
+
+def flux_joint_attention(
+    processor: ConceptProcessor,
+    attn: Any,
+    hidden_states: torch.Tensor,
+    encoder_hidden_states: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The stock joint attention of Flux.1, Chroma and Flux.2 double blocks, up to the output projections.
+
+    The same operations in the same order as diffusers' ``FluxAttnProcessor`` and
+    ``Flux2AttnProcessor`` (which agree up to there), on the user's attention backend.
+
+    Returns:
+        query, key, value: (B, T + N, H, D) after QK-norm and RoPE, [text; image];
+        text_out (B, T, H * D) and image_out (B, N, H * D): attention outputs before the projections.
+    """
+    query, key, value = projections(attn, hidden_states, added=False)
+    query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))  # (B, N, H, D)
+    key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
+    value = value.unflatten(-1, (-1, attn.head_dim))
+
+    text_query, text_key, text_value = projections(attn, encoder_hidden_states, added=True)
+    text_query = attn.norm_added_q(text_query.unflatten(-1, (-1, attn.head_dim)))  # (B, T, H, D)
+    text_key = attn.norm_added_k(text_key.unflatten(-1, (-1, attn.head_dim)))
+    text_value = text_value.unflatten(-1, (-1, attn.head_dim))
+
+    query = torch.cat([text_query, query], dim=1)  # (B, T + N, H, D)
+    key = torch.cat([text_key, key], dim=1)
+    value = torch.cat([text_value, value], dim=1)
+    if image_rotary_emb is not None:
+        query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)  # type: ignore[arg-type,assignment]
+        key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)  # type: ignore[arg-type,assignment]
+
+    joint = processor.joint_attention(query, key, value, attention_mask)  # (B, T + N, H * D)
+    text_len = encoder_hidden_states.shape[1]
+    text_out, image_out = joint.split_with_sizes([text_len, joint.shape[1] - text_len], dim=1)
+    return query, key, value, text_out, image_out
+
+
+def image_rows(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, text_len: int):
+    """The image part of [text; image] (B, S, H, D) q/k/v, as (B, H, N, D) each (reused, not recomputed)."""
+    return tuple(t[:, text_len:].transpose(1, 2) for t in (query, key, value))
+
+
+class FluxStyleProcessor(ConceptProcessor):
+    """The stock joint attention of Flux-family double blocks plus the one-way concept attention of one block.
+
+    Serves ``FluxAttnProcessor`` (Flux.1, Chroma) as is; ``Flux2AttnProcessor`` agrees with it up to
+    the output projections, which a subclass gives (with the concepts' rotation where text carries
+    real positions). The image and text outputs are computed with the same operations, in the same
+    order, as the stock processor (on the user's attention backend), so they are bit-identical to an
+    untraced run. Returns exactly the two tensors the stock processor returns.
+    """
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        assert encoder_hidden_states is not None  # double blocks always pass the text stream
+        query, key, value, text_out, image_out = flux_joint_attention(
+            self, attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb
+        )
+        if self.stream.runs(self.block_index):
+            q_x, k_x, v_x = image_rows(query, key, value, text_out.shape[1])
+            rope = self.concept_rope(image_out.device) if image_rotary_emb is not None else None
+            self.stream.concept_rows(self.block_index, attn, q_x, k_x, v_x, image_out, rope)
+        return self.output_projections(attn, image_out, text_out)
+
+    def concept_rope(self, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """The concepts' rotation: none by default (Flux.1 and Chroma: text position ids 0, the identity)."""
+        return None
+
+    def output_projections(self, attn: Any, image_out: torch.Tensor, text_out: torch.Tensor):
+        """The stock processor's output projections, as ``FluxAttnProcessor`` applies them."""
+        image_out = attn.to_out[0](image_out.contiguous())
+        image_out = attn.to_out[1](image_out)
+        text_out = attn.to_add_out(text_out.contiguous())
+        return image_out, text_out
+
+
+def last_double_block_if_no_singles(backend: Backend, transformer: Any) -> dict[int, str]:
+    """Flux-family rule: without single-stream blocks after it, the last double block's text output is dead."""
+    if transformer.config.num_single_layers > 0:
+        return {}
+    last = backend.num_blocks(transformer) - 1
+    return {last: "with no single-stream blocks after it, its text output feeds nothing, so its text-query "
+                  "weights were never trained"}  # fmt: skip
+
+
+def last_usable_blocks(backend: Backend, transformer: Any, count: int) -> tuple[int, ...]:
+    """The last ``count`` usable blocks (all of them when there are fewer)."""
+    return tuple(backend.usable_blocks(transformer)[-count:])
+
+
+def later_half_of_usable_blocks(backend: Backend, transformer: Any) -> tuple[int, ...]:
+    """The later half of the usable blocks (SD3, Qwen-Image, HunyuanVideo)."""
+    usable = backend.usable_blocks(transformer)
+    return tuple(usable[len(usable) // 2 :])
+
+
+def packed_pixels_per_token(pipe: Any, default_scale: int) -> int:
+    """Pixels per token side of pipelines that pack 2x2 latent patches into one token."""
+    return int(getattr(pipe, "vae_scale_factor", default_scale)) * 2
+
+
+def packed_latent_forward(pipe: Any, noisy_latents: torch.Tensor, t: float, arguments: Mapping[str, Any]) -> None:
+    """One Flux-pipeline transformer forward: latents packed as the pipeline packs them, time ``t`` in [0, 1]."""
+    batch, channels, height, width = noisy_latents.shape
+    packed = pipe._pack_latents(noisy_latents, batch, channels, height, width)  # (B, N, 4c)
+    timestep = torch.full((batch,), float(t), device=packed.device, dtype=packed.dtype)
+    pipe.transformer(hidden_states=packed, timestep=timestep, **arguments, return_dict=False)

@@ -37,7 +37,12 @@ from conceptattention.adapters.base import (
     ForwardRecord,
     first_timestep,
 )
-from conceptattention.adapters.joint import ConceptProcessor, JointBackend
+from conceptattention.adapters.joint import (
+    ConceptProcessor,
+    JointBackend,
+    later_half_of_usable_blocks,
+    packed_pixels_per_token,
+)
 from conceptattention.concepts import ConceptEmbeddings, concept_token_ids, pipeline_part, pool_spans
 from conceptattention.core import TokenGrid
 from conceptattention.errors import ConceptAttentionError
@@ -156,8 +161,6 @@ class QwenImageBackend(JointBackend):
         ),
         processor_classes=("QwenDoubleStreamAttnProcessor2_0",),
         double_blocks="transformer_blocks",
-        joint_order=("text", "image"),
-        layout="BSHD",
         concept_encoders=("qwen2.5-vl",),
         default_layers="the later half of the blocks, without the last one (its text output feeds nothing)",
         cfg_layout="separate",
@@ -173,8 +176,7 @@ class QwenImageBackend(JointBackend):
                       "and its text-query weights were never trained"}  # fmt: skip
 
     def default_layers(self, transformer) -> tuple[int, ...]:
-        usable = self.usable_blocks(transformer)
-        return tuple(usable[len(usable) // 2 :])
+        return later_half_of_usable_blocks(self, transformer)
 
     # -- the text-stream modules ----------------------------------------------------------------
     def embed_concepts(self, transformer: Any, states: torch.Tensor, record: ForwardRecord) -> torch.Tensor:
@@ -258,7 +260,7 @@ class QwenImageBackend(JointBackend):
 
     # -- encode mode ---------------------------------------------------------------------------
     def pixels_per_token(self, pipe: Any) -> int:
-        return int(getattr(pipe, "vae_scale_factor", 8)) * 2  # 2x2 latent patches
+        return packed_pixels_per_token(pipe, default_scale=8)
 
     @staticmethod
     def vae_latents(pipe: Any, pixels: torch.Tensor) -> torch.Tensor:

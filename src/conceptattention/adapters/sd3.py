@@ -20,7 +20,13 @@ import torch
 import torch.nn.functional as F
 
 from conceptattention.adapters.base import BackendSpec, ConceptEncoding, EncodeInputs, ForwardRecord, first_timestep
-from conceptattention.adapters.joint import ConceptProcessor, JointBackend, apply_norm, projections
+from conceptattention.adapters.joint import (
+    ConceptProcessor,
+    JointBackend,
+    apply_norm,
+    later_half_of_usable_blocks,
+    projections,
+)
 from conceptattention.concepts import ConceptEmbeddings, concept_token_ids, pipeline_part, pool_spans
 from conceptattention.core import TokenGrid
 
@@ -105,8 +111,6 @@ class SD3Backend(JointBackend):
         pipeline_classes=("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline"),
         processor_classes=("JointAttnProcessor2_0",),
         double_blocks="transformer_blocks",
-        joint_order=("image", "text"),
-        layout="BHSD",
         concept_encoders=("t5", "clip"),
         default_layers="the later half of the joint blocks, without the context-pre-only last block",
         cfg_layout="batched",
@@ -124,8 +128,7 @@ class SD3Backend(JointBackend):
         }
 
     def default_layers(self, transformer) -> tuple[int, ...]:
-        usable = self.usable_blocks(transformer)
-        return tuple(usable[len(usable) // 2 :])
+        return later_half_of_usable_blocks(self, transformer)
 
     # -- concepts ------------------------------------------------------------------------------
     def encode_concepts(self, pipe: Any, concepts: Sequence[str], encoding: ConceptEncoding) -> ConceptEmbeddings:

@@ -23,13 +23,13 @@ from PIL import Image, ImageDraw, UnidentifiedImageError
 from conceptattention import viz
 from conceptattention.concepts import validate_concepts
 from conceptattention.config import ConceptAttentionConfig
-from conceptattention.encode import _model_size, encode_image
+from conceptattention.encode import encode_image
 from conceptattention.errors import ConceptAttentionError
 from conceptattention.generate import generate
 from conceptattention.images import load_image
-from conceptattention.loading import bundled_model_path, model_defaults
+from conceptattention.loading import bundled_model_path
 from conceptattention.outputs import ConceptMaps
-from conceptattention.tracing import pipeline_components
+from conceptattention.plan import model_plan
 
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 """Largest accepted upload (20 MiB); the server also refuses larger request bodies."""
@@ -89,24 +89,21 @@ class ModelInfo:
 
 def model_info(pipe: Any) -> ModelInfo:
     """Layer range, default layers, default size and steps of a loaded pipeline (image models only)."""
-    transformer, backend = pipeline_components(pipe)
-    if backend.spec.modality != "image":
-        raise ConceptAttentionError(
-            f"The web app shows image models, and {type(pipe).__name__} is a {backend.spec.modality} model "
-            f"({backend.spec.name}); map videos with `conceptattention generate` / `conceptattention encode` or the "
-            "Python API (`ca.generate`, `ca.encode_video`)"
-        )
+    model = model_plan(pipe)
+    model.require("image", "The web app shows image models", "map videos with `conceptattention generate` / "
+                  "`conceptattention encode` or the Python API (`ca.generate`, `ca.encode_video`)")  # fmt: skip
+    transformer, backend = model.transformer, model.backend
     name = getattr(getattr(pipe, "config", None), "_name_or_path", None) or type(pipe).__name__
     if Path(str(name)).resolve() == bundled_model_path().resolve():
         name = "the bundled model"
-    defaults = model_defaults(pipe)
+    defaults = model.defaults
     return ModelInfo(
         name=str(name),
         architecture=backend.spec.name,
         usable_layers=tuple(backend.usable_blocks(transformer)),
         default_layers=tuple(backend.default_layers(transformer)),
         excluded=dict(backend.excluded_blocks(transformer)),
-        size=_model_size(pipe, backend, None, None),
+        size=model.size(),
         steps=int(defaults.get("num_inference_steps", 28)),
         pixels_per_token=backend.pixels_per_token(pipe),
     )
@@ -114,10 +111,10 @@ def model_info(pipe: Any) -> ModelInfo:
 
 def parse_layers(pipe: Any, selected: Iterable[Any] | None) -> tuple[int, ...]:
     """The multi-select's block indices, checked against the model (``resolve_layers`` says the valid range)."""
-    transformer, backend = pipeline_components(pipe)
+    model = model_plan(pipe)
     values = list(selected or [])
     if not values:
-        usable = backend.usable_blocks(transformer)
+        usable = model.backend.usable_blocks(model.transformer)
         raise ConceptAttentionError(
             f"No layers selected: choose at least one block ({usable[0]}-{usable[-1]} for this model)"
         )
@@ -129,7 +126,7 @@ def parse_layers(pipe: Any, selected: Iterable[Any] | None) -> tuple[int, ...]:
             raise ConceptAttentionError(f"Layer {value!r} is not a block index (a whole number)") from None
     layers = ConceptAttentionConfig(layers=tuple(indices)).layers
     assert layers is not None
-    return backend.resolve_layers(transformer, layers)
+    return model.resolve_layers(layers)
 
 
 def method_config(
@@ -226,8 +223,7 @@ def run_generate(
     steps = _whole(steps, "Steps", 1, MAX_STEPS)
     seed = check_seed(seed)
     size = (_whole(height, "Height", 1, MAX_SIDE), _whole(width, "Width", 1, MAX_SIDE))
-    _, backend = pipeline_components(pipe)
-    height, width = _model_size(pipe, backend, *size)
+    height, width = model_plan(pipe).size(*size)
     return generate(
         pipe,
         prompt.strip(),

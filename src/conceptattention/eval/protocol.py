@@ -161,10 +161,9 @@ def multiclass_stats(
 
 def layers_used(pipe: Any, config: ConceptAttentionConfig) -> list[int]:
     """The double-block indices ``config`` selects on this pipeline's transformer."""
-    from conceptattention.tracing import pipeline_components
+    from conceptattention.plan import model_plan
 
-    transformer, backend = pipeline_components(pipe)
-    return list(backend.resolve_layers(transformer, config.layers))
+    return list(model_plan(pipe).resolve_layers(config.layers))
 
 
 def evaluate_batch(

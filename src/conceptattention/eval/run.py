@@ -8,7 +8,6 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from conceptattention.errors import ConceptAttentionError
 from conceptattention.eval.config import EvalConfig
 
 
@@ -21,19 +20,15 @@ def run_eval(config: EvalConfig, console: Console) -> list[Path]:
     from conceptattention.eval.manifest import FolderLock, check_or_write, manifest_of
     from conceptattention.eval.report import write_report
     from conceptattention.loading import load_pipeline
-    from conceptattention.tracing import pipeline_components
+    from conceptattention.plan import model_plan
 
     # Without CUDA, processes started by `accelerate launch --multi_gpu` join a gloo (multi-CPU) group.
     state = PartialState(cpu=not torch.cuda.is_available())
     out = config.out
     dataset = config.open_dataset()
     pipe = load_pipeline(config.model, dtype=config.dtype, device=state.device)
-    _, backend = pipeline_components(pipe)
-    if backend.spec.modality != "image":
-        raise ConceptAttentionError(
-            f"The evaluation datasets hold images, and {type(pipe).__name__} is a {backend.spec.modality} model "
-            f"({backend.spec.name}); evaluate an image model, or map real videos with `conceptattention encode`"
-        )
+    model_plan(pipe).require("image", "The evaluation datasets hold images", "evaluate an image model, or map "
+                             "real videos with `conceptattention encode`")  # fmt: skip
     pipe.set_progress_bar_config(disable=True)
     manifest = manifest_of(config, pipe, len(dataset))
     if not config.overwrite:
