@@ -79,7 +79,6 @@ class ChromaBackend(JointBackend):
         return last_usable_blocks(self, transformer, DEFAULT_NUM_LAYERS)
 
     def encode_concepts(self, pipe: Any, concepts: Sequence[str], encoding: ConceptEncoding) -> ConceptEmbeddings:
-        self.concept_encoder(encoding.encoder)
         # Chroma's only encoder: T5, run with its attention mask
         return encode_t5_concepts(pipe, concepts, encoding.pooling, "tokenizer", "text_encoder")
 

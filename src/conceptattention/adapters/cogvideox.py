@@ -136,7 +136,6 @@ class CogVideoXBackend(JointBackend):
 
     # -- concepts ------------------------------------------------------------------------------
     def encode_concepts(self, pipe: Any, concepts: Sequence[str], encoding: ConceptEncoding) -> ConceptEmbeddings:
-        self.concept_encoder(encoding.encoder)
         why = "concepts are encoded with the pipeline's T5 encoder"
         tokenizer = pipeline_part(pipe, "tokenizer", why)
         pipeline_part(pipe, "text_encoder", why)

@@ -79,7 +79,6 @@ class FluxBackend(JointBackend):
         return last_usable_blocks(self, transformer, DEFAULT_NUM_LAYERS)
 
     def encode_concepts(self, pipe: Any, concepts: Sequence[str], encoding: ConceptEncoding) -> ConceptEmbeddings:
-        self.concept_encoder(encoding.encoder)
         return encode_t5_concepts(pipe, concepts, encoding.pooling, "tokenizer_2", "text_encoder_2")
 
     def read_forward(self, transformer, inputs: Mapping[str, Any], batched_cfg: bool) -> ForwardRecord:

@@ -156,7 +156,6 @@ class Flux2Backend(JointBackend):
 
     # -- concepts ------------------------------------------------------------------------------
     def encode_concepts(self, pipe: Any, concepts: Sequence[str], encoding: ConceptEncoding) -> ConceptEmbeddings:
-        self.concept_encoder(encoding.encoder)
         why = "concepts are encoded with the pipeline's prompt encoder"
         processor = pipeline_part(pipe, "tokenizer", why)
         encoder = pipeline_part(pipe, "text_encoder", why)

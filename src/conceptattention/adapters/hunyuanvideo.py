@@ -218,7 +218,6 @@ class HunyuanVideoBackend(JointBackend):
         The states of each concept's cropped sequence are kept whole (:class:`ConceptSequences`, padding
         beyond the longest concept trimmed): the token refiner runs on them at every traced forward.
         """
-        self.concept_encoder(encoding.encoder)
         why = "concepts are encoded with the Llama prompt encoder"
         tokenizer = pipeline_part(pipe, "tokenizer", why)
         encoder = pipeline_part(pipe, "text_encoder", why)

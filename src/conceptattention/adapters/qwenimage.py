@@ -194,7 +194,6 @@ class QwenImageBackend(JointBackend):
 
     # -- concepts ------------------------------------------------------------------------------
     def encode_concepts(self, pipe: Any, concepts: Sequence[str], encoding: ConceptEncoding) -> ConceptEmbeddings:
-        self.concept_encoder(encoding.encoder)
         why = "concepts are encoded with the Qwen2.5-VL prompt encoder"
         tokenizer = pipeline_part(pipe, "tokenizer", why)
         encoder = pipeline_part(pipe, "text_encoder", why)

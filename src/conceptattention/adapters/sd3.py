@@ -132,7 +132,7 @@ class SD3Backend(JointBackend):
 
     # -- concepts ------------------------------------------------------------------------------
     def encode_concepts(self, pipe: Any, concepts: Sequence[str], encoding: ConceptEncoding) -> ConceptEmbeddings:
-        choice = self.concept_encoder(encoding.encoder)
+        choice = encoding.encoder or self.spec.concept_encoders[0]  # resolved once, by the call plan
         device = pipe._execution_device
         prompts = list(concepts)
         if choice == "t5":
