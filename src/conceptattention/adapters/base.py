@@ -32,6 +32,7 @@ from conceptattention.errors import ConceptAttentionError
 
 CfgLayout = Literal["separate", "batched"]
 Conditioning = TypeVar("Conditioning")
+Inputs = TypeVar("Inputs", bound="EncodeInputs")
 Fact = TypeVar("Fact")
 
 
@@ -282,10 +283,12 @@ def _take(value: torch.Tensor | None, index: torch.Tensor) -> torch.Tensor | Non
     return None if value is None else value.index_select(0, index.to(value.device))
 
 
-class Backend(ABC):
+class Backend(ABC, Generic[Inputs, Conditioning]):
     """One architecture: its facts (:attr:`spec`) and the operations the API needs.
 
-    Subclasses implement the abstract methods; everything else has a shared default.
+    Subclasses implement the abstract methods; everything else has a shared default. A backend is
+    generic in its own types: ``Inputs`` (its :class:`EncodeInputs`) and ``Conditioning`` (what its
+    :class:`ForwardRecord` carries), so its methods take them typed, without downcasts.
     """
 
     spec: ClassVar[BackendSpec]
@@ -355,7 +358,7 @@ class Backend(ABC):
     @abstractmethod
     def read_forward(
         self, transformer: torch.nn.Module, inputs: Mapping[str, Any], batched_cfg: bool
-    ) -> ForwardRecord:
+    ) -> ForwardRecord[Conditioning]:
         """The record of one transformer forward from its bound arguments."""
 
     @abstractmethod
@@ -419,11 +422,11 @@ class Backend(ABC):
     @abstractmethod
     def encode_inputs(
         self, pipe: Any, pixels: torch.Tensor, caption: str, guidance_scale: float | None, max_sequence_length: int
-    ) -> EncodeInputs:
+    ) -> Inputs:
         """Clean latents and conditioning of real images (B, 3, height, width) in [-1, 1]."""
 
     @abstractmethod
-    def encode_forward(self, pipe: Any, inputs: EncodeInputs, noisy_latents: torch.Tensor, t: float) -> None:
+    def encode_forward(self, pipe: Any, inputs: Inputs, noisy_latents: torch.Tensor, t: float) -> None:
         """One transformer forward on noisy latents at flow-matching time ``t``."""
 
     @staticmethod

@@ -57,7 +57,7 @@ class ChromaEncodeInputs(EncodeInputs):
     batched_fields = ("prompt_embeds", "attention_mask")
 
 
-class ChromaBackend(JointBackend):
+class ChromaBackend(JointBackend[ChromaEncodeInputs, None]):
     spec = BackendSpec(
         name="Chroma",
         transformer_classes=("ChromaTransformer2DModel",),
@@ -82,15 +82,15 @@ class ChromaBackend(JointBackend):
         # Chroma's only encoder: T5, run with its attention mask
         return encode_t5_concepts(pipe, concepts, encoding.pooling, "tokenizer", "text_encoder")
 
-    def read_forward(self, transformer, inputs: Mapping[str, Any], batched_cfg: bool) -> ForwardRecord:
+    def read_forward(self, transformer, inputs: Mapping[str, Any], batched_cfg: bool) -> ForwardRecord[None]:
         timestep = inputs["timestep"]
         return ForwardRecord(first_timestep(timestep), 1.0, image_grid(inputs), slice(None), None)
 
-    def concept_conditioning(self, transformer, record: ForwardRecord, dtype: torch.dtype) -> None:
+    def concept_conditioning(self, transformer, record: ForwardRecord[None], dtype: torch.dtype) -> None:
         return None  # per block: the block's own text modulation slice
 
     def block_conditioning(
-        self, forward_conditioning: torch.Tensor | None, record: ForwardRecord, arguments: CallArguments
+        self, forward_conditioning: torch.Tensor | None, record: ForwardRecord[None], arguments: CallArguments
     ) -> torch.Tensor:
         """(B_rows, 6, D) the block's text modulation: a function of the timestep only."""
         temb = arguments["temb"]  # (B, 12, D): [image slice; text slice]
@@ -123,8 +123,7 @@ class ChromaBackend(JointBackend):
     def pixels_per_token(self, pipe: Any) -> int:
         return packed_pixels_per_token(pipe, default_scale=1)
 
-    def encode_forward(self, pipe: Any, inputs: EncodeInputs, noisy_latents: torch.Tensor, t: float) -> None:
-        assert isinstance(inputs, ChromaEncodeInputs)
+    def encode_forward(self, pipe: Any, inputs: ChromaEncodeInputs, noisy_latents: torch.Tensor, t: float) -> None:
         arguments = {
             "encoder_hidden_states": inputs.prompt_embeds,
             "txt_ids": inputs.txt_ids,

@@ -101,7 +101,7 @@ class CogVideoXEncodeInputs(EncodeInputs):
     batched_fields = ("prompt_embeds",)
 
 
-class CogVideoXBackend(JointBackend):
+class CogVideoXBackend(JointBackend[CogVideoXEncodeInputs, None]):
     spec = BackendSpec(
         name="CogVideoX",
         transformer_classes=("CogVideoXTransformer3DModel",),
@@ -148,7 +148,7 @@ class CogVideoXBackend(JointBackend):
         return pool_spans(hidden, ids, words, tokenizer, encoding.pooling, described)
 
     # -- forwards ------------------------------------------------------------------------------
-    def read_forward(self, transformer: Any, inputs: Mapping[str, Any], batched_cfg: bool) -> ForwardRecord:
+    def read_forward(self, transformer: Any, inputs: Mapping[str, Any], batched_cfg: bool) -> ForwardRecord[None]:
         latents = inputs["hidden_states"]  # (B, F_latent, c, H', W')
         config = transformer.config
         patch, patch_t = int(config.patch_size), int(config.patch_size_t or 1)
@@ -157,15 +157,15 @@ class CogVideoXBackend(JointBackend):
         rows = slice(latents.shape[0] // 2, None) if batched_cfg else slice(None)
         return ForwardRecord(first_timestep(inputs["timestep"]), float(NUM_TRAIN_TIMESTEPS), grid, rows, None)
 
-    def concept_conditioning(self, transformer: Any, record: ForwardRecord, dtype: torch.dtype) -> None:
+    def concept_conditioning(self, transformer: Any, record: ForwardRecord[None], dtype: torch.dtype) -> None:
         return None  # each block's own `temb` (the timestep embedding, nothing from the prompt)
 
     def block_conditioning(
-        self, forward_conditioning: torch.Tensor | None, record: ForwardRecord, arguments: CallArguments
+        self, forward_conditioning: torch.Tensor | None, record: ForwardRecord[None], arguments: CallArguments
     ) -> torch.Tensor:
         return arguments["temb"][record.rows]
 
-    def embed_concepts(self, transformer: Any, states: torch.Tensor, record: ForwardRecord) -> torch.Tensor:
+    def embed_concepts(self, transformer: Any, states: torch.Tensor, record: ForwardRecord[None]) -> torch.Tensor:
         # As the prompt: `patch_embed.text_proj`; the positions added after it are zero on text.
         return transformer.patch_embed.text_proj(states)
 
@@ -255,8 +255,7 @@ class CogVideoXBackend(JointBackend):
     def training_timestep(t: float) -> int:
         return min(NUM_TRAIN_TIMESTEPS - 1, round(float(t) * NUM_TRAIN_TIMESTEPS))
 
-    def encode_forward(self, pipe: Any, inputs: EncodeInputs, noisy_latents: torch.Tensor, t: float) -> None:
-        assert isinstance(inputs, CogVideoXEncodeInputs)
+    def encode_forward(self, pipe: Any, inputs: CogVideoXEncodeInputs, noisy_latents: torch.Tensor, t: float) -> None:
         batch = noisy_latents.shape[0]
         transformer = pipe.transformer
         timestep = torch.full((batch,), self.training_timestep(t), device=noisy_latents.device, dtype=torch.long)

@@ -57,7 +57,7 @@ class FluxEncodeInputs(EncodeInputs):
     batched_fields = ("prompt_embeds", "pooled", "guidance")  # ids are shared by the batch
 
 
-class FluxBackend(JointBackend):
+class FluxBackend(JointBackend[FluxEncodeInputs, FluxConditioning]):
     spec = BackendSpec(
         name="Flux.1",
         transformer_classes=("FluxTransformer2DModel",),
@@ -81,12 +81,16 @@ class FluxBackend(JointBackend):
     def encode_concepts(self, pipe: Any, concepts: Sequence[str], encoding: ConceptEncoding) -> ConceptEmbeddings:
         return encode_t5_concepts(pipe, concepts, encoding.pooling, "tokenizer_2", "text_encoder_2")
 
-    def read_forward(self, transformer, inputs: Mapping[str, Any], batched_cfg: bool) -> ForwardRecord:
+    def read_forward(
+        self, transformer, inputs: Mapping[str, Any], batched_cfg: bool
+    ) -> ForwardRecord[FluxConditioning]:
         timestep = inputs["timestep"]
         conditioning = FluxConditioning(timestep, inputs.get("guidance"), inputs["pooled_projections"])
         return ForwardRecord(first_timestep(timestep), 1.0, image_grid(inputs), slice(None), conditioning)
 
-    def concept_conditioning(self, transformer, record: ForwardRecord, dtype: torch.dtype) -> torch.Tensor | None:
+    def concept_conditioning(
+        self, transformer, record: ForwardRecord[FluxConditioning], dtype: torch.dtype
+    ) -> torch.Tensor | None:
         """Timestep (+ guidance) embedding with a zero pooled-text input: nothing from the prompt."""
         inputs: FluxConditioning = record.conditioning
         rows = record.rows
@@ -102,7 +106,7 @@ class FluxBackend(JointBackend):
 
     def encode_inputs(
         self, pipe: Any, pixels: torch.Tensor, caption: str, guidance_scale: float | None, max_sequence_length: int
-    ) -> EncodeInputs:
+    ) -> FluxEncodeInputs:
         device = pipe._execution_device
         latents = self.vae_latents(pipe, pixels)  # (B, c, 2h, 2w)
         batch, dtype = latents.shape[0], latents.dtype
@@ -124,8 +128,7 @@ class FluxBackend(JointBackend):
             guidance=guidance,
         )
 
-    def encode_forward(self, pipe: Any, inputs: EncodeInputs, noisy_latents: torch.Tensor, t: float) -> None:
-        assert isinstance(inputs, FluxEncodeInputs)
+    def encode_forward(self, pipe: Any, inputs: FluxEncodeInputs, noisy_latents: torch.Tensor, t: float) -> None:
         arguments = {
             "encoder_hidden_states": inputs.prompt_embeds,
             "pooled_projections": inputs.pooled,

@@ -122,7 +122,7 @@ class Flux2EncodeInputs(EncodeInputs):
     batched_fields = ("prompt_embeds", "guidance")
 
 
-class Flux2Backend(JointBackend):
+class Flux2Backend(JointBackend[Flux2EncodeInputs, Flux2Conditioning]):
     spec = BackendSpec(
         name="Flux.2",
         transformer_classes=("Flux2Transformer2DModel",),
@@ -218,7 +218,9 @@ class Flux2Backend(JointBackend):
         return dataclasses.replace(embeddings, extras=ConceptPositions(span_starts(sequences, words)))
 
     # -- forwards ------------------------------------------------------------------------------
-    def read_forward(self, transformer, inputs: Mapping[str, Any], batched_cfg: bool) -> ForwardRecord:
+    def read_forward(
+        self, transformer, inputs: Mapping[str, Any], batched_cfg: bool
+    ) -> ForwardRecord[Flux2Conditioning]:
         count, h, w = _target_geometry(inputs["img_ids"])
         if h * w != count:
             raise ConceptAttentionError(f"The target image ids describe a {h}x{w} grid but there are {count} tokens")
@@ -227,11 +229,14 @@ class Flux2Backend(JointBackend):
         return ForwardRecord(first_timestep(inputs["timestep"]), 1.0, TokenGrid(h, w), slice(None), Flux2Conditioning(),
                              slice(0, count))  # fmt: skip
 
-    def concept_conditioning(self, transformer, record: ForwardRecord, dtype: torch.dtype) -> None:
+    def concept_conditioning(self, transformer, record: ForwardRecord[Flux2Conditioning], dtype: torch.dtype) -> None:
         return None  # the model-level text modulation, read from each block's arguments
 
     def block_conditioning(
-        self, forward_conditioning: torch.Tensor | None, record: ForwardRecord, arguments: CallArguments
+        self,
+        forward_conditioning: torch.Tensor | None,
+        record: ForwardRecord[Flux2Conditioning],
+        arguments: CallArguments,
     ) -> torch.Tensor:
         """(B_rows, 6D) the text modulation the block gets: timestep (+ guidance) only."""
         return arguments["temb_mod_txt"][record.rows]
@@ -272,8 +277,7 @@ class Flux2Backend(JointBackend):
             guidance=guidance,
         )
 
-    def encode_forward(self, pipe: Any, inputs: EncodeInputs, noisy_latents: torch.Tensor, t: float) -> None:
-        assert isinstance(inputs, Flux2EncodeInputs)
+    def encode_forward(self, pipe: Any, inputs: Flux2EncodeInputs, noisy_latents: torch.Tensor, t: float) -> None:
         packed = pipe._pack_latents(noisy_latents)  # (B, h * w, 4c)
         timestep = torch.full((packed.shape[0],), float(t), device=packed.device, dtype=packed.dtype)
         pipe.transformer(

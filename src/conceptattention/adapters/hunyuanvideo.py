@@ -174,7 +174,7 @@ def _call_default(pipe: Any, name: str, fallback: Any) -> Any:
     return fallback if parameter is None or parameter.default is inspect.Parameter.empty else parameter.default
 
 
-class HunyuanVideoBackend(JointBackend):
+class HunyuanVideoBackend(JointBackend[HunyuanEncodeInputs, HunyuanConditioning]):
     spec = BackendSpec(
         name="HunyuanVideo",
         transformer_classes=("HunyuanVideoTransformer3DModel",),
@@ -256,7 +256,7 @@ class HunyuanVideoBackend(JointBackend):
         sequences: ConceptSequences = concepts.extras
         return sequences.to(device, dtype)
 
-    def embed_concepts(self, transformer: Any, states: Any, record: ForwardRecord) -> torch.Tensor:
+    def embed_concepts(self, transformer: Any, states: Any, record: ForwardRecord[HunyuanConditioning]) -> torch.Tensor:
         """Each concept's sequence through the token refiner with its own mask and the forward's timestep, pooled.
 
         Returns (C, D_model) when the rows share one timestep by construction (a timestep given once for the
@@ -277,7 +277,9 @@ class HunyuanVideoBackend(JointBackend):
         return sequences.pool(refined.unflatten(0, (rows, count)))  # (B_rows, C, D)
 
     # -- forwards ------------------------------------------------------------------------------
-    def read_forward(self, transformer: Any, inputs: Mapping[str, Any], batched_cfg: bool) -> ForwardRecord:
+    def read_forward(
+        self, transformer: Any, inputs: Mapping[str, Any], batched_cfg: bool
+    ) -> ForwardRecord[HunyuanConditioning]:
         latents = inputs["hidden_states"]  # (B, c, F', H', W')
         config = transformer.config
         patch, patch_t = int(config.patch_size), int(config.patch_size_t)
@@ -291,7 +293,9 @@ class HunyuanVideoBackend(JointBackend):
         conditioning = HunyuanConditioning(timestep, inputs.get("guidance"), inputs["pooled_projections"], shared)
         return ForwardRecord(timestep[0], 1000.0, grid, slice(None), conditioning)
 
-    def concept_conditioning(self, transformer: Any, record: ForwardRecord, dtype: torch.dtype) -> torch.Tensor:
+    def concept_conditioning(
+        self, transformer: Any, record: ForwardRecord[HunyuanConditioning], dtype: torch.dtype
+    ) -> torch.Tensor:
         """Timestep + guidance embedding with a zero pooled-CLIP input: nothing from the prompt."""
         inputs: HunyuanConditioning = record.conditioning
         rows = record.rows
@@ -351,9 +355,8 @@ class HunyuanVideoBackend(JointBackend):
             guidance=guidance,
         )
 
-    def encode_forward(self, pipe: Any, inputs: EncodeInputs, noisy_latents: torch.Tensor, t: float) -> None:
+    def encode_forward(self, pipe: Any, inputs: HunyuanEncodeInputs, noisy_latents: torch.Tensor, t: float) -> None:
         """One forward as the pipeline's: timestep on the 0-1000 scale (float32), guidance x 1000."""
-        assert isinstance(inputs, HunyuanEncodeInputs)
         batch = noisy_latents.shape[0]
         # One timestep for the batch, expanded as the pipeline expands it (rows then share the refiner pass).
         timestep = torch.full((1,), float(t) * 1000, device=noisy_latents.device, dtype=torch.float32).expand(batch)

@@ -30,7 +30,9 @@ from conceptattention.adapters.base import (
     Backend,
     BlockRecord,
     CallArguments,
+    Conditioning,
     ForwardRecord,
+    Inputs,
     RunState,
     StopForward,
     TensorFacts,
@@ -279,7 +281,7 @@ class ConceptProcessor:
         return joint.flatten(2, 3).to(query.dtype)
 
 
-class JointBackend(Backend):
+class JointBackend(Backend[Inputs, Conditioning]):
     """A backend whose joint blocks use diffusers' dual-stream text path: installs :class:`JointConceptStream`.
 
     Subclasses give ``processor_class`` (constructed as ``processor_class(index, stream, original)``)
@@ -287,14 +289,16 @@ class JointBackend(Backend):
     """
 
     @abstractmethod
-    def concept_conditioning(self, transformer: Any, record: ForwardRecord, dtype: torch.dtype) -> torch.Tensor | None:
+    def concept_conditioning(
+        self, transformer: Any, record: ForwardRecord[Conditioning], dtype: torch.dtype
+    ) -> torch.Tensor | None:
         """(B_rows, D_model) conditioning of the concept tokens: the timestep embedding, nothing from the prompt.
 
         None when the conditioning is per block only (:meth:`block_conditioning`).
         """
 
     def block_conditioning(
-        self, forward_conditioning: torch.Tensor | None, record: ForwardRecord, arguments: CallArguments
+        self, forward_conditioning: torch.Tensor | None, record: ForwardRecord[Conditioning], arguments: CallArguments
     ) -> torch.Tensor:
         """The ``emb`` a block's ``norm1_context`` gets for the concepts, from the block's call arguments.
 
@@ -308,7 +312,7 @@ class JointBackend(Backend):
         """What :meth:`embed_concepts` takes, on the forward's device and dtype: the (C, D_text) pooled states."""
         return concepts.states.to(device, dtype)
 
-    def embed_concepts(self, transformer: Any, states: Any, record: ForwardRecord) -> torch.Tensor:
+    def embed_concepts(self, transformer: Any, states: Any, record: ForwardRecord[Conditioning]) -> torch.Tensor:
         """Concept inputs -> (C, D_model) or (B_rows, C, D_model) concept tokens, as the prompt is embedded.
 
         Args:

@@ -149,7 +149,7 @@ class QwenEncodeInputs(EncodeInputs):
     batched_fields = ("prompt_embeds", "prompt_mask")
 
 
-class QwenImageBackend(JointBackend):
+class QwenImageBackend(JointBackend[QwenEncodeInputs, QwenConditioning]):
     spec = BackendSpec(
         name="Qwen-Image",
         transformer_classes=("QwenImageTransformer2DModel",),
@@ -179,7 +179,9 @@ class QwenImageBackend(JointBackend):
         return later_half_of_usable_blocks(self, transformer)
 
     # -- the text-stream modules ----------------------------------------------------------------
-    def embed_concepts(self, transformer: Any, states: torch.Tensor, record: ForwardRecord) -> torch.Tensor:
+    def embed_concepts(
+        self, transformer: Any, states: torch.Tensor, record: ForwardRecord[QwenConditioning]
+    ) -> torch.Tensor:
         return transformer.txt_in(transformer.txt_norm(states))
 
     def text_modulation(self, block: Any, hidden: torch.Tensor, emb: torch.Tensor):
@@ -216,7 +218,9 @@ class QwenImageBackend(JointBackend):
         return pool_spans(hidden, sequences, words, tokenizer, encoding.pooling, described)
 
     # -- forwards ------------------------------------------------------------------------------
-    def read_forward(self, transformer, inputs: Mapping[str, Any], batched_cfg: bool) -> ForwardRecord:
+    def read_forward(
+        self, transformer, inputs: Mapping[str, Any], batched_cfg: bool
+    ) -> ForwardRecord[QwenConditioning]:
         timestep = inputs["timestep"]
         shapes = inputs.get("img_shapes")
         if not shapes:
@@ -238,11 +242,14 @@ class QwenImageBackend(JointBackend):
         grid = TokenGrid(h, w)
         return ForwardRecord(first_timestep(timestep), 1.0, grid, slice(None), conditioning, slice(0, h * w))
 
-    def concept_conditioning(self, transformer, record: ForwardRecord, dtype: torch.dtype) -> None:
+    def concept_conditioning(self, transformer, record: ForwardRecord[QwenConditioning], dtype: torch.dtype) -> None:
         return None  # the block's own temb (read in block_conditioning)
 
     def block_conditioning(
-        self, forward_conditioning: torch.Tensor | None, record: ForwardRecord, arguments: CallArguments
+        self,
+        forward_conditioning: torch.Tensor | None,
+        record: ForwardRecord[QwenConditioning],
+        arguments: CallArguments,
     ) -> torch.Tensor:
         """(B_rows, D) the ``temb`` the block's text modulation takes: the timestep embedding only."""
         temb = arguments["temb"]
@@ -295,8 +302,7 @@ class QwenImageBackend(JointBackend):
             grid=(1, latents.shape[-2] // 2, latents.shape[-1] // 2),
         )
 
-    def encode_forward(self, pipe: Any, inputs: EncodeInputs, noisy_latents: torch.Tensor, t: float) -> None:
-        assert isinstance(inputs, QwenEncodeInputs)
+    def encode_forward(self, pipe: Any, inputs: QwenEncodeInputs, noisy_latents: torch.Tensor, t: float) -> None:
         batch, channels, height, width = noisy_latents.shape
         packed = pipe._pack_latents(noisy_latents, batch, channels, height, width)  # (B, N, 4z)
         timestep = torch.full((batch,), float(t), device=packed.device, dtype=packed.dtype)

@@ -104,7 +104,7 @@ class SD3EncodeInputs(EncodeInputs):
     batched_fields = ("prompt_embeds", "pooled")
 
 
-class SD3Backend(JointBackend):
+class SD3Backend(JointBackend[SD3EncodeInputs, SD3Conditioning]):
     spec = BackendSpec(
         name="SD3",
         transformer_classes=("SD3Transformer2DModel",),
@@ -159,7 +159,7 @@ class SD3Backend(JointBackend):
         return pool_spans(hidden, ids, words, tokenizer, encoding.pooling, described)
 
     # -- forwards ------------------------------------------------------------------------------
-    def read_forward(self, transformer, inputs: Mapping[str, Any], batched_cfg: bool) -> ForwardRecord:
+    def read_forward(self, transformer, inputs: Mapping[str, Any], batched_cfg: bool) -> ForwardRecord[SD3Conditioning]:
         latents = inputs["hidden_states"]  # (B, c, H', W'), patchified inside the transformer
         patch = transformer.config.patch_size
         grid = TokenGrid(latents.shape[-2] // patch, latents.shape[-1] // patch)
@@ -169,7 +169,9 @@ class SD3Backend(JointBackend):
         conditioning = SD3Conditioning(timestep, inputs["pooled_projections"])
         return ForwardRecord(first_timestep(timestep), 1000.0, grid, rows, conditioning)
 
-    def concept_conditioning(self, transformer, record: ForwardRecord, dtype: torch.dtype) -> torch.Tensor:
+    def concept_conditioning(
+        self, transformer, record: ForwardRecord[SD3Conditioning], dtype: torch.dtype
+    ) -> torch.Tensor:
         """Timestep embedding with a zero pooled-text input: nothing from the prompt."""
         inputs: SD3Conditioning = record.conditioning
         rows = record.rows
@@ -197,8 +199,7 @@ class SD3Backend(JointBackend):
         )
         return SD3EncodeInputs(latents, None, prompt_embeds.to(latents.dtype), pooled.to(latents.dtype))
 
-    def encode_forward(self, pipe: Any, inputs: EncodeInputs, noisy_latents: torch.Tensor, t: float) -> None:
-        assert isinstance(inputs, SD3EncodeInputs)
+    def encode_forward(self, pipe: Any, inputs: SD3EncodeInputs, noisy_latents: torch.Tensor, t: float) -> None:
         batch = noisy_latents.shape[0]
         # SD3 takes the timestep unscaled: the scheduler's t * 1000.
         timestep = torch.full((batch,), float(t) * 1000, device=noisy_latents.device, dtype=torch.float32)
