@@ -61,6 +61,8 @@ class BackendCase:
             batch); None where the pipeline passes none (padded prompt tokens are keys, as in the released model).
         checkpointing_changes_output: why diffusers' own gradient-checkpointing branch computes something other
             than its plain branch (so maps with checkpointing cannot equal maps without); None where it does not.
+        geometry_reads: host reads of a device tensor a traced pipeline call may add, all at its first forward:
+            1 where the token geometry lives in a position-id tensor (read once per call), else 0.
     """
 
     name: str
@@ -84,6 +86,7 @@ class BackendCase:
     cfg: dict[str, CfgMode | str] = field(default_factory=dict)
     text_mask: str | None = None
     checkpointing_changes_output: str | None = None
+    geometry_reads: int = 0
 
     @property
     def video(self) -> bool:
@@ -219,6 +222,7 @@ FLUX2_CASE: dict[str, Any] = {
     "blocks": lambda tr: [*tr.transformer_blocks, *tr.single_transformer_blocks],
     "clean_latents": _flux2_normalised,
     "pooled_text": False,
+    "geometry_reads": 1,  # the target grid from `img_ids`
 }
 
 CASES = [
@@ -232,6 +236,7 @@ CASES = [
         encoded_latents=_packed,
         encoded_timestep=lambda t: t,
         blocks=lambda tr: [*tr.transformer_blocks, *tr.single_transformer_blocks],
+        geometry_reads=1,  # the grid from `img_ids`
         cfg={
             "off": CfgMode({}),
             "batched": NO_BATCHED_CFG,
@@ -271,6 +276,7 @@ CASES = [
         blocks=lambda tr: [*tr.transformer_blocks, *tr.single_transformer_blocks],
         pooled_text=False,
         forwards_per_step=2,
+        geometry_reads=1,  # the grid from `img_ids`
         cfg={
             "off": CfgMode({"guidance_scale": 1.0}),
             "batched": NO_BATCHED_CFG,

@@ -114,22 +114,32 @@ def test_unreadable_or_malformed_images(tiny_pipe, tmp_path):
 
 
 def test_unsupported_architecture_lists_supported(tiny_pipe):
-    from diffusers import AuraFlowTransformer2DModel
+    from diffusers import SanaTransformer2DModel
 
-    # a joint-attention model without a backend yet
+    # a cross-attention-only model: refused with the reason, and with every supported backend listed
     fake = types.SimpleNamespace(
-        transformer=AuraFlowTransformer2DModel(
-            sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_mmdit_layers=1, num_single_dit_layers=1,
-            attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
-            pos_embed_max_size=16,
+        transformer=SanaTransformer2DModel(
+            in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1,
+            num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16, caption_channels=16,
+            sample_size=8, patch_size=1,
         )
     )  # fmt: skip
     supported = r"Supported: Flux\.1: FluxTransformer2DModel \(FluxPipeline.*SD3: SD3Transformer2DModel"
-    unsupported = r"AuraFlowTransformer2DModel is not supported\. "
-    with pytest.raises(UnsupportedArchitectureError, match=unsupported + supported + r".*CogVideoX: Cog"):
+    unsupported = (
+        r"SimpleNamespace uses SanaTransformer2DModel \(Sana\), whose text enters through cross-attention only\. "
+        r"ConceptAttention needs a joint-attention MM-DiT, where text tokens are queries in the same attention as "
+        r"the image\. "
+    )
+    with pytest.raises(UnsupportedArchitectureError, match=unsupported + supported) as refused:
         ca.trace(fake, ["dog"])
-    with pytest.raises(UnsupportedArchitectureError, match="not supported"):
+    assert all(line in str(refused.value) for line in ca.supported_architectures())  # every registered backend
+    with pytest.raises(UnsupportedArchitectureError, match=r"uses SanaTransformer2DModel .*cross-attention only"):
         ca.load_pipeline(fake)
+    # any other module: not supported, with the same list
+    other = types.SimpleNamespace(transformer=torch.nn.Linear(2, 2))
+    generic = r"SimpleNamespace with transformer Linear is not supported\. "
+    with pytest.raises(UnsupportedArchitectureError, match=generic + supported):
+        ca.trace(other, ["dog"])
     with pytest.raises(ca.ConceptAttentionError, match="has no `transformer`"):
         ca.trace(object(), ["dog"])
 
