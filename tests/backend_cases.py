@@ -12,7 +12,7 @@ from functools import cache
 from typing import Any
 
 import torch
-from naive_reference import CHROMA, COGVIDEOX, FLUX, FLUX2, HUNYUAN_VIDEO, QWEN_IMAGE, SD3, ReferenceArch
+from naive_reference import CHROMA, COGVIDEOX, FLUX, FLUX2, HUNYUAN_VIDEO, LONGCAT, QWEN_IMAGE, SD3, ReferenceArch
 
 CFG_MODES = ("off", "batched", "negative-pass", "true-cfg")
 """Classifier-free guidance modes a pipeline may have: none; [uncond; cond] batched in one forward; a separate
@@ -139,6 +139,12 @@ def _flux2_dev_factory(dtype=torch.float32):
     from tiny_flux2 import make_tiny_flux2_dev_pipeline
 
     return make_tiny_flux2_dev_pipeline(seed=2, dtype=dtype, num_layers=3, num_single_layers=1)
+
+
+def _longcat_factory(dtype=torch.float32):
+    from tiny_longcat import make_tiny_longcat_pipeline
+
+    return make_tiny_longcat_pipeline(seed=0, dtype=dtype, num_layers=3, num_single_layers=1)
 
 
 def _cogvideox_factory(dtype=torch.float32):
@@ -380,6 +386,32 @@ CASES.append(
             "true-cfg": CfgMode({"true_cfg_scale": 3.0, "negative_prompt": NEGATIVE}, forwards_per_step=2),
         },
         text_mask="attention_mask",  # (B, 1, 1, N + T) bool: padded prompt tokens are not keys
+    )
+)
+CASES.append(
+    BackendCase(
+        name="longcat",
+        factory=_longcat_factory,
+        arch=LONGCAT,
+        # No `max_sequence_length` argument: every prompt is padded to `pipe.tokenizer_max_length` (512). Prompt
+        # rewriting (on by default) is a text-encoder generation before the denoising loop: off. guidance_scale 4.5
+        # by default: a separate negative-prompt forward per step.
+        run={k: v for k, v in RUN.items() if k != "max_sequence_length"} | {"enable_prompt_rewrite": False},
+        layers=(0, 1, 2),
+        conditional_half=False,
+        encoded_latents=_packed,
+        encoded_timestep=lambda t: t,  # the pipeline passes t / 1000 in [0, 1]
+        blocks=lambda tr: [*tr.transformer_blocks, *tr.single_transformer_blocks],
+        pooled_text=False,
+        forwards_per_step=2,
+        cfg={
+            "off": CfgMode({"guidance_scale": 1.0}),
+            "batched": NO_BATCHED_CFG,
+            "negative-pass": CfgMode({"guidance_scale": 4.5, "negative_prompt": NEGATIVE}, forwards_per_step=2),
+            "true-cfg": NO_TRUE_CFG + ": its `guidance_scale` > 1 is already a separate negative forward",
+        },
+        text_mask=None,  # the prompt block is padded to 512 tokens, all of them keys, as in the released model
+        geometry_reads=1,  # the grid from `img_ids`
     )
 )
 CASES_BY_NAME = {case.name: case for case in CASES}

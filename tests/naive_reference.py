@@ -486,6 +486,39 @@ QWEN_IMAGE = ReferenceArch(
 )
 
 
+# -- LongCat-Image ---------------------------------------------------------------------------------
+def longcat_concept_states(pipe, concepts, pooling, encoder):
+    """Each concept alone through the pipeline's own prompt path (template sliced off, padded to its budget).
+
+    Returns (states, positions): where the concept's tokens sit in its padded block (0 with right padding).
+    """
+    assert encoder in (None, "qwen2.5-vl")
+    states, positions = [], []
+    for concept in concepts:
+        hidden = pipe._encode_prompt([concept])[0]  # (L, D)
+        own = len(pipe.tokenizer(concept, add_special_tokens=False).input_ids)
+        start = 0 if pipe.tokenizer.padding_side == "right" else pipe.tokenizer_max_length - own
+        states.append(pool(hidden[start : start + own], pooling))
+        positions.append(start)
+    return torch.stack(states), positions
+
+
+def longcat_concept_rope(tr, block_inputs, positions):
+    """The forward's own text rotation at each concept's position: text ids (0, p, p) are the rows p of the RoPE."""
+    cos, sin = block_inputs["image_rotary_emb"]  # (T + N, D), text rows first
+    rotary = (cos[positions], sin[positions])
+    return lambda x: apply_rotary_emb(x, rotary, sequence_dim=2)
+
+
+LONGCAT = ReferenceArch(
+    longcat_concept_states,
+    None,
+    flux_image_attention,  # Flux.1's double block and joint attention, no text mask
+    lambda block_inputs: block_inputs["temb"],  # the timestep embedding alone
+    concept_rope=longcat_concept_rope,
+)
+
+
 @torch.no_grad()
 def reference_maps(
     arch: ReferenceArch,

@@ -26,6 +26,7 @@ BACKEND_MODULES = (
     "conceptattention.adapters.flux2",
     "conceptattention.adapters.cogvideox",
     "conceptattention.adapters.hunyuanvideo",
+    "conceptattention.adapters.longcat",
 )
 
 # Transformers whose text enters only through cross-attention (or that have no text queries at all):
