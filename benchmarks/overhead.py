@@ -17,13 +17,15 @@ of paired runs.
 - ``--arch cogvideox``: ``CogVideoXTransformer3DModel`` (5B layout: 3-D RoPE on video, LayerNorm
   QK-norm), 5 blocks, a video of ``--frames`` latent frames (default 8) x grid/2 x grid/2 tokens
   (default 8 x 16 x 16 = 2,048 tokens); every block is traced.
+- ``--arch longcat``: ``LongCatImageTransformer2DModel``, 4 double + 4 single blocks (Flux.1's), image
+  ids offset by the prompt block; every double block is traced.
 - ``--arch hunyuanvideo``: ``HunyuanVideoTransformer3DModel``, 4 double + 4 single blocks, 2 refiner
   blocks, the same video grid, a text mask with a quarter of the prompt valid; every double block is
   traced, and each forward runs the 5 concepts' own 8-token sequences through the token refiner.
 
 Usage:
-    python benchmarks/overhead.py [--arch {flux,sd3,chroma,flux2,qwenimage,cogvideox,hunyuanvideo}] [--device cuda]
-        [--repeats 21]
+    python benchmarks/overhead.py [--arch {flux,sd3,chroma,flux2,qwenimage,longcat,cogvideox,hunyuanvideo}]
+        [--device cuda] [--repeats 21]
 
 The last line of output is one JSON object.
 """
@@ -43,6 +45,7 @@ from diffusers import (
     Flux2Transformer2DModel,
     FluxTransformer2DModel,
     HunyuanVideoTransformer3DModel,
+    LongCatImageTransformer2DModel,
     QwenImageTransformer2DModel,
     SD3Transformer2DModel,
 )
@@ -52,11 +55,13 @@ from conceptattention import ConceptAttentionConfig
 from conceptattention.adapters.base import StopForward
 from conceptattention.adapters.flux2 import ConceptPositions
 from conceptattention.adapters.hunyuanvideo import ConceptSequences
+from conceptattention.adapters.longcat import ConceptPositions as LongCatPositions
 from conceptattention.bundled.components import rope_axes_for_head_dim
 from conceptattention.concepts import ConceptEmbeddings
 from conceptattention.tracing import ConceptSession
 
-DEFAULT_DOUBLE = {"flux": 4, "sd3": 5, "chroma": 4, "flux2": 4, "qwenimage": 5, "cogvideox": 5, "hunyuanvideo": 4}
+DEFAULT_DOUBLE = {"flux": 4, "sd3": 5, "chroma": 4, "flux2": 4, "qwenimage": 5, "cogvideox": 5, "hunyuanvideo": 4,
+                  "longcat": 4}  # fmt: skip
 CONCEPT_TOKENS = 8  # hunyuanvideo: tokens of each concept's own sequence (the word and the template's end)
 POOLED_DIM = 256
 VIDEO = ("cogvideox", "hunyuanvideo")  # --grid and --frames give (grid / 2)^2 tokens per latent frame
@@ -264,6 +269,19 @@ def _video_rope_axes(head_dim: int) -> tuple[int, int, int]:
     return head_dim - 2 * spatial, spatial, spatial
 
 
+def build_longcat(args):
+    """Random LongCat-Image transformer: Flux.1's blocks, the timestep-only modulation, image ids offset by the
+    prompt block (text ids (0, i, i), image ids (1, T + row, T + column))."""
+    transformer = LongCatImageTransformer2DModel(**_flux_sizes(args), pooled_projection_dim=POOLED_DIM)
+    inputs = _flux_inputs(args)
+    inputs["img_ids"][:, 0] = 1
+    inputs["img_ids"][:, 1:] += args.text_tokens
+    positions = torch.arange(args.text_tokens, dtype=torch.float32)
+    inputs["txt_ids"] = torch.stack([torch.zeros_like(positions), positions, positions], dim=-1)
+    model = {"double_blocks": args.double, "single_blocks": args.single, "traced_blocks": list(range(args.double))}
+    return transformer, inputs, model
+
+
 BUILDERS = {
     "cogvideox": build_cogvideox,
     "hunyuanvideo": build_hunyuanvideo,
@@ -272,6 +290,7 @@ BUILDERS = {
     "chroma": build_chroma,
     "flux2": build_flux2,
     "qwenimage": build_qwenimage,
+    "longcat": build_longcat,
 }
 
 
@@ -285,6 +304,8 @@ def build(args):
     # Backend-private extras: a chat-template header of 3 tokens (Flux.2's text positions); the token refiner of
     # HunyuanVideo runs on each concept's own sequence.
     extras: object = ConceptPositions((3,) * args.concepts) if args.arch == "flux2" else None
+    if args.arch == "longcat":  # concepts at text position 0, where a one-word prompt's first token sits
+        extras = LongCatPositions((0,) * args.concepts)
     if args.arch == "hunyuanvideo":
         states = torch.randn(args.concepts, CONCEPT_TOKENS, args.text_dim, device=args.device, dtype=args.dtype)
         mask = torch.ones(args.concepts, CONCEPT_TOKENS, device=args.device, dtype=args.dtype)

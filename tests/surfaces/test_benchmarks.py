@@ -43,7 +43,7 @@ def test_peers_images_identical_and_ratios_reported():
     assert all(result["same_image_as_untraced"].values())  # no variant changes the generated image
 
 
-@pytest.mark.parametrize("arch", ["flux", "sd3", "chroma", "flux2", "qwenimage", "cogvideox"])
+@pytest.mark.parametrize("arch", ["flux", "sd3", "chroma", "flux2", "qwenimage", "longcat", "cogvideox"])
 def test_overhead_smoke_reports_consistent_ratios(arch):
     result = _run("overhead.py", "--arch", arch, "--repeats", "3", "--warmup", "0", "--hidden", "64", "--heads", "2",
                   "--grid", "8", "--text-tokens", "16", "--text-dim", "32", "--double", "4",
