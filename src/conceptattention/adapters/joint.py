@@ -18,6 +18,7 @@ pre-hook (modulate concepts) -> processor (concept rows, saliency) -> post-hook
 from __future__ import annotations
 
 import contextlib
+import functools
 from abc import abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -97,6 +98,24 @@ class TextAttention:
     out: Callable[[torch.Tensor], torch.Tensor]
 
 
+@dataclass(frozen=True)
+class TextPath:
+    """The modules concept tokens go through in one block, resolved once when the stream is installed.
+
+    Attributes:
+        modulate: ``(concepts (B, C, D), emb) -> (normed (B, C, D), gate_msa, shift_mlp, scale_mlp, gate_mlp)``,
+            the block's text-stream norm and modulation.
+        attention: the text-stream (or shared) attention weights.
+        norm: the norm before the feed-forward.
+        feedforward: the text-stream (or shared) feed-forward.
+    """
+
+    modulate: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, ...]]
+    attention: TextAttention
+    norm: Callable[[torch.Tensor], torch.Tensor]
+    feedforward: Callable[[torch.Tensor], torch.Tensor]
+
+
 class JointConceptStream:
     """The concept residual stream of one attachment, through the text-stream weights.
 
@@ -113,6 +132,7 @@ class JointConceptStream:
         self.hidden: torch.Tensor | None = None  # (B_rows, C, D_model)
         self.temb: torch.Tensor | None = None  # the forward's concept conditioning (None: per block only)
         self.current: BlockPass | None = None
+        self.paths: list[TextPath] = []  # per block 0..last selected, resolved at install
 
     def install(
         self,
@@ -126,8 +146,13 @@ class JointConceptStream:
         for index, (name, original) in enumerate(originals.items()):
             processors[name] = make_processor(index, original)
         self.transformer.set_attn_processor(processors)
+        attention = self.backend.spec.attention
         for index in range(len(originals)):
             block = blocks[index]
+            norm, feedforward = self.backend.text_feedforward(block)
+            modulate = functools.partial(self.backend.text_modulation, block)
+            text_attention = self.backend.text_attention(getattr(block, attention))
+            self.paths.append(TextPath(modulate, text_attention, norm, feedforward))
             stack.callback(block.register_forward_pre_hook(self._pre_hook(index), with_kwargs=True).remove)
             stack.callback(block.register_forward_hook(self._post_hook(index), with_kwargs=True).remove)
 
@@ -163,7 +188,7 @@ class JointConceptStream:
             context = self.state.forward
             assert context is not None
             emb = self.backend.block_conditioning(self.temb, context.record, arguments)
-            self.current = BlockPass(index, *self.backend.text_modulation(block, self.hidden, emb))
+            self.current = BlockPass(index, *self.paths[index].modulate(self.hidden, emb))
             return None
 
         return pre_hook
@@ -176,9 +201,9 @@ class JointConceptStream:
             step, self.current = self.current, None
             assert step is not None and step.index == index and step.attended and self.hidden is not None
             concepts = self.hidden
-            norm, feedforward = self.backend.text_feedforward(block)
-            normed = norm(concepts) * (1 + step.scale_mlp[:, None]) + step.shift_mlp[:, None]
-            concepts = concepts + step.gate_mlp.unsqueeze(1) * feedforward(normed)
+            path = self.paths[index]
+            normed = path.norm(concepts) * (1 + step.scale_mlp[:, None]) + step.shift_mlp[:, None]
+            concepts = concepts + step.gate_mlp.unsqueeze(1) * path.feedforward(normed)
             if concepts.dtype == torch.float16:
                 concepts = concepts.clip(-65504, 65504)
             self.hidden = concepts
@@ -225,7 +250,7 @@ class JointConceptStream:
         rows = record.rows  # the conditional half under batched CFG
         q_x, k_x, v_x, o_x = q_x[rows], k_x[rows], v_x[rows], o_x[rows]
         assert step.normed is not None and self.hidden is not None
-        weights = self.backend.text_attention(attn)
+        weights = self.paths[index].attention
         q_c, k_c, v_c = weights.qkv(step.normed)
         step.normed = None  # not needed past the projections
         heads = (q_x.shape[1], q_x.shape[-1])  # (H, D)
