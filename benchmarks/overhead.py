@@ -53,11 +53,9 @@ from torch.profiler import ProfilerActivity, profile
 
 from conceptattention import ConceptAttentionConfig
 from conceptattention.adapters.base import StopForward
-from conceptattention.adapters.flux2 import ConceptPositions
 from conceptattention.adapters.hunyuanvideo import ConceptSequences
-from conceptattention.adapters.longcat import ConceptPositions as LongCatPositions
 from conceptattention.bundled.components import rope_axes_for_head_dim
-from conceptattention.concepts import ConceptEmbeddings
+from conceptattention.concepts import ConceptEmbeddings, ConceptPositions
 from conceptattention.tracing import ConceptSession
 
 DEFAULT_DOUBLE = {"flux": 4, "sd3": 5, "chroma": 4, "flux2": 4, "qwenimage": 5, "cogvideox": 5, "hunyuanvideo": 4,
@@ -305,7 +303,7 @@ def build(args):
     # HunyuanVideo runs on each concept's own sequence.
     extras: object = ConceptPositions((3,) * args.concepts) if args.arch == "flux2" else None
     if args.arch == "longcat":  # concepts at text position 0, where a one-word prompt's first token sits
-        extras = LongCatPositions((0,) * args.concepts)
+        extras = ConceptPositions((0,) * args.concepts)
     if args.arch == "hunyuanvideo":
         states = torch.randn(args.concepts, CONCEPT_TOKENS, args.text_dim, device=args.device, dtype=args.dtype)
         mask = torch.ones(args.concepts, CONCEPT_TOKENS, device=args.device, dtype=args.dtype)

@@ -44,8 +44,7 @@ from overhead import BUILDERS, forward_call, peak_bytes, timed
 
 from conceptattention import ConceptAttentionConfig
 from conceptattention.adapters import backend_for
-from conceptattention.adapters.flux2 import ConceptPositions
-from conceptattention.concepts import ConceptEmbeddings
+from conceptattention.concepts import ConceptEmbeddings, ConceptPositions
 from conceptattention.tracing import ConceptSession
 
 IMAGENET_SEG_IMAGES = 4276

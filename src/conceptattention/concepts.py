@@ -78,6 +78,18 @@ class ConceptEmbeddings:
         return replace(self, encoder=encoder)
 
 
+@dataclass(frozen=True)
+class ConceptPositions:
+    """``ConceptEmbeddings.extras`` of backends that place concepts under text RoPE at their own positions.
+
+    Attributes:
+        positions: (C,) text position of each concept's first sub-token in its own encoding (e.g. Flux.2:
+            after the chat template's header; LongCat-Image: 0 with right padding).
+    """
+
+    positions: tuple[int, ...]
+
+
 def pipeline_part(pipe: Any, name: str, why: str) -> Any:
     """A pipeline component that concept encoding needs, or an error saying how to load it."""
     part = getattr(pipe, name, None)

@@ -32,11 +32,9 @@ from conceptattention.adapters.base import (
     first_timestep,
 )
 from conceptattention.adapters.joint import (
+    FluxFamilyBackend,
     FluxStyleProcessor,
-    JointBackend,
     image_grid,
-    last_double_block_if_no_singles,
-    last_usable_blocks,
     packed_latent_forward,
     packed_pixels_per_token,
 )
@@ -57,7 +55,7 @@ class ChromaEncodeInputs(EncodeInputs):
     batched_fields = ("prompt_embeds", "attention_mask")
 
 
-class ChromaBackend(JointBackend[ChromaEncodeInputs, None]):
+class ChromaBackend(FluxFamilyBackend[ChromaEncodeInputs, None]):
     spec = BackendSpec(
         name="Chroma",
         transformer_classes=("ChromaTransformer2DModel",),
@@ -72,11 +70,6 @@ class ChromaBackend(JointBackend[ChromaEncodeInputs, None]):
     )
     processor_class = FluxStyleProcessor
 
-    def excluded_blocks(self, transformer) -> dict[int, str]:
-        return last_double_block_if_no_singles(self, transformer)
-
-    def default_layers(self, transformer) -> tuple[int, ...]:
-        return last_usable_blocks(self, transformer, DEFAULT_NUM_LAYERS)
 
     def encode_concepts(self, pipe: Any, concepts: Sequence[str], encoding: ConceptEncoding) -> ConceptEmbeddings:
         # Chroma's only encoder: T5, run with its attention mask

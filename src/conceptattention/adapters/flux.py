@@ -22,11 +22,9 @@ from conceptattention.adapters.base import (
     first_timestep,
 )
 from conceptattention.adapters.joint import (
+    FluxFamilyBackend,
     FluxStyleProcessor,
-    JointBackend,
     image_grid,
-    last_double_block_if_no_singles,
-    last_usable_blocks,
     packed_latent_forward,
     packed_pixels_per_token,
 )
@@ -57,7 +55,7 @@ class FluxEncodeInputs(EncodeInputs):
     batched_fields = ("prompt_embeds", "pooled", "guidance")  # ids are shared by the batch
 
 
-class FluxBackend(JointBackend[FluxEncodeInputs, FluxConditioning]):
+class FluxBackend(FluxFamilyBackend[FluxEncodeInputs, FluxConditioning]):
     spec = BackendSpec(
         name="Flux.1",
         transformer_classes=("FluxTransformer2DModel",),
@@ -72,11 +70,6 @@ class FluxBackend(JointBackend[FluxEncodeInputs, FluxConditioning]):
     )
     processor_class = FluxStyleProcessor
 
-    def excluded_blocks(self, transformer) -> dict[int, str]:
-        return last_double_block_if_no_singles(self, transformer)
-
-    def default_layers(self, transformer) -> tuple[int, ...]:
-        return last_usable_blocks(self, transformer, DEFAULT_NUM_LAYERS)
 
     def encode_concepts(self, pipe: Any, concepts: Sequence[str], encoding: ConceptEncoding) -> ConceptEmbeddings:
         return encode_t5_concepts(pipe, concepts, encoding.pooling, "tokenizer_2", "text_encoder_2")

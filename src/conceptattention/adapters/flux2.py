@@ -38,14 +38,13 @@ from conceptattention.adapters.base import (
     first_timestep,
 )
 from conceptattention.adapters.joint import (
+    FluxFamilyBackend,
     FluxStyleProcessor,
-    JointBackend,
-    last_double_block_if_no_singles,
-    last_usable_blocks,
     packed_pixels_per_token,
 )
 from conceptattention.concepts import (
     ConceptEmbeddings,
+    ConceptPositions,
     concept_token_ids,
     locate_span,
     pipeline_part,
@@ -56,14 +55,6 @@ from conceptattention.core import TokenGrid
 from conceptattention.errors import ConceptAttentionError
 
 DEFAULT_NUM_LAYERS = 3
-
-
-@dataclass(frozen=True)
-class ConceptPositions:
-    """The ``extras`` of Flux.2 concepts: (C,) text position l of each concept's first sub-token in its own
-    templated encoding (where a prompt's first user token sits)."""
-
-    positions: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -122,7 +113,7 @@ class Flux2EncodeInputs(EncodeInputs):
     batched_fields = ("prompt_embeds", "guidance")
 
 
-class Flux2Backend(JointBackend[Flux2EncodeInputs, Flux2Conditioning]):
+class Flux2Backend(FluxFamilyBackend[Flux2EncodeInputs, Flux2Conditioning]):
     spec = BackendSpec(
         name="Flux.2",
         transformer_classes=("Flux2Transformer2DModel",),
@@ -137,13 +128,9 @@ class Flux2Backend(JointBackend[Flux2EncodeInputs, Flux2Conditioning]):
         max_sequence_length=512,
     )
     processor_class = Flux2ConceptAttnProcessor
+    default_num_layers = DEFAULT_NUM_LAYERS
 
     # -- blocks --------------------------------------------------------------------------------
-    def excluded_blocks(self, transformer) -> dict[int, str]:
-        return last_double_block_if_no_singles(self, transformer)
-
-    def default_layers(self, transformer) -> tuple[int, ...]:
-        return last_usable_blocks(self, transformer, DEFAULT_NUM_LAYERS)
 
     # -- the text-stream modules ----------------------------------------------------------------
     def text_modulation(self, block: Any, hidden: torch.Tensor, emb: torch.Tensor):

@@ -22,7 +22,7 @@ import functools
 from abc import abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from diffusers.models.embeddings import apply_rotary_emb
@@ -377,9 +377,10 @@ class JointBackend(Backend[Inputs, Conditioning]):
 
 # -- parts shared by the Flux-family backends (Flux.1, Chroma, Flux.2, HunyuanVideo's block layout) -----------
 def _grid_of_ids(img_ids: torch.Tensor) -> tuple[int, int]:
-    ids = img_ids[0] if img_ids.ndim == 3 else img_ids  # (N, 3): (unused, row, column)
-    h, w = (int(v) + 1 for v in ids[-1, 1:3].tolist())
-    return h, w
+    """(h, w) of image ids (N, 3) = (modality, origin + row, origin + column), in one host read."""
+    ids = img_ids[0] if img_ids.ndim == 3 else img_ids
+    (first_row, first_col), (last_row, last_col) = ids[[0, -1], 1:3].tolist()
+    return int(last_row - first_row) + 1, int(last_col - first_col) + 1
 
 
 _ids_grid = TensorFacts(_grid_of_ids)
@@ -513,3 +514,19 @@ def packed_latent_forward(pipe: Any, noisy_latents: torch.Tensor, t: float, argu
     packed = pipe._pack_latents(noisy_latents, batch, channels, height, width)  # (B, N, 4c)
     timestep = torch.full((batch,), float(t), device=packed.device, dtype=packed.dtype)
     pipe.transformer(hidden_states=packed, timestep=timestep, **arguments, return_dict=False)
+
+
+class FluxFamilyBackend(JointBackend[Inputs, Conditioning]):
+    """The block rules Flux-family double-stream models share (Flux.1, Chroma, Flux.2, LongCat-Image).
+
+    The last double block is dead only when no single-stream block follows it; the default layers
+    are the last ``default_num_layers`` usable double blocks.
+    """
+
+    default_num_layers: ClassVar[int] = 10
+
+    def excluded_blocks(self, transformer: Any) -> dict[int, str]:
+        return last_double_block_if_no_singles(self, transformer)
+
+    def default_layers(self, transformer: Any) -> tuple[int, ...]:
+        return last_usable_blocks(self, transformer, self.default_num_layers)

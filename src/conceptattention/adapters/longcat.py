@@ -37,36 +37,26 @@ from conceptattention.adapters.base import (
     ConceptEncoding,
     EncodeInputs,
     ForwardRecord,
-    TensorFacts,
     first_timestep,
 )
 from conceptattention.adapters.joint import (
+    FluxFamilyBackend,
     FluxStyleProcessor,
-    JointBackend,
-    last_double_block_if_no_singles,
-    last_usable_blocks,
+    image_grid,
     packed_latent_forward,
     packed_pixels_per_token,
 )
 from conceptattention.concepts import (
     ConceptEmbeddings,
+    ConceptPositions,
     check_concept_tokens,
     pipeline_part,
     pool_spans,
     span_starts,
 )
-from conceptattention.core import TokenGrid
 from conceptattention.errors import ConceptAttentionError
 
 DEFAULT_NUM_LAYERS = 10
-
-
-@dataclass(frozen=True)
-class ConceptPositions:
-    """The ``extras`` of LongCat concepts: (C,) text position of each concept's first sub-token in its own
-    padded encoding (all 0 with right padding)."""
-
-    positions: tuple[int, ...]
 
 
 class LongCatConceptAttnProcessor(FluxStyleProcessor):
@@ -104,28 +94,6 @@ class LongCatConceptAttnProcessor(FluxStyleProcessor):
         return rotate
 
 
-def _grid_of_ids(img_ids: torch.Tensor) -> tuple[int, int]:
-    """(h, w) of image ids (N, 3) = (1, start + row, start + column), in one host read."""
-    ids = img_ids[0] if img_ids.ndim == 3 else img_ids
-    (first_row, first_col), (last_row, last_col) = ids[[0, -1], 1:3].tolist()
-    return int(last_row - first_row) + 1, int(last_col - first_col) + 1
-
-
-_ids_grid = TensorFacts(_grid_of_ids)
-
-
-def image_grid(inputs: Mapping[str, Any]) -> TokenGrid:
-    """The (h, w) token grid of a LongCat forward, from its ``img_ids`` (read once per pipeline call)."""
-    h, w = _ids_grid(inputs["img_ids"])
-    num_tokens = inputs["hidden_states"].shape[1]
-    if h * w != num_tokens:
-        raise ConceptAttentionError(
-            f"The image position ids describe a {h}x{w} grid but there are {num_tokens} image tokens; "
-            "image-conditioned variants with extra tokens (LongCat-Image-Edit) are not supported"
-        )
-    return TokenGrid(h, w)
-
-
 def prompt_tokens(tokenizer: Any, text: str) -> list[int]:
     """The token ids ``LongCatImagePipeline._encode_prompt`` gives a text: quoted parts character by character."""
     ids: list[int] = []
@@ -146,7 +114,7 @@ class LongCatEncodeInputs(EncodeInputs):
     batched_fields = ("prompt_embeds",)  # ids are shared by the batch
 
 
-class LongCatImageBackend(JointBackend[LongCatEncodeInputs, None]):
+class LongCatImageBackend(FluxFamilyBackend[LongCatEncodeInputs, None]):
     spec = BackendSpec(
         name="LongCat-Image",
         transformer_classes=("LongCatImageTransformer2DModel",),
@@ -162,11 +130,6 @@ class LongCatImageBackend(JointBackend[LongCatEncodeInputs, None]):
     )
     processor_class = LongCatConceptAttnProcessor
 
-    def excluded_blocks(self, transformer) -> dict[int, str]:
-        return last_double_block_if_no_singles(self, transformer)
-
-    def default_layers(self, transformer) -> tuple[int, ...]:
-        return last_usable_blocks(self, transformer, DEFAULT_NUM_LAYERS)
 
     def default_max_sequence_length(self, pipe: Any) -> int:
         return int(pipe.tokenizer_max_length)
