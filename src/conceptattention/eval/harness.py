@@ -52,13 +52,15 @@ def _records(
 ) -> Iterator[dict[str, Any]]:
     """One record per (method, t, image) of ``todo``, computed in batches that share a concept list."""
     from conceptattention.encode import default_rows
+    from conceptattention.plan import model_plan
 
     protocol = config.protocol()
+    model = model_plan(pipe)  # resolved once for every method's layer list
     batch_size = config.batch_size or default_rows(pipe, protocol.resolution)
     for (method, t), indices in todo.items():
         method_config = config.method_config(method)
         run_protocol = replace(protocol, t=t)
-        used_layers = layers_used(pipe, method_config)
+        used_layers = layers_used(model, method_config)
         for batch in _batches([dataset[i] for i in indices], run_protocol, batch_size):
             start = time.perf_counter()
             results = evaluate_batch(pipe, batch, dataset_kind=dataset.kind, num_classes=len(dataset.class_names),

@@ -72,14 +72,18 @@ def build_manifest(
     return json.loads(json.dumps({**settings, "package_version": version}, default=str))
 
 
-def manifest_of(config: EvalConfig, pipe: Any, dataset_size: int) -> dict[str, Any]:
-    """:func:`build_manifest` for ``config`` run on ``pipe`` (its identity, dtype and resolved layers)."""
+def manifest_of(config: EvalConfig, pipe: Any, dataset_size: int, model: Any = None) -> dict[str, Any]:
+    """:func:`build_manifest` for ``config`` run on ``pipe`` (its identity, dtype and resolved layers).
+
+    Args:
+        model: the run's :class:`~conceptattention.plan.ModelPlan` of ``pipe`` (made here when not given).
+    """
     return build_manifest(
         config,
         dataset_size=dataset_size,
         model=model_identity(config.model, pipe),
         dtype=str(pipe.transformer.dtype).replace("torch.", ""),
-        layers=layers_used(pipe, ConceptAttentionConfig(layers=config.layers)),
+        layers=layers_used(model or pipe, ConceptAttentionConfig(layers=config.layers)),
     )
 
 

@@ -160,10 +160,12 @@ def multiclass_stats(
 
 
 def layers_used(pipe: Any, config: ConceptAttentionConfig) -> list[int]:
-    """The double-block indices ``config`` selects on this pipeline's transformer."""
-    from conceptattention.plan import model_plan
+    """The double-block indices ``config`` selects on this pipeline's transformer (``pipe``: a pipeline or the
+    run's :class:`~conceptattention.plan.ModelPlan`)."""
+    from conceptattention.plan import ModelPlan, model_plan
 
-    return list(model_plan(pipe).resolve_layers(config.layers))
+    model = pipe if isinstance(pipe, ModelPlan) else model_plan(pipe)
+    return list(model.resolve_layers(config.layers))
 
 
 def evaluate_batch(

@@ -27,10 +27,11 @@ def run_eval(config: EvalConfig, console: Console) -> list[Path]:
     out = config.out
     dataset = config.open_dataset()
     pipe = load_pipeline(config.model, dtype=config.dtype, device=state.device)
-    model_plan(pipe).require("image", "The evaluation datasets hold images", "evaluate an image model, or map "
-                             "real videos with `conceptattention encode`")  # fmt: skip
+    model = model_plan(pipe)  # the run's plan: defaults, backend and layers resolved once
+    model.require("image", "The evaluation datasets hold images", "evaluate an image model, or map real videos "
+                  "with `conceptattention encode`")  # fmt: skip
     pipe.set_progress_bar_config(disable=True)
-    manifest = manifest_of(config, pipe, len(dataset))
+    manifest = manifest_of(config, pipe, len(dataset), model)
     if not config.overwrite:
         check_or_write(out, manifest, overwrite=False, write=False)  # every process refuses alike
     with FolderLock(out) if state.is_main_process else contextlib.nullcontext():
