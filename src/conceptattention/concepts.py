@@ -64,8 +64,8 @@ class ConceptEmbeddings:
         pooling: how ``states`` was pooled from the sub-tokens.
         encoder: which prompt encoder produced them, in words (for the record).
         extras: what the backend that encoded them needs besides ``states``, in its own type
-            (e.g. Flux.2: each concept's text position; HunyuanVideo: each concept's whole
-            sequence for its token refiner); None for most backends. Only that backend reads it.
+            (e.g. :class:`ConceptPositions` for text RoPE at real positions, or whole sequences for a
+            context embedder that runs on sequences); None for most backends. Only that backend reads it.
     """
 
     states: torch.Tensor
@@ -83,8 +83,8 @@ class ConceptPositions:
     """``ConceptEmbeddings.extras`` of backends that place concepts under text RoPE at their own positions.
 
     Attributes:
-        positions: (C,) text position of each concept's first sub-token in its own encoding (e.g. Flux.2:
-            after the chat template's header; LongCat-Image: 0 with right padding).
+        positions: (C,) text position of each concept's first sub-token in its own encoding (after a
+            chat template's header, say), where a one-word prompt's first token would sit.
     """
 
     positions: tuple[int, ...]

@@ -98,7 +98,7 @@ def encode_image(
         guidance_scale: guidance embedding of guidance-distilled models (default: the backend's);
             other models ignore it (encode mode runs no classifier-free guidance).
         max_sequence_length: caption token budget of the prompt encoder (default: the
-            model's recorded default, else the backend's default, e.g. 512 for Flux.1).
+            model's recorded default, else the backend's default).
         max_batch: rows (image x noise draw) per transformer forward; default
             :func:`default_max_batch` (from the device's free memory on CUDA, 4 elsewhere).
         **overrides: fields of :class:`ConceptAttentionConfig`.
@@ -264,7 +264,7 @@ def encode_video(
     max_batch: int | None = None,
     **overrides: Any,
 ) -> ConceptMaps:
-    """Concept maps of real video(s) with a video model (CogVideoX, HunyuanVideo).
+    """Concept maps of real video(s) with a video model (see :func:`supported_architectures`).
 
     The first ``num_frames`` frames of each video are used (default: the model's default frame
     count; a shorter video is refused with the longest count it can give), each resized
@@ -276,7 +276,8 @@ def encode_video(
         video: a path (MP4, WebM, GIF, ...), a list of frames (PIL / arrays), an array or tensor
             (F, H, W, 3) / (F, 3, H, W); or a list of such videos (batch B).
         concepts: concept words (1-64, unique).
-        num_frames: frames to encode; the model takes only certain counts (CogVideoX: 4k + 1).
+        num_frames: frames to encode; the model takes only certain counts (a causal video VAE
+            with temporal compression r: r k + 1; the error names the nearest ones).
         caption, config, t, num_samples, seed, height, width, guidance_scale, max_sequence_length,
             max_batch, **overrides: as for :func:`encode_image`.
 

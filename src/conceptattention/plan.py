@@ -9,7 +9,6 @@ passes it down; nothing below re-reads or re-validates them.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -141,10 +140,6 @@ class CallPlan:
     def encode_concepts(self) -> ConceptEmbeddings:
         """The concepts through the pipeline's own prompt encoder, as the backend prescribes."""
         return self.model.backend.encode_concepts(self.model.pipe, self.concepts, self.concept_encoding())
-
-    def with_config(self, **changes: Any) -> CallPlan:
-        """The plan with configuration fields replaced (``steps`` in encode mode); layers are kept."""
-        return dataclasses.replace(self, config=dataclasses.replace(self.config, **changes))
 
 
 def call_plan(pipe: Any, concepts: Sequence[str], config: ConceptAttentionConfig) -> CallPlan:

@@ -6,10 +6,10 @@ by what is available:
 
 * **No pipeline** (a bare transformer, encode mode): every forward is the next step of one
   run; a run starts at :meth:`StepCounter.start_run`.
-* **A scheduler with** ``step_index`` (the flow-matching schedulers of Flux, SD3, Qwen-Image,
-  HunyuanVideo, ...): the step is ``step_index - begin_index`` (img2img starts at ``begin_index``);
+* **A scheduler with** ``step_index`` (diffusers' flow-matching schedulers): the step is
+  ``step_index - begin_index`` (img2img starts at ``begin_index``);
   a new ``scheduler.timesteps`` object marks a new run.
-* **A scheduler without** ``step_index`` (CogVideoX's DDIM / DPM): the pipeline sets
+* **A scheduler without** ``step_index`` (DDIM / DPM-style schedulers): the pipeline sets
   ``_current_timestep`` once per step, before that step's forwards, so a new object there marks
   the next step, counted from the first one the run saw (video-to-video starts part-way); a new
   schedule marks a new run; without ``_current_timestep`` every forward is the next step.

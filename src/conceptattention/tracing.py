@@ -307,11 +307,13 @@ class trace:  # noqa: N801 - a context manager used like a function, as DAAM's `
         config: ConceptAttentionConfig | None = None,
         **overrides: Any,
     ) -> None:
-        self.plan = call_plan(pipe, concepts, config_with_overrides(config, overrides))  # fails before encoding
-        self.pipe = pipe
-        self.concepts = self.plan.concepts
-        self.config = self.plan.config
-        self.transformer, self.backend = self.plan.model.transformer, self.plan.model.backend
+        self._bind(call_plan(pipe, concepts, config_with_overrides(config, overrides)))  # fails before encoding
+
+    def _bind(self, plan: CallPlan) -> None:
+        self.plan = plan
+        self.pipe = plan.model.pipe
+        self.concepts, self.config = plan.concepts, plan.config
+        self.transformer, self.backend = plan.model.transformer, plan.model.backend
         self._session: ConceptSession | None = None
         self._finished: ConceptSession | None = None  # kept after exit so maps stay readable
         self._observers: list[Callable[[BlockRecord], None]] = []
@@ -320,13 +322,7 @@ class trace:  # noqa: N801 - a context manager used like a function, as DAAM's `
     def from_plan(cls, plan: CallPlan) -> trace:
         """A trace of a call already planned (:func:`~conceptattention.plan.call_plan`): nothing is resolved again."""
         self = cls.__new__(cls)
-        self.plan = plan
-        self.pipe = plan.model.pipe
-        self.concepts, self.config = plan.concepts, plan.config
-        self.transformer, self.backend = plan.model.transformer, plan.model.backend
-        self._session = None
-        self._finished = None
-        self._observers = []
+        self._bind(plan)
         return self
 
     def __enter__(self) -> trace:

@@ -27,19 +27,18 @@ def _run(pipe, prompt="a dog on the grass", **extra):
 
 def test_concepts_sit_where_a_prompts_first_user_token_sits(klein, monkeypatch):
     """Prompt "dog", concept "dog": the concept's rotated key equals the prompt's key at l = 3 (after the header)."""
-    import conceptattention.adapters.flux2 as flux2_module
     import conceptattention.adapters.joint as joint_module
 
     calls = []
-    stock = flux2_module.apply_rotary_emb
+    stock = joint_module.apply_rotary_emb
 
     def recording(x, freqs, **kwargs):
         out = stock(x, freqs, **kwargs)
         calls.append(out)
         return out
 
-    for module in (joint_module, flux2_module):  # the shared Flux-family joint attention, the concept rows
-        monkeypatch.setattr(module, "apply_rotary_emb", recording)
+    # the shared Flux-family joint attention and the concept rows' rotation
+    monkeypatch.setattr(joint_module, "apply_rotary_emb", recording)
     with ca.trace(klein, ["dog", "sky"], layers=[0]) as tc:
         _run(klein, "dog", num_inference_steps=1, guidance_scale=1.0)
     joint_key, concept_key = calls[1], calls[3]  # block 0: joint q, joint k, concept q, concept k

@@ -167,9 +167,9 @@ class ForwardRecord(Generic[Conditioning]):
     target: slice = dataclasses.field(default_factory=lambda: slice(None))
 
 
-def first_timestep(timestep: Any, device: torch.device | None = None) -> torch.Tensor:
+def first_timestep(timestep: Any) -> torch.Tensor:
     """The first element of a forward's ``timestep`` (tensor or number) as a 0-d tensor, without a host read."""
-    return torch.as_tensor(timestep, device=device).flatten()[0]
+    return torch.as_tensor(timestep).flatten()[0]
 
 
 @dataclass(frozen=True)

@@ -70,7 +70,6 @@ class ChromaBackend(FluxFamilyBackend[ChromaEncodeInputs, None]):
     )
     processor_class = FluxStyleProcessor
 
-
     def encode_concepts(self, pipe: Any, concepts: Sequence[str], encoding: ConceptEncoding) -> ConceptEmbeddings:
         # Chroma's only encoder: T5, run with its attention mask
         return encode_t5_concepts(pipe, concepts, encoding.pooling, "tokenizer", "text_encoder")

@@ -81,7 +81,7 @@ class CogVideoXConceptAttnProcessor(ConceptProcessor):
         if self.stream.runs(self.block_index):
             video = slice(text_length, None)  # the video q/k (after QK-norm and RoPE), v and output, as views
             q_x, k_x, v_x = query[:, :, video], key[:, :, video], value[:, :, video]
-            self.stream.concept_rows(self.block_index, attn, q_x, k_x, v_x, hidden_states[:, video])
+            self.stream.concept_rows(self.block_index, q_x, k_x, v_x, hidden_states[:, video])
 
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)

@@ -70,7 +70,6 @@ class FluxBackend(FluxFamilyBackend[FluxEncodeInputs, FluxConditioning]):
     )
     processor_class = FluxStyleProcessor
 
-
     def encode_concepts(self, pipe: Any, concepts: Sequence[str], encoding: ConceptEncoding) -> ConceptEmbeddings:
         return encode_t5_concepts(pipe, concepts, encoding.pooling, "tokenizer_2", "text_encoder_2")
 

@@ -21,12 +21,11 @@ Double-stream blocks followed by single blocks, ``Flux2AttnProcessor``, joint se
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from diffusers.models.embeddings import apply_rotary_emb
 
 from conceptattention.adapters.base import (
     BackendSpec,
@@ -69,34 +68,15 @@ class Flux2ConceptAttnProcessor(FluxStyleProcessor):
     order); it differs in the projections and in rotating the concepts at their text positions.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._rotary: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+    contiguous_outputs = False  # as Flux2AttnProcessor: no .contiguous() before the projections
 
-    def output_projections(self, attn: Any, image_out: torch.Tensor, text_out: torch.Tensor):
-        text_out = attn.to_add_out(text_out)  # as Flux2AttnProcessor: no .contiguous() before the projections
-        image_out = attn.to_out[0](image_out)
-        image_out = attn.to_out[1](image_out)
-        return image_out, text_out
-
-    def concept_rope(self, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
-        """Rotation of (B, C, H, D) concept q/k at text ids (0, 0, 0, l_c), with the model's own RoPE.
-
-        The positions are fixed for an attachment, so the (C, D) cos/sin are computed once per device.
-        """
-        rotary = self._rotary.get(device)
-        if rotary is None:
-            extras = self.stream.state.concepts.extras
-            assert isinstance(extras, ConceptPositions), "Flux.2 concepts carry their template positions"
-            positions = extras.positions
-            ids = torch.zeros(len(positions), 4, device=device)
-            ids[:, 3] = torch.tensor(positions, device=device, dtype=ids.dtype)
-            rotary = self._rotary[device] = self.stream.transformer.pos_embed(ids)  # (C, D) cos, sin
-
-        def rotate(x: torch.Tensor) -> torch.Tensor:
-            return apply_rotary_emb(x, rotary, sequence_dim=1)  # type: ignore[arg-type,return-value]
-
-        return rotate
+    def concept_position_ids(self, device: torch.device) -> torch.Tensor:
+        """Text ids (0, 0, 0, l_c): each concept at its first sub-token's position in its templated encoding."""
+        extras = self.stream.state.concepts.extras
+        assert isinstance(extras, ConceptPositions), "Flux.2 concepts carry their template positions"
+        ids = torch.zeros(len(extras.positions), 4, device=device)
+        ids[:, 3] = torch.tensor(extras.positions, device=device, dtype=ids.dtype)
+        return ids
 
 
 @dataclass

@@ -145,7 +145,7 @@ class HunyuanVideoConceptAttnProcessor(ConceptProcessor):
         if self.stream.runs(self.block_index):
             # Video q/k/v reused from the real pass (after QK-norm and RoPE): no second projection.
             q_x, k_x, v_x = (t.transpose(1, 2) for t in video_qkv)  # (B, H, N, D)
-            self.stream.concept_rows(self.block_index, attn, q_x, k_x, v_x, video_out)
+            self.stream.concept_rows(self.block_index, q_x, k_x, v_x, video_out)
 
         # 4. Output projections, as the stock processor
         if getattr(attn, "to_out", None) is not None:

@@ -222,7 +222,6 @@ class JointConceptStream:
     def concept_rows(
         self,
         index: int,
-        attn: Any,
         q_x: torch.Tensor,
         k_x: torch.Tensor,
         v_x: torch.Tensor,
@@ -232,8 +231,7 @@ class JointConceptStream:
         """The concept query rows of a block and its saliency, from the real pass's image tensors.
 
         Args:
-            index: the block.
-            attn: the block's attention module (its text-stream projections are used).
+            index: the block (its text path, resolved at install, gives the concept projections).
             q_x, k_x, v_x: (B, H, N, D) image queries, keys, values exactly as the real attention
                 used them (after QK-norm and RoPE); all image tokens, reference images included.
             o_x: (B, N, H * D) image attention output before the output projection.
@@ -446,11 +444,13 @@ def image_rows(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, text
 class FluxStyleProcessor(ConceptProcessor):
     """The stock joint attention of Flux-family double blocks plus the one-way concept attention of one block.
 
-    Serves ``FluxAttnProcessor`` (Flux.1, Chroma) as is; ``Flux2AttnProcessor`` agrees with it up to
-    the output projections, which a subclass gives (with the concepts' rotation where text carries
-    real positions). The image and text outputs are computed with the same operations, in the same
-    order, as the stock processor (on the user's attention backend), so they are bit-identical to an
-    untraced run. Returns exactly the two tensors the stock processor returns.
+    Serves ``FluxAttnProcessor`` as is. Processors that agree with it up to the output projections
+    set ``contiguous_outputs = False`` (they project without ``.contiguous()``), and backends whose
+    text carries real positions give the concepts' position ids (:meth:`concept_position_ids`); the
+    rotation is then made with the model's own ``pos_embed`` once per device. The image and text
+    outputs are computed with the same operations, in the same order, as the stock processor (on the
+    user's attention backend), so they are bit-identical to an untraced run. Returns exactly the two
+    tensors the stock processor returns.
     """
 
     def __call__(
@@ -468,18 +468,42 @@ class FluxStyleProcessor(ConceptProcessor):
         if self.stream.runs(self.block_index):
             q_x, k_x, v_x = image_rows(query, key, value, text_out.shape[1])
             rope = self.concept_rope(image_out.device) if image_rotary_emb is not None else None
-            self.stream.concept_rows(self.block_index, attn, q_x, k_x, v_x, image_out, rope)
+            self.stream.concept_rows(self.block_index, q_x, k_x, v_x, image_out, rope)
         return self.output_projections(attn, image_out, text_out)
 
-    def concept_rope(self, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor] | None:
-        """The concepts' rotation: none by default (Flux.1 and Chroma: text position ids 0, the identity)."""
+    contiguous_outputs: ClassVar[bool] = True  # FluxAttnProcessor makes the outputs contiguous before projecting
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._rotary: dict[torch.device, tuple[torch.Tensor, torch.Tensor] | None] = {}
+
+    def concept_position_ids(self, device: torch.device) -> torch.Tensor | None:
+        """(C, axes) the concepts' text position ids for the model's ``pos_embed``; None: no rotation (the default:
+        text position ids 0, where RoPE is the identity)."""
         return None
 
+    def concept_rope(self, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """The rotation of (B, C, H, D) concept q/k at :meth:`concept_position_ids`, computed once per device (the
+        positions are fixed for an attachment)."""
+        if device not in self._rotary:
+            ids = self.concept_position_ids(device)
+            self._rotary[device] = None if ids is None else self.stream.transformer.pos_embed(ids)  # (C, D) cos, sin
+        rotary = self._rotary[device]
+        if rotary is None:
+            return None
+
+        def rotate(x: torch.Tensor) -> torch.Tensor:
+            return apply_rotary_emb(x, rotary, sequence_dim=1)  # type: ignore[arg-type,return-value]
+
+        return rotate
+
     def output_projections(self, attn: Any, image_out: torch.Tensor, text_out: torch.Tensor):
-        """The stock processor's output projections, as ``FluxAttnProcessor`` applies them."""
-        image_out = attn.to_out[0](image_out.contiguous())
+        """The stock processor's output projections."""
+        if self.contiguous_outputs:
+            image_out, text_out = image_out.contiguous(), text_out.contiguous()
+        image_out = attn.to_out[0](image_out)
         image_out = attn.to_out[1](image_out)
-        text_out = attn.to_add_out(text_out.contiguous())
+        text_out = attn.to_add_out(text_out)
         return image_out, text_out
 
 

@@ -23,12 +23,11 @@ blocks; joint sequence [text, image] in (B, S, H, D) layout. What differs from F
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.pipelines.longcat_image.pipeline_longcat_image import prepare_pos_ids, split_quotation
 
 from conceptattention.adapters.base import (
@@ -66,32 +65,16 @@ class LongCatConceptAttnProcessor(FluxStyleProcessor):
     projections are applied as the stock processor applies them, without ``.contiguous()``.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._rotary: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+    contiguous_outputs = False  # as LongCatImageAttnProcessor: no .contiguous() before the projections
 
-    def output_projections(self, attn: Any, image_out: torch.Tensor, text_out: torch.Tensor):
-        image_out = attn.to_out[0](image_out)
-        image_out = attn.to_out[1](image_out)
-        text_out = attn.to_add_out(text_out)
-        return image_out, text_out
-
-    def concept_rope(self, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor] | None:
-        """None at text position 0 (ids (0, 0, 0): the identity); else the rotation at ids (0, p_c, p_c)."""
+    def concept_position_ids(self, device: torch.device) -> torch.Tensor | None:
+        """None at text position 0 (ids (0, 0, 0): the identity); else ids (0, p_c, p_c)."""
         extras = self.stream.state.concepts.extras
         assert isinstance(extras, ConceptPositions), "LongCat concepts carry their text positions"
         if not any(extras.positions):
             return None
-        rotary = self._rotary.get(device)
-        if rotary is None:
-            positions = torch.tensor(extras.positions, device=device, dtype=torch.float32)
-            ids = torch.stack([torch.zeros_like(positions), positions, positions], dim=-1)  # (C, 3)
-            rotary = self._rotary[device] = self.stream.transformer.pos_embed(ids)  # (C, D) cos, sin
-
-        def rotate(x: torch.Tensor) -> torch.Tensor:
-            return apply_rotary_emb(x, rotary, sequence_dim=1)  # type: ignore[arg-type,return-value]
-
-        return rotate
+        positions = torch.tensor(extras.positions, device=device, dtype=torch.float32)
+        return torch.stack([torch.zeros_like(positions), positions, positions], dim=-1)  # (C, 3)
 
 
 def prompt_tokens(tokenizer: Any, text: str) -> list[int]:
@@ -129,7 +112,6 @@ class LongCatImageBackend(FluxFamilyBackend[LongCatEncodeInputs, None]):
         max_sequence_length=512,
     )
     processor_class = LongCatConceptAttnProcessor
-
 
     def default_max_sequence_length(self, pipe: Any) -> int:
         return int(pipe.tokenizer_max_length)

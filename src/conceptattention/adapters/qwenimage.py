@@ -129,7 +129,7 @@ class QwenImageConceptAttnProcessor(ConceptProcessor):
         if self.stream.runs(self.block_index):
             # Image q/k/v are reused from the real pass (after QK-norm and RoPE): no second projection.
             q_x, k_x, v_x = (t.transpose(1, 2) for t in (img_query, img_key, img_value))  # (B, H, N, D)
-            self.stream.concept_rows(self.block_index, attn, q_x, k_x, v_x, img_out, concept_rope)
+            self.stream.concept_rows(self.block_index, q_x, k_x, v_x, img_out, concept_rope)
 
         img_out = attn.to_out[0](img_out.contiguous())
         if len(attn.to_out) > 1:

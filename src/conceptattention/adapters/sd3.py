@@ -85,7 +85,7 @@ class SD3ConceptAttnProcessor(ConceptProcessor):
         if self.stream.runs(self.block_index):
             # Image q/k/v are the real pass's (after QK-norm), as views; SD3 has no RoPE.
             q_x, k_x, v_x = (t[:, :, :num_image] for t in (query, key, value))  # (B, H, N, D)
-            self.stream.concept_rows(self.block_index, attn, q_x, k_x, v_x, image_out)
+            self.stream.concept_rows(self.block_index, q_x, k_x, v_x, image_out)
 
         if not attn.context_pre_only:
             text_out = attn.to_add_out(text_out)
