@@ -164,7 +164,7 @@ def _encode(
     pipe, transformer, backend = model.pipe, model.transformer, model.backend
     max_sequence_length = model.max_sequence_length(run.max_sequence_length)
     embeddings = plan.encode_concepts()
-    inputs = backend.encode_inputs(pipe, pixels, run.caption, run.guidance_scale, max_sequence_length)
+    inputs = backend.encoding.inputs(pipe, pixels, run.caption, run.guidance_scale, max_sequence_length)
     session = ConceptSession(
         transformer, embeddings, plan.concepts, plan.config, backend=backend, owner=pipe, stop_after_last_block=True,
         layers=plan.layers,
@@ -183,9 +183,9 @@ def _encode(
         for start in range(0, run.num_samples * batch, max_batch):
             rows = slice(start, start + max_batch)
             part = inputs.rows(row_items[rows])
-            noisy = backend.noised(pipe, part.latents, noise[rows], run.t)
+            noisy = backend.encoding.noised(pipe, part.latents, noise[rows], run.t)
             with session.rows_of_items(row_items[rows], batch), contextlib.suppress(StopForward):
-                backend.encode_forward(pipe, part, noisy, run.t)  # StopForward: raised after the last selected block
+                backend.encoding.forward(pipe, part, noisy, run.t)  # StopForward: raised after the last selected block
     details = EncodeDetails(
         t=float(run.t),
         num_samples=run.num_samples,
@@ -195,16 +195,16 @@ def _encode(
         guidance_scale=inputs.guidance_scale,
         max_batch=max_batch,
     )
-    fps = backend.fps(pipe) if num_frames is not None else None
+    fps = backend.frames.fps(pipe) if num_frames is not None else None
     return session.concept_maps(details, items, image_size=size, num_frames=num_frames, fps=fps)
 
 
 def _token_count(model: ModelPlan, size: tuple[int, int], num_frames: int | None = None) -> int:
     """Image tokens of one encode row at ``size``; for ``num_frames`` video frames, all their token frames' tokens."""
-    spatial = size[0] * size[1] // model.backend.pixels_per_token(model.pipe) ** 2
+    spatial = size[0] * size[1] // model.backend.encoding.pixels_per_token(model.pipe) ** 2
     if num_frames is None:
         return spatial
-    r, p_t = model.backend.frame_layout(model.pipe)
+    r, p_t = model.backend.frames.frame_layout(model.pipe)
     return spatial * -(-((num_frames - 1) // r + 1) // p_t)
 
 
@@ -214,9 +214,9 @@ def _num_frames(model: ModelPlan, requested: int | None, available: int) -> int:
     A causal video VAE takes ``r k + 1`` frames (r = its temporal compression) and makes ``k + 1`` latent frames.
     """
     pipe, backend = model.pipe, model.backend
-    r, _ = backend.frame_layout(pipe)
+    r, _ = backend.frames.frame_layout(pipe)
     count = requested if requested is not None else int(model.defaults.get("num_frames") or 0)
-    count = count or backend.default_num_frames(pipe)
+    count = count or backend.frames.default_num_frames(pipe)
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:
         raise ConceptAttentionError(f"`num_frames` must be a positive integer, got {count!r}")
     if (count - 1) % r:

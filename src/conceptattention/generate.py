@@ -63,9 +63,9 @@ def generate(
         if key in ("height", "width", "max_sequence_length", "num_inference_steps"):
             pipe_kwargs.setdefault(key, value)
     backend = plan.model.backend
-    for key, value in backend.call_defaults(pipe).items():
+    for key, value in backend.pipeline.call_defaults(pipe).items():
         pipe_kwargs.setdefault(key, value)
-    backend.check_call(pipe, pipe_kwargs)
+    backend.pipeline.check_call(pipe, pipe_kwargs)
     with trace.from_plan(plan) as tracer:
         output = pipe(prompt=prompt, **pipe_kwargs)  # by keyword: some pipelines take `image` first
     scalars = {k: v for k, v in pipe_kwargs.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}

@@ -77,9 +77,9 @@ class ModelPlan:
                 larger than a learned position table covers.
         """
         backend, pipe = self.backend, self.pipe
-        pixels = backend.pixels_per_token(pipe)
-        largest = backend.max_pixels_per_side(pipe)
-        default = backend.default_size(pipe)
+        pixels = backend.encoding.pixels_per_token(pipe)
+        largest = backend.encoding.max_pixels_per_side(pipe)
+        default = backend.encoding.default_size(pipe)
         size = (height or self.defaults.get("height", default[0]), width or self.defaults.get("width", default[1]))
         for name, value in zip(("height", "width"), size):
             if isinstance(value, bool) or not isinstance(value, int) or value < pixels or value % pixels:
@@ -139,7 +139,7 @@ class CallPlan:
 
     def encode_concepts(self) -> ConceptEmbeddings:
         """The concepts through the pipeline's own prompt encoder, as the backend prescribes."""
-        return self.model.backend.encode_concepts(self.model.pipe, self.concepts, self.concept_encoding())
+        return self.model.backend.concepts(self.model.pipe, self.concepts, self.concept_encoding())
 
 
 def call_plan(pipe: Any, concepts: Sequence[str], config: ConceptAttentionConfig) -> CallPlan:

@@ -92,7 +92,7 @@ class ConceptSession:
         self.steps = StepCounter(pipeline)
         self._rows: tuple[torch.Tensor, int] | None = None  # (row items, item count) of the next forwards
         self.normalization = _normalization(softmax, len(self.concepts))
-        self._attachment = Attachment(transformer, marker=self.backend.processor_class)
+        self._attachment = Attachment(transformer, marker=self.backend.stream.processor)
         # Inspected once: reading the signature on every forward is measurable on small models.
         self._forward_signature = inspect.signature(transformer.forward)
         self._reset_run()
@@ -144,7 +144,7 @@ class ConceptSession:
         """Whether this run's forwards batch [uncond; cond], decided at the run's first forward."""
         if self._run_cfg is None:
             batched = self.pipeline is not None and self.backend.spec.cfg_layout == "batched"
-            self._run_cfg = batched and self.backend.batched_cfg(self.pipeline)
+            self._run_cfg = batched and self.backend.pipeline.batched_cfg(self.pipeline)
         return self._run_cfg
 
     def _on_forward_start(self, transformer, args: tuple, kwargs: dict) -> None:
@@ -162,7 +162,7 @@ class ConceptSession:
             return
         inputs = self._forward_signature.bind_partial(*args, **kwargs).arguments
         batched_cfg = self._batched_cfg()
-        record = self.backend.read_forward(transformer, inputs, batched_cfg)
+        record = self.backend.reader(transformer, inputs, batched_cfg)
         row_items, num_items = self._rows if self._rows is not None else (None, None)
         state.forward = ForwardContext(record, row_items, num_items)
         self._conditional_half = self._conditional_half or batched_cfg
@@ -391,9 +391,13 @@ class trace:  # noqa: N801 - a context manager used like a function, as DAAM's `
         )
         num_frames = fps = None
         if self.backend.spec.modality == "video":
-            num_frames, fps = self._video_frames(session, images), self.backend.fps(self.pipe)
+            num_frames, fps = self._video_frames(session, images), self.backend.frames.fps(self.pipe)
         return session.concept_maps(
-            details, images, pixels_per_token=self.backend.pixels_per_token(self.pipe), num_frames=num_frames, fps=fps
+            details,
+            images,
+            pixels_per_token=self.backend.encoding.pixels_per_token(self.pipe),
+            num_frames=num_frames,
+            fps=fps,
         )
 
     def _video_frames(self, session: ConceptSession, videos: Sequence[Any] | None) -> int:
@@ -401,7 +405,7 @@ class trace:  # noqa: N801 - a context manager used like a function, as DAAM's `
         if videos is None:
             grid = session._grid
             assert grid is not None  # token_maps() checked that the run recorded maps
-            return self.backend.decoded_frames(self.pipe, grid.frames)
+            return self.backend.frames.decoded_frames(self.pipe, grid.frames)
         if not all(isinstance(video, (list, tuple)) and video for video in videos):
             raise ConceptAttentionError(
                 f"{self.backend.spec.name} makes videos: pass `images=output.frames` (one list of PIL frames per "

@@ -178,7 +178,7 @@ def test_detach_restores_processors_and_hooks_even_after_an_exception(case):
     backend = backend_for(transformer)
     before = dict(transformer.attn_processors)
     with pytest.raises(KeyboardInterrupt), ca.trace(pipe, ["dog", "sky"], layers=list(case.layers)):
-        assert isinstance(_attention(case, transformer.transformer_blocks[0]).processor, backend.processor_class)
+        assert isinstance(_attention(case, transformer.transformer_blocks[0]).processor, backend.stream.processor)
         _run(case, pipe, num_inference_steps=1)
         raise KeyboardInterrupt
     after = transformer.attn_processors
@@ -197,7 +197,7 @@ def test_nested_trace_is_refused(case):
         ca.trace(pipe, ["sky"]),
     ):
         pass
-    assert not any(isinstance(p, backend.processor_class) for p in pipe.transformer.attn_processors.values())
+    assert not any(isinstance(p, backend.stream.processor) for p in pipe.transformer.attn_processors.values())
 
 
 class _DelegatingProcessor:
@@ -325,7 +325,7 @@ def test_generate_returns_images_maps_and_record(case):
     assert meta["concept_positions"] == backend.spec.concept_positions
     assert ("conditional half" in meta["cfg"]) == case.conditional_half
     assert meta["versions"]["diffusers"] and meta["versions"]["torch"]
-    pixels = backend.pixels_per_token(pipe)
+    pixels = backend.encoding.pixels_per_token(pipe)
     assert maps.maps.shape[-2:] == (32 // pixels, 64 // pixels)
     torch.testing.assert_close(maps.maps.sum(1), torch.ones(1, *maps.maps.shape[2:]))  # softmax over concepts, mean
 

@@ -94,4 +94,4 @@ def test_concept_longer_than_the_prompt_budget_is_refused(klein):
 
     backend = backend_for(klein.transformer)
     with pytest.raises(ConceptAttentionError, match="max_sequence_length"):
-        backend.encode_concepts(klein, ["dog"], ConceptEncoding(pooling="first", max_sequence_length=3))
+        backend.concepts(klein, ["dog"], ConceptEncoding(pooling="first", max_sequence_length=3))

@@ -76,7 +76,7 @@ def test_video_and_text_streams_are_bit_identical(pipe, extra):
 def test_temporal_patches_give_fewer_token_frames():
     """patch_size_t = 2: two latent frames form one token frame; maps still equal the reference."""
     pipe = make_tiny_hunyuanvideo_pipeline(seed=4, num_layers=2, num_single_layers=1, patch_size_t=2)
-    assert backend_for(pipe.transformer).frame_layout(pipe) == (4, 2)
+    assert backend_for(pipe.transformer).frames.frame_layout(pipe) == (4, 2)
     records, plain = capture_forward_inputs(pipe.transformer, lambda: _run(pipe, "a dog", num_frames=13))
     expected = reference_maps(HUNYUAN_VIDEO, pipe, records, ["dog", "sky"], layers=[0, 1])
     with ca.trace(pipe, ["dog", "sky"], layers=[0, 1]) as tc:
@@ -116,14 +116,14 @@ def _refined_alone(pipe, concept, timestep, pooling="first"):
 
 def _embedded(pipe, concepts, timesteps, pooling="first"):
     backend = backend_for(pipe.transformer)
-    embeddings = backend.encode_concepts(pipe, concepts, ConceptEncoding(pooling=pooling))
+    embeddings = backend.concepts(pipe, concepts, ConceptEncoding(pooling=pooling))
     assert isinstance(embeddings.extras, ConceptSequences)
     timestep = torch.tensor(timesteps)
     shared = len(timesteps) == 1  # one timestep given for the batch: every row shares it
     conditioning = HunyuanConditioning(timestep, None, torch.zeros(len(timesteps), 12), shared_timestep=shared)
     record = ForwardRecord(timestep[0], 1000.0, TokenGrid(4, 6, 2), slice(None), conditioning)
     with torch.no_grad():
-        return backend.embed_concepts(pipe.transformer, embeddings.extras, record), embeddings
+        return backend.stream.embed(pipe.transformer, embeddings.extras, record), embeddings
 
 
 @pytest.mark.parametrize("pooling", ["first", "mean"])
@@ -262,7 +262,7 @@ def test_encode_video_passes_the_embedded_guidance_and_the_caption(pipe):
 def test_concept_truncated_by_the_budget_is_a_clear_error(pipe):
     backend = backend_for(pipe.transformer)
     with pytest.raises(ConceptAttentionError, match=r"do not occur in its encoded sequence.*max_sequence_length"):
-        backend.encode_concepts(pipe, ["skyscraper"], ConceptEncoding(pooling="first", max_sequence_length=3))
+        backend.concepts(pipe, ["skyscraper"], ConceptEncoding(pooling="first", max_sequence_length=3))
 
 
 @pytest.mark.parametrize("part", ["text_encoder", "tokenizer"])

@@ -34,7 +34,7 @@ def test_concept_span_is_located_in_the_templated_sequence(qwen_pipe, pooling):
     """Multi-token concepts are pooled over their own span, found after the dropped template prefix."""
     backend = backend_for(qwen_pipe.transformer)
     concepts = ["skyscraper", "dog", "traffic light"]
-    got = backend.encode_concepts(qwen_pipe, concepts, ConceptEncoding(pooling=pooling))
+    got = backend.concepts(qwen_pipe, concepts, ConceptEncoding(pooling=pooling))
     for concept, tokens in zip(concepts, got.tokens):  # byte-level pieces that spell the concept
         assert "".join(tokens).replace("Ġ", " ") == concept
     assert len(got.tokens[0]) > 1 and len(got.tokens[2]) > 1

@@ -6,8 +6,10 @@ that differs between architectures (forward arguments, position ids, concept
 encoding, encode-mode recipe, default layers, CFG layout) lives in a backend: the
 API modules above (``tracing``, ``encode``, ``generate``) only call this interface.
 
-Adding a backend = one module in this package that defines a :class:`Backend`
-subclass with its :class:`BackendSpec`, plus its name in ``adapters/__init__.py``.
+A backend is composed, not inherited: a frozen :class:`BackendSpec` (facts as data) plus
+small typed parts (layer rule, concept encoder, forward reader, concept stream, encode
+recipe, pipeline and frame facts). Adding a backend = one module in this package that
+builds a :class:`Backend` from its spec and parts, plus its name in ``adapters/__init__.py``.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Generic, Literal, TypeVar
+from typing import Any, ClassVar, Generic, Literal, Protocol, TypeVar
 
 import torch
 from typing_extensions import Self
@@ -283,16 +285,188 @@ def _take(value: torch.Tensor | None, index: torch.Tensor) -> torch.Tensor | Non
     return None if value is None else value.index_select(0, index.to(value.device))
 
 
-class Backend(ABC, Generic[Inputs, Conditioning]):
-    """One architecture: its facts (:attr:`spec`) and the operations the API needs.
+ConceptEncoder = Callable[[Any, Sequence[str], ConceptEncoding], ConceptEmbeddings]
+"""``(pipe, concepts, encoding) -> ConceptEmbeddings``: each concept encoded on its own with the pipeline's prompt
+encoder, (C, D_text) states, backend-private data in ``extras``."""
 
-    Subclasses implement the abstract methods; everything else has a shared default. A backend is
-    generic in its own types: ``Inputs`` (its :class:`EncodeInputs`) and ``Conditioning`` (what its
-    :class:`ForwardRecord` carries), so its methods take them typed, without downcasts.
+ForwardReader = Callable[[Any, Mapping[str, Any], bool], ForwardRecord[Conditioning]]
+"""``(transformer, its call's arguments, batched_cfg) -> ForwardRecord``: what one traced forward tells the stream."""
+
+
+def no_dead_blocks(transformer: Any, blocks: torch.nn.ModuleList) -> dict[int, str]:
+    """Every block can be scored."""
+    return {}
+
+
+def _last_blocks(count: int, usable: Sequence[int]) -> tuple[int, ...]:
+    return tuple(usable[-count:])
+
+
+def last_blocks(count: int) -> Callable[[Sequence[int]], tuple[int, ...]]:
+    """Default-layer rule: the last ``count`` usable blocks (all of them when there are fewer)."""
+    return functools.partial(_last_blocks, count)
+
+
+def later_half(usable: Sequence[int]) -> tuple[int, ...]:
+    """Default-layer rule: the later half of the usable blocks."""
+    return tuple(usable[len(usable) // 2 :])
+
+
+@dataclass(frozen=True)
+class LayerRule:
+    """Which blocks can be scored and which are by default (``spec.default_layers`` says it in words).
+
+    Attributes:
+        default: usable block indices (ascending) -> the default selection.
+        excluded: ``(transformer, its blocks) -> {index: why}``: blocks that must never be scored (their text
+            queries are untrained).
     """
 
-    spec: ClassVar[BackendSpec]
-    processor_class: ClassVar[type]  # the installed processor, to detect a double attach
+    default: Callable[[Sequence[int]], tuple[int, ...]]
+    excluded: Callable[[Any, torch.nn.ModuleList], dict[int, str]] = no_dead_blocks
+
+
+class ConceptStream(Protocol):
+    """The part that runs concepts through a model's blocks: installs processors and block hooks."""
+
+    @property
+    def processor(self) -> type:
+        """The installed processor class (marks a transformer as traced, to refuse a second attach)."""
+        ...
+
+    def install(self, backend: Backend, transformer: Any, state: RunState, stack: contextlib.ExitStack) -> None:
+        """Install processors and hooks on the blocks 0..last selected, pushing undo steps onto ``stack``."""
+        ...
+
+
+class EncodeRecipe(ABC, Generic[Inputs]):
+    """Encode mode for one architecture: real pixels -> clean latents and conditioning -> noised -> one forward."""
+
+    @abstractmethod
+    def pixels_per_token(self, pipe: Any) -> int:
+        """Image pixels per token side (VAE scale factor x patch size)."""
+
+    @abstractmethod
+    def inputs(
+        self, pipe: Any, pixels: torch.Tensor, caption: str, guidance_scale: float | None, max_sequence_length: int
+    ) -> Inputs:
+        """Clean latents and conditioning of real images (B, 3, height, width) in [-1, 1]."""
+
+    @abstractmethod
+    def forward(self, pipe: Any, inputs: Inputs, noisy_latents: torch.Tensor, t: float) -> None:
+        """One transformer forward on noisy latents at flow-matching time ``t``."""
+
+    def latents(self, pipe: Any, pixels: torch.Tensor) -> torch.Tensor:
+        """Normalised latents of (B, 3, height, width) pixels in [-1, 1]: the VAE mode, shifted and scaled."""
+        vae = pipe.vae
+        latents = vae.encode(pixels.to(pipe._execution_device, vae.dtype)).latent_dist.mode()  # (B, c, H', W')
+        latents = (latents - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
+        return latents.to(pipe.transformer.dtype)
+
+    def noised(self, pipe: Any, clean: torch.Tensor, noise: torch.Tensor, t: float) -> torch.Tensor:
+        """x_t of clean latents at time ``t``: rectified flow, ``(1 - t) x0 + t eps``."""
+        return (1.0 - t) * clean + t * noise
+
+    def default_size(self, pipe: Any) -> tuple[int, int]:
+        """(height, width) the pipeline generates by default (its default sample size x VAE scale factor)."""
+        side = int(getattr(pipe, "default_sample_size", 64)) * int(getattr(pipe, "vae_scale_factor", 1))
+        return side, side
+
+    def max_pixels_per_side(self, pipe: Any) -> int | None:
+        """The largest image side the model can take, if it has one (learned position tables)."""
+        return None
+
+
+def guidance_property(pipe: Any) -> bool:
+    """Whether the pipeline's current call batches [uncond; cond]: its ``do_classifier_free_guidance``."""
+    try:
+        return bool(pipe.do_classifier_free_guidance)
+    except AttributeError:  # the property reads state set inside the pipeline's __call__
+        return False
+
+
+def no_call_defaults(pipe: Any) -> dict[str, Any]:
+    return {}
+
+
+def any_call(pipe: Any, call: Mapping[str, Any]) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class PipelineFacts:
+    """What a backend knows of its pipelines' calls (the defaults serve most).
+
+    Attributes:
+        batched_cfg: whether the current call batches [uncond; cond] (read at each run's first forward).
+        max_sequence_length: the prompt token budget when neither the call nor the recorded defaults give one
+            (None: ``spec.max_sequence_length``).
+        call_defaults: pipeline-call arguments ``generate`` sets when the caller does not.
+        check_call: refuses call arguments the pipeline needs but lacks, before any compute.
+    """
+
+    batched_cfg: Callable[[Any], bool] = guidance_property
+    max_sequence_length: Callable[[Any], int] | None = None
+    call_defaults: Callable[[Any], dict[str, Any]] = no_call_defaults
+    check_call: Callable[[Any, Mapping[str, Any]], None] = any_call
+
+
+class VideoFacts(ABC):
+    """The frame facts of a video model."""
+
+    @abstractmethod
+    def frame_layout(self, pipe: Any) -> tuple[int, int]:
+        """(r, p_t): decoded frames per latent frame (the causal VAE's temporal compression) and latent frames per
+        token frame. A video of n frames is taken when ``(n - 1) % r == 0`` and its ``(n - 1) // r + 1`` latent
+        frames are a multiple of ``p_t``.
+        """
+
+    @abstractmethod
+    def default_num_frames(self, pipe: Any) -> int:
+        """Frames the pipeline generates by default."""
+
+    @abstractmethod
+    def fps(self, pipe: Any) -> float | None:
+        """Frame rate the model's videos are meant to play at (None: unknown)."""
+
+    def decoded_frames(self, pipe: Any, token_frames: int) -> int:
+        """Frames of the decoded video whose latents fill ``token_frames`` token frames."""
+        r, p_t = self.frame_layout(pipe)
+        return (token_frames * p_t - 1) * r + 1
+
+
+@dataclass(frozen=True)
+class Backend(Generic[Inputs, Conditioning]):
+    """One architecture: its facts (:attr:`spec`) and the parts the API composes.
+
+    A backend is data, not a subclass: each part is small and generic in the backend's own types
+    (``Inputs``, its :class:`EncodeInputs`; ``Conditioning``, what its :class:`ForwardRecord` carries),
+    so no part downcasts, and backend-private data (concept positions, whole sequences) travels in
+    ``ConceptEmbeddings.extras`` in the backend's own type, never as a field of a shared type.
+
+    Attributes:
+        spec: the facts, as data.
+        layers: which blocks can be scored, and the default ones.
+        concepts: the concept encoder.
+        reader: reads each traced forward's record from its arguments.
+        stream: runs the concepts through the blocks (processors, hooks, the text path).
+        encoding: the encode-mode recipe (real images and videos).
+        pipeline: facts of the pipeline's calls.
+        video: frame facts (video models only).
+    """
+
+    spec: BackendSpec
+    layers: LayerRule
+    concepts: ConceptEncoder
+    reader: ForwardReader[Conditioning]
+    stream: ConceptStream
+    encoding: EncodeRecipe[Inputs]
+    pipeline: PipelineFacts = PipelineFacts()
+    video: VideoFacts | None = None
+
+    def __post_init__(self) -> None:
+        if (self.video is not None) != (self.spec.modality == "video"):
+            raise TypeError(f"{self.spec.name}: frame facts are given exactly for video models")
 
     # -- blocks and layers ---------------------------------------------------------------------
     def blocks(self, transformer: torch.nn.Module) -> torch.nn.ModuleList:
@@ -303,15 +477,15 @@ class Backend(ABC, Generic[Inputs, Conditioning]):
 
     def excluded_blocks(self, transformer: torch.nn.Module) -> dict[int, str]:
         """Blocks that must never be scored, with the reason (their text queries are untrained)."""
-        return {}
+        return self.layers.excluded(transformer, self.blocks(transformer))
 
     def usable_blocks(self, transformer: torch.nn.Module) -> list[int]:
         excluded = self.excluded_blocks(transformer)
         return [i for i in range(self.num_blocks(transformer)) if i not in excluded]
 
-    @abstractmethod
     def default_layers(self, transformer: torch.nn.Module) -> tuple[int, ...]:
         """The default block selection (the rule is ``spec.default_layers``)."""
+        return self.layers.default(self.usable_blocks(transformer))
 
     def resolve_layers(self, transformer: torch.nn.Module, layers: Sequence[int] | None) -> tuple[int, ...]:
         """Default or validated block indices, with errors naming the valid range."""
@@ -333,7 +507,7 @@ class Backend(ABC, Generic[Inputs, Conditioning]):
                 )
         return tuple(layers)
 
-    # -- concepts ------------------------------------------------------------------------------
+    # -- concepts and calls --------------------------------------------------------------------
     def concept_encoder(self, choice: str | None) -> str:
         """The concept encoder to use, validated against the backend's choices."""
         encoders = self.spec.concept_encoders
@@ -346,118 +520,21 @@ class Backend(ABC, Generic[Inputs, Conditioning]):
             )
         return choice
 
-    @abstractmethod
-    def encode_concepts(self, pipe: Any, concepts: Sequence[str], encoding: ConceptEncoding) -> Any:
-        """Encode each concept on its own with the pipeline's prompt encoder.
-
-        Returns:
-            :class:`~conceptattention.concepts.ConceptEmbeddings` with (C, D_text) states.
-        """
-
-    # -- forwards ------------------------------------------------------------------------------
-    @abstractmethod
-    def read_forward(
-        self, transformer: torch.nn.Module, inputs: Mapping[str, Any], batched_cfg: bool
-    ) -> ForwardRecord[Conditioning]:
-        """The record of one transformer forward from its bound arguments."""
-
-    @abstractmethod
-    def install(self, transformer: torch.nn.Module, state: RunState, stack: contextlib.ExitStack) -> None:
-        """Install processors and block hooks on the blocks 0..last selected, pushing undo steps."""
-
-    def batched_cfg(self, pipe: Any) -> bool:
-        """Whether the pipeline's current call batches [uncond; cond] (read at each run's first forward)."""
-        try:
-            return bool(pipe.do_classifier_free_guidance)
-        except AttributeError:  # the property reads state set inside the pipeline's __call__
-            return False
-
     def default_max_sequence_length(self, pipe: Any) -> int:
         """The prompt token budget when neither the call nor the model's recorded defaults give one."""
-        return self.spec.max_sequence_length
+        budget = self.pipeline.max_sequence_length
+        return self.spec.max_sequence_length if budget is None else budget(pipe)
 
-    def call_defaults(self, pipe: Any) -> dict[str, Any]:
-        """Pipeline-call arguments ``generate`` sets when the caller does not (default: none)."""
-        return {}
+    def install(self, transformer: Any, state: RunState, stack: contextlib.ExitStack) -> None:
+        """Install the concept stream on the blocks 0..last selected, pushing undo steps onto ``stack``."""
+        self.stream.install(self, transformer, state, stack)
 
-    def check_call(self, pipe: Any, call: Mapping[str, Any]) -> None:
-        """Refuse pipeline-call arguments the pipeline needs but lacks, before any compute (default: none)."""
-        return None
-
-    # -- encode mode ---------------------------------------------------------------------------
-    @abstractmethod
-    def pixels_per_token(self, pipe: Any) -> int:
-        """Image pixels per token side (VAE scale factor x patch size)."""
-
-    def default_size(self, pipe: Any) -> tuple[int, int]:
-        """(height, width) the pipeline generates by default (its default sample size x VAE scale factor)."""
-        side = int(getattr(pipe, "default_sample_size", 64)) * int(getattr(pipe, "vae_scale_factor", 1))
-        return side, side
-
-    # -- video models --------------------------------------------------------------------------
-    def frame_layout(self, pipe: Any) -> tuple[int, int]:
-        """(r, p_t) of a video model: decoded frames per latent frame (the causal VAE's temporal compression)
-        and latent frames per token frame. A video of n frames is taken when ``(n - 1) % r == 0`` and its
-        ``(n - 1) // r + 1`` latent frames are a multiple of ``p_t``.
-        """
-        raise NotImplementedError(f"{self.spec.name} is an image model")
-
-    def default_num_frames(self, pipe: Any) -> int:
-        """Frames the pipeline generates by default (video models)."""
-        raise NotImplementedError(f"{self.spec.name} is an image model")
-
-    def fps(self, pipe: Any) -> float | None:
-        """Frame rate the model's videos are meant to play at (video models; None: unknown)."""
-        return None
-
-    def decoded_frames(self, pipe: Any, token_frames: int) -> int:
-        """Frames of the decoded video whose latents fill ``token_frames`` token frames (video models)."""
-        r, p_t = self.frame_layout(pipe)
-        return (token_frames * p_t - 1) * r + 1
-
-    def max_pixels_per_side(self, pipe: Any) -> int | None:
-        """The largest image side the model can take, if it has one (learned position tables)."""
-        return None
-
-    @abstractmethod
-    def encode_inputs(
-        self, pipe: Any, pixels: torch.Tensor, caption: str, guidance_scale: float | None, max_sequence_length: int
-    ) -> Inputs:
-        """Clean latents and conditioning of real images (B, 3, height, width) in [-1, 1]."""
-
-    @abstractmethod
-    def encode_forward(self, pipe: Any, inputs: Inputs, noisy_latents: torch.Tensor, t: float) -> None:
-        """One transformer forward on noisy latents at flow-matching time ``t``."""
-
-    @staticmethod
-    def vae_latents(pipe: Any, pixels: torch.Tensor) -> torch.Tensor:
-        """Normalised latents of (B, 3, height, width) pixels in [-1, 1]: the VAE mode, shifted and scaled."""
-        vae = pipe.vae
-        latents = vae.encode(pixels.to(pipe._execution_device, vae.dtype)).latent_dist.mode()  # (B, c, H', W')
-        latents = (latents - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
-        return latents.to(pipe.transformer.dtype)
-
-    def noised(self, pipe: Any, clean: torch.Tensor, noise: torch.Tensor, t: float) -> torch.Tensor:
-        """x_t of clean latents at time ``t``: rectified flow, ``(1 - t) x0 + t eps``."""
-        return (1.0 - t) * clean + t * noise
-
-    def check_processors(self, transformer: Any, indices: Sequence[int]) -> dict[str, Any]:
-        """The processors of the blocks to trace, after checking each is a stock one we replace."""
-        originals = transformer.attn_processors
-        found = {}
-        for index in indices:
-            name = f"{self.spec.double_blocks}.{index}.{self.spec.attention}.processor"
-            processor = originals[name]
-            if type(processor).__name__ not in self.spec.processor_classes:
-                stock = " or ".join(self.spec.processor_classes)
-                raise ConceptAttentionError(
-                    f"`{name}` is a {type(processor).__name__}; ConceptAttention replaces only the stock {stock} "
-                    "(IP-Adapter, fused-projection and custom processors are not supported). Restore it with "
-                    f"`transformer.set_attn_processor({self.spec.processor_classes[0]}())`, unload the adapter or "
-                    "call `unfuse_qkv_projections()` first."
-                )
-            found[name] = processor
-        return found
+    @property
+    def frames(self) -> VideoFacts:
+        """The frame facts (video models; callers check ``spec.modality`` first)."""
+        if self.video is None:
+            raise ConceptAttentionError(f"{self.spec.name} is an image model")
+        return self.video
 
 
 def _ranges(indices: Sequence[int]) -> str:

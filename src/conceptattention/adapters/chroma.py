@@ -24,16 +24,19 @@ from typing import Any
 import torch
 
 from conceptattention.adapters.base import (
+    Backend,
     BackendSpec,
     CallArguments,
     ConceptEncoding,
     EncodeInputs,
+    EncodeRecipe,
     ForwardRecord,
     first_timestep,
 )
 from conceptattention.adapters.joint import (
-    FluxFamilyBackend,
     FluxStyleProcessor,
+    JointPath,
+    flux_family_layers,
     image_grid,
     packed_latent_forward,
     packed_pixels_per_token,
@@ -55,45 +58,44 @@ class ChromaEncodeInputs(EncodeInputs):
     batched_fields = ("prompt_embeds", "attention_mask")
 
 
-class ChromaBackend(FluxFamilyBackend[ChromaEncodeInputs, None]):
-    spec = BackendSpec(
-        name="Chroma",
-        transformer_classes=("ChromaTransformer2DModel",),
-        pipeline_classes=("ChromaPipeline", "ChromaImg2ImgPipeline"),
-        processor_classes=("FluxAttnProcessor",),
-        double_blocks="transformer_blocks",
-        concept_encoders=("t5",),
-        default_layers=f"the last {DEFAULT_NUM_LAYERS} double-stream blocks (all of them when there are fewer)",
-        cfg_layout="separate",
-        concept_positions="text position ids 0 (RoPE is the identity on concepts)",
-        max_sequence_length=512,
-    )
-    processor_class = FluxStyleProcessor
+SPEC = BackendSpec(
+    name="Chroma",
+    transformer_classes=("ChromaTransformer2DModel",),
+    pipeline_classes=("ChromaPipeline", "ChromaImg2ImgPipeline"),
+    processor_classes=("FluxAttnProcessor",),
+    double_blocks="transformer_blocks",
+    concept_encoders=("t5",),
+    default_layers=f"the last {DEFAULT_NUM_LAYERS} double-stream blocks (all of them when there are fewer)",
+    cfg_layout="separate",
+    concept_positions="text position ids 0 (RoPE is the identity on concepts)",
+    max_sequence_length=512,
+)
 
-    def encode_concepts(self, pipe: Any, concepts: Sequence[str], encoding: ConceptEncoding) -> ConceptEmbeddings:
-        # Chroma's only encoder: T5, run with its attention mask
-        return encode_t5_concepts(pipe, concepts, encoding.pooling, "tokenizer", "text_encoder")
 
-    def read_forward(self, transformer, inputs: Mapping[str, Any], batched_cfg: bool) -> ForwardRecord[None]:
-        timestep = inputs["timestep"]
-        return ForwardRecord(first_timestep(timestep), 1.0, image_grid(inputs), slice(None), None)
+def encode_concepts(pipe: Any, concepts: Sequence[str], encoding: ConceptEncoding) -> ConceptEmbeddings:
+    # Chroma's only encoder: T5, run with its attention mask
+    return encode_t5_concepts(pipe, concepts, encoding.pooling, "tokenizer", "text_encoder")
 
-    def concept_conditioning(self, transformer, record: ForwardRecord[None], dtype: torch.dtype) -> None:
-        return None  # per block: the block's own text modulation slice
 
-    def block_conditioning(
-        self, forward_conditioning: torch.Tensor | None, record: ForwardRecord[None], arguments: CallArguments
-    ) -> torch.Tensor:
-        """(B_rows, 6, D) the block's text modulation: a function of the timestep only."""
-        temb = arguments["temb"]  # (B, 12, D): [image slice; text slice]
-        return temb[record.rows, 6:]
+def read_forward(transformer: Any, inputs: Mapping[str, Any], batched_cfg: bool) -> ForwardRecord[None]:
+    return ForwardRecord(first_timestep(inputs["timestep"]), 1.0, image_grid(inputs), slice(None), None)
 
-    # -- encode mode ---------------------------------------------------------------------------
-    def encode_inputs(
+
+def block_conditioning(record: ForwardRecord[None], arguments: CallArguments) -> torch.Tensor:
+    """(B_rows, 6, D) the block's text modulation: a function of the timestep only."""
+    temb = arguments["temb"]  # (B, 12, D): [image slice; text slice]
+    return temb[record.rows, 6:]
+
+
+class ChromaEncode(EncodeRecipe[ChromaEncodeInputs]):
+    def pixels_per_token(self, pipe: Any) -> int:
+        return packed_pixels_per_token(pipe, default_scale=1)
+
+    def inputs(
         self, pipe: Any, pixels: torch.Tensor, caption: str, guidance_scale: float | None, max_sequence_length: int
     ) -> ChromaEncodeInputs:
         device = pipe._execution_device
-        latents = self.vae_latents(pipe, pixels)  # (B, c, 2h, 2w)
+        latents = self.latents(pipe, pixels)  # (B, c, 2h, 2w)
         batch, dtype = latents.shape[0], latents.dtype
         prompt_embeds, text_ids, prompt_mask, *_ = pipe.encode_prompt(
             prompt=[caption] * batch,
@@ -112,10 +114,7 @@ class ChromaBackend(FluxFamilyBackend[ChromaEncodeInputs, None]):
             img_ids=pipe._prepare_latent_image_ids(batch, height, width, device, dtype),
         )
 
-    def pixels_per_token(self, pipe: Any) -> int:
-        return packed_pixels_per_token(pipe, default_scale=1)
-
-    def encode_forward(self, pipe: Any, inputs: ChromaEncodeInputs, noisy_latents: torch.Tensor, t: float) -> None:
+    def forward(self, pipe: Any, inputs: ChromaEncodeInputs, noisy_latents: torch.Tensor, t: float) -> None:
         arguments = {
             "encoder_hidden_states": inputs.prompt_embeds,
             "txt_ids": inputs.txt_ids,
@@ -125,4 +124,11 @@ class ChromaBackend(FluxFamilyBackend[ChromaEncodeInputs, None]):
         packed_latent_forward(pipe, noisy_latents, t, arguments)
 
 
-BACKEND = ChromaBackend()
+BACKEND: Backend[ChromaEncodeInputs, None] = Backend(
+    spec=SPEC,
+    layers=flux_family_layers(DEFAULT_NUM_LAYERS),
+    concepts=encode_concepts,
+    reader=read_forward,
+    stream=JointPath(FluxStyleProcessor, block_conditioning=block_conditioning),
+    encoding=ChromaEncode(),
+)

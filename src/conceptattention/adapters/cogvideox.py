@@ -15,7 +15,7 @@ tokens are keys (no padding slots).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,14 +24,19 @@ import torch.nn.functional as F
 from diffusers.models.embeddings import apply_rotary_emb
 
 from conceptattention.adapters.base import (
+    Backend,
     BackendSpec,
     CallArguments,
     ConceptEncoding,
     EncodeInputs,
+    EncodeRecipe,
     ForwardRecord,
+    LayerRule,
+    PipelineFacts,
+    VideoFacts,
     first_timestep,
 )
-from conceptattention.adapters.joint import ConceptProcessor, JointBackend, TextAttention
+from conceptattention.adapters.joint import ConceptProcessor, JointPath, TextAttention
 from conceptattention.concepts import ConceptEmbeddings, concept_token_ids, pipeline_part, pool_spans
 from conceptattention.core import TokenGrid
 from conceptattention.errors import ConceptAttentionError
@@ -101,94 +106,103 @@ class CogVideoXEncodeInputs(EncodeInputs):
     batched_fields = ("prompt_embeds",)
 
 
-class CogVideoXBackend(JointBackend[CogVideoXEncodeInputs, None]):
-    spec = BackendSpec(
-        name="CogVideoX",
-        transformer_classes=("CogVideoXTransformer3DModel",),
-        pipeline_classes=("CogVideoXPipeline", "CogVideoXImageToVideoPipeline", "CogVideoXVideoToVideoPipeline"),
-        processor_classes=("CogVideoXAttnProcessor2_0",),
-        double_blocks="transformer_blocks",
-        attention="attn1",
-        concept_encoders=("t5",),
-        default_layers="the later half of the blocks, without the last (whose text output the model discards)",
-        cfg_layout="batched",
-        concept_positions="none (no RoPE on text; CogVideoX 1.0's sin-cos positions are zero on text)",
-        max_sequence_length=226,
-        modality="video",
+SPEC = BackendSpec(
+    name="CogVideoX",
+    transformer_classes=("CogVideoXTransformer3DModel",),
+    pipeline_classes=("CogVideoXPipeline", "CogVideoXImageToVideoPipeline", "CogVideoXVideoToVideoPipeline"),
+    processor_classes=("CogVideoXAttnProcessor2_0",),
+    double_blocks="transformer_blocks",
+    attention="attn1",
+    concept_encoders=("t5",),
+    default_layers="the later half of the blocks, without the last (whose text output the model discards)",
+    cfg_layout="batched",
+    concept_positions="none (no RoPE on text; CogVideoX 1.0's sin-cos positions are zero on text)",
+    max_sequence_length=226,
+    modality="video",
+)
+
+
+def later_half_but_last(usable: Sequence[int]) -> tuple[int, ...]:
+    """The later half of the blocks without the last (all of them when there are two or fewer)."""
+    count = len(usable)
+    return tuple(usable[count // 2 : count - 1]) if count > 2 else tuple(usable)
+
+
+# -- pipeline calls ---------------------------------------------------------------------------
+def prompt_budget(pipe: Any) -> int:
+    return int(pipe.transformer.config.max_text_seq_length)
+
+
+def call_defaults(pipe: Any) -> dict[str, Any]:
+    """The prompt budget the transformer was built for: its text positions assume it (the pipeline says 226)."""
+    return {"max_sequence_length": prompt_budget(pipe)}
+
+
+def batched_cfg(pipe: Any) -> bool:
+    # The pipeline batches [uncond; cond] when `guidance_scale > 1` at the start of the call (it has no
+    # `do_classifier_free_guidance` property); read at a run's first forward, before dynamic CFG changes it.
+    return float(getattr(pipe, "_guidance_scale", 1.0) or 1.0) > 1.0
+
+
+# -- concepts ---------------------------------------------------------------------------------
+def encode_concepts(pipe: Any, concepts: Sequence[str], encoding: ConceptEncoding) -> ConceptEmbeddings:
+    why = "concepts are encoded with the pipeline's T5 encoder"
+    tokenizer = pipeline_part(pipe, "tokenizer", why)
+    pipeline_part(pipe, "text_encoder", why)
+    prompts = list(concepts)
+    words = concept_token_ids(prompts, tokenizer)  # checked before the encoder runs
+    length = encoding.max_sequence_length or prompt_budget(pipe)
+    hidden = pipe._get_t5_prompt_embeds(prompt=prompts, max_sequence_length=length, device=pipe._execution_device)
+    ids = tokenizer(prompts, padding="max_length", max_length=length, truncation=True).input_ids
+    described = f"t5 (text_encoder), each concept alone, padded to {length} tokens (no mask), as the pipeline does"
+    return pool_spans(hidden, ids, words, tokenizer, encoding.pooling, described)
+
+
+# -- forwards and the shared-weight text path -------------------------------------------------
+def read_forward(transformer: Any, inputs: Mapping[str, Any], batched_cfg: bool) -> ForwardRecord[None]:
+    latents = inputs["hidden_states"]  # (B, F_latent, c, H', W')
+    config = transformer.config
+    patch, patch_t = int(config.patch_size), int(config.patch_size_t or 1)
+    frames = -(-latents.shape[1] // patch_t)
+    grid = TokenGrid(latents.shape[-2] // patch, latents.shape[-1] // patch, frames, video=True)
+    rows = slice(latents.shape[0] // 2, None) if batched_cfg else slice(None)
+    return ForwardRecord(first_timestep(inputs["timestep"]), float(NUM_TRAIN_TIMESTEPS), grid, rows, None)
+
+
+def block_conditioning(record: ForwardRecord[None], arguments: CallArguments) -> torch.Tensor:
+    """Each block's own ``temb``: the timestep embedding, nothing from the prompt."""
+    return arguments["temb"][record.rows]
+
+
+def embed_concepts(transformer: Any, states: torch.Tensor, record: ForwardRecord[None]) -> torch.Tensor:
+    # As the prompt: `patch_embed.text_proj`; the positions added after it are zero on text.
+    return transformer.patch_embed.text_proj(states)
+
+
+def shared_attention(attn: Any) -> TextAttention:
+    """The shared attention weights: concepts use the same q/k/v, QK-norm and output projection as video."""
+    return TextAttention(
+        lambda x: (attn.to_q(x), attn.to_k(x), attn.to_v(x)),
+        attn.norm_q,
+        attn.norm_k,
+        lambda o: attn.to_out[1](attn.to_out[0](o)),
     )
-    processor_class = CogVideoXConceptAttnProcessor
 
-    def default_layers(self, transformer: Any) -> tuple[int, ...]:
-        count = self.num_blocks(transformer)
-        return tuple(range(count // 2, count - 1)) if count > 2 else tuple(range(count))
 
-    def default_max_sequence_length(self, pipe: Any) -> int:
-        return int(pipe.transformer.config.max_text_seq_length)
+def text_modulation(block: Any, hidden: torch.Tensor, emb: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The text slots of ``norm1`` (attention) and ``norm2`` (feed-forward) applied to concepts."""
+    _, _, _, shift, scale, gate = block.norm1.linear(block.norm1.silu(emb)).chunk(6, dim=1)
+    _, _, _, shift_mlp, scale_mlp, gate_mlp = block.norm2.linear(block.norm2.silu(emb)).chunk(6, dim=1)
+    normed = block.norm1.norm(hidden) * (1 + scale)[:, None] + shift[:, None]
+    return normed, gate, shift_mlp, scale_mlp, gate_mlp
 
-    def call_defaults(self, pipe: Any) -> dict[str, Any]:
-        """The prompt budget the transformer was built for: its text positions assume it (the pipeline says 226)."""
-        return {"max_sequence_length": self.default_max_sequence_length(pipe)}
 
-    def batched_cfg(self, pipe: Any) -> bool:
-        # The pipeline batches [uncond; cond] when `guidance_scale > 1` at the start of the call (it has no
-        # `do_classifier_free_guidance` property); read at a run's first forward, before dynamic CFG changes it.
-        return float(getattr(pipe, "_guidance_scale", 1.0) or 1.0) > 1.0
+def text_feedforward(block: Any) -> tuple[Callable, Callable]:
+    return block.norm2.norm, block.ff
 
-    # -- concepts ------------------------------------------------------------------------------
-    def encode_concepts(self, pipe: Any, concepts: Sequence[str], encoding: ConceptEncoding) -> ConceptEmbeddings:
-        why = "concepts are encoded with the pipeline's T5 encoder"
-        tokenizer = pipeline_part(pipe, "tokenizer", why)
-        pipeline_part(pipe, "text_encoder", why)
-        prompts = list(concepts)
-        words = concept_token_ids(prompts, tokenizer)  # checked before the encoder runs
-        length = encoding.max_sequence_length or self.default_max_sequence_length(pipe)
-        hidden = pipe._get_t5_prompt_embeds(prompt=prompts, max_sequence_length=length, device=pipe._execution_device)
-        ids = tokenizer(prompts, padding="max_length", max_length=length, truncation=True).input_ids
-        described = f"t5 (text_encoder), each concept alone, padded to {length} tokens (no mask), as the pipeline does"
-        return pool_spans(hidden, ids, words, tokenizer, encoding.pooling, described)
 
-    # -- forwards ------------------------------------------------------------------------------
-    def read_forward(self, transformer: Any, inputs: Mapping[str, Any], batched_cfg: bool) -> ForwardRecord[None]:
-        latents = inputs["hidden_states"]  # (B, F_latent, c, H', W')
-        config = transformer.config
-        patch, patch_t = int(config.patch_size), int(config.patch_size_t or 1)
-        frames = -(-latents.shape[1] // patch_t)
-        grid = TokenGrid(latents.shape[-2] // patch, latents.shape[-1] // patch, frames, video=True)
-        rows = slice(latents.shape[0] // 2, None) if batched_cfg else slice(None)
-        return ForwardRecord(first_timestep(inputs["timestep"]), float(NUM_TRAIN_TIMESTEPS), grid, rows, None)
-
-    def concept_conditioning(self, transformer: Any, record: ForwardRecord[None], dtype: torch.dtype) -> None:
-        return None  # each block's own `temb` (the timestep embedding, nothing from the prompt)
-
-    def block_conditioning(
-        self, forward_conditioning: torch.Tensor | None, record: ForwardRecord[None], arguments: CallArguments
-    ) -> torch.Tensor:
-        return arguments["temb"][record.rows]
-
-    def embed_concepts(self, transformer: Any, states: torch.Tensor, record: ForwardRecord[None]) -> torch.Tensor:
-        # As the prompt: `patch_embed.text_proj`; the positions added after it are zero on text.
-        return transformer.patch_embed.text_proj(states)
-
-    def text_attention(self, attn: Any) -> TextAttention:
-        """The shared attention weights: concepts use the same q/k/v, QK-norm and output projection as video."""
-        return TextAttention(
-            lambda x: (attn.to_q(x), attn.to_k(x), attn.to_v(x)),
-            attn.norm_q,
-            attn.norm_k,
-            lambda o: attn.to_out[1](attn.to_out[0](o)),
-        )
-
-    def text_modulation(self, block: Any, hidden: torch.Tensor, emb: torch.Tensor):
-        """The text slots of ``norm1`` (attention) and ``norm2`` (feed-forward) applied to concepts."""
-        _, _, _, shift, scale, gate = block.norm1.linear(block.norm1.silu(emb)).chunk(6, dim=1)
-        _, _, _, shift_mlp, scale_mlp, gate_mlp = block.norm2.linear(block.norm2.silu(emb)).chunk(6, dim=1)
-        normed = block.norm1.norm(hidden) * (1 + scale)[:, None] + shift[:, None]
-        return normed, gate, shift_mlp, scale_mlp, gate_mlp
-
-    def text_feedforward(self, block: Any):
-        return block.norm2.norm, block.ff
-
-    # -- video ---------------------------------------------------------------------------------
+# -- video ------------------------------------------------------------------------------------
+class CogVideoXFrames(VideoFacts):
     def frame_layout(self, pipe: Any) -> tuple[int, int]:
         return int(pipe.vae_scale_factor_temporal), int(pipe.transformer.config.patch_size_t or 1)
 
@@ -207,15 +221,21 @@ class CogVideoXBackend(JointBackend[CogVideoXEncodeInputs, None]):
         latent = token_frames * p_t - (1 if p_t > 1 else 0)
         return (latent - 1) * r + 1
 
+
+# -- encode mode ------------------------------------------------------------------------------
+def training_timestep(t: float) -> int:
+    return min(NUM_TRAIN_TIMESTEPS - 1, round(float(t) * NUM_TRAIN_TIMESTEPS))
+
+
+class CogVideoXEncode(EncodeRecipe[CogVideoXEncodeInputs]):
     def default_size(self, pipe: Any) -> tuple[int, int]:
         config, scale = pipe.transformer.config, int(pipe.vae_scale_factor_spatial)
         return int(config.sample_height) * scale, int(config.sample_width) * scale
 
-    # -- encode mode ---------------------------------------------------------------------------
     def pixels_per_token(self, pipe: Any) -> int:
         return int(pipe.vae_scale_factor_spatial) * int(pipe.transformer.config.patch_size)
 
-    def encode_inputs(
+    def inputs(
         self, pipe: Any, pixels: torch.Tensor, caption: str, guidance_scale: float | None, max_sequence_length: int
     ) -> CogVideoXEncodeInputs:
         transformer = pipe.transformer
@@ -248,17 +268,13 @@ class CogVideoXBackend(JointBackend[CogVideoXEncodeInputs, None]):
 
     def noised(self, pipe: Any, clean: torch.Tensor, noise: torch.Tensor, t: float) -> torch.Tensor:
         """x_t at training timestep ``round(t * 1000)``: ``sqrt(a) x0 + sqrt(1 - a) eps`` (the scheduler's ``a``)."""
-        alpha = float(pipe.scheduler.alphas_cumprod[self.training_timestep(t)])
+        alpha = float(pipe.scheduler.alphas_cumprod[training_timestep(t)])
         return alpha**0.5 * clean + (1 - alpha) ** 0.5 * noise
 
-    @staticmethod
-    def training_timestep(t: float) -> int:
-        return min(NUM_TRAIN_TIMESTEPS - 1, round(float(t) * NUM_TRAIN_TIMESTEPS))
-
-    def encode_forward(self, pipe: Any, inputs: CogVideoXEncodeInputs, noisy_latents: torch.Tensor, t: float) -> None:
+    def forward(self, pipe: Any, inputs: CogVideoXEncodeInputs, noisy_latents: torch.Tensor, t: float) -> None:
         batch = noisy_latents.shape[0]
         transformer = pipe.transformer
-        timestep = torch.full((batch,), self.training_timestep(t), device=noisy_latents.device, dtype=torch.long)
+        timestep = torch.full((batch,), training_timestep(t), device=noisy_latents.device, dtype=torch.long)
         ofs = None if transformer.config.ofs_embed_dim is None else noisy_latents.new_full((1,), 2.0)
         transformer(
             hidden_states=noisy_latents,
@@ -270,4 +286,20 @@ class CogVideoXBackend(JointBackend[CogVideoXEncodeInputs, None]):
         )
 
 
-BACKEND = CogVideoXBackend()
+BACKEND: Backend[CogVideoXEncodeInputs, None] = Backend(
+    spec=SPEC,
+    layers=LayerRule(default=later_half_but_last),
+    concepts=encode_concepts,
+    reader=read_forward,
+    stream=JointPath(
+        CogVideoXConceptAttnProcessor,
+        block_conditioning=block_conditioning,
+        embed=embed_concepts,
+        attention=shared_attention,
+        modulation=text_modulation,
+        feedforward=text_feedforward,
+    ),
+    encoding=CogVideoXEncode(),
+    pipeline=PipelineFacts(batched_cfg=batched_cfg, max_sequence_length=prompt_budget, call_defaults=call_defaults),
+    video=CogVideoXFrames(),
+)

@@ -15,15 +15,18 @@ from typing import Any
 import torch
 
 from conceptattention.adapters.base import (
+    Backend,
     BackendSpec,
     ConceptEncoding,
     EncodeInputs,
+    EncodeRecipe,
     ForwardRecord,
     first_timestep,
 )
 from conceptattention.adapters.joint import (
-    FluxFamilyBackend,
     FluxStyleProcessor,
+    JointPath,
+    flux_family_layers,
     image_grid,
     packed_latent_forward,
     packed_pixels_per_token,
@@ -55,52 +58,50 @@ class FluxEncodeInputs(EncodeInputs):
     batched_fields = ("prompt_embeds", "pooled", "guidance")  # ids are shared by the batch
 
 
-class FluxBackend(FluxFamilyBackend[FluxEncodeInputs, FluxConditioning]):
-    spec = BackendSpec(
-        name="Flux.1",
-        transformer_classes=("FluxTransformer2DModel",),
-        pipeline_classes=("FluxPipeline", "FluxImg2ImgPipeline"),
-        processor_classes=("FluxAttnProcessor",),
-        double_blocks="transformer_blocks",
-        concept_encoders=("t5",),
-        default_layers=f"the last {DEFAULT_NUM_LAYERS} double-stream blocks (all of them when there are fewer)",
-        cfg_layout="separate",
-        concept_positions="text position ids 0 (RoPE is the identity on concepts)",
-        max_sequence_length=512,
-    )
-    processor_class = FluxStyleProcessor
+SPEC = BackendSpec(
+    name="Flux.1",
+    transformer_classes=("FluxTransformer2DModel",),
+    pipeline_classes=("FluxPipeline", "FluxImg2ImgPipeline"),
+    processor_classes=("FluxAttnProcessor",),
+    double_blocks="transformer_blocks",
+    concept_encoders=("t5",),
+    default_layers=f"the last {DEFAULT_NUM_LAYERS} double-stream blocks (all of them when there are fewer)",
+    cfg_layout="separate",
+    concept_positions="text position ids 0 (RoPE is the identity on concepts)",
+    max_sequence_length=512,
+)
 
-    def encode_concepts(self, pipe: Any, concepts: Sequence[str], encoding: ConceptEncoding) -> ConceptEmbeddings:
-        return encode_t5_concepts(pipe, concepts, encoding.pooling, "tokenizer_2", "text_encoder_2")
 
-    def read_forward(
-        self, transformer, inputs: Mapping[str, Any], batched_cfg: bool
-    ) -> ForwardRecord[FluxConditioning]:
-        timestep = inputs["timestep"]
-        conditioning = FluxConditioning(timestep, inputs.get("guidance"), inputs["pooled_projections"])
-        return ForwardRecord(first_timestep(timestep), 1.0, image_grid(inputs), slice(None), conditioning)
+def encode_concepts(pipe: Any, concepts: Sequence[str], encoding: ConceptEncoding) -> ConceptEmbeddings:
+    return encode_t5_concepts(pipe, concepts, encoding.pooling, "tokenizer_2", "text_encoder_2")
 
-    def concept_conditioning(
-        self, transformer, record: ForwardRecord[FluxConditioning], dtype: torch.dtype
-    ) -> torch.Tensor | None:
-        """Timestep (+ guidance) embedding with a zero pooled-text input: nothing from the prompt."""
-        inputs: FluxConditioning = record.conditioning
-        rows = record.rows
-        timestep = inputs.timestep[rows].to(dtype) * 1000
-        zeros = torch.zeros_like(inputs.pooled[rows])
-        if inputs.guidance is None:
-            return transformer.time_text_embed(timestep, zeros)
-        return transformer.time_text_embed(timestep, inputs.guidance[rows].to(dtype) * 1000, zeros)
 
-    # -- encode mode ---------------------------------------------------------------------------
+def read_forward(transformer: Any, inputs: Mapping[str, Any], batched_cfg: bool) -> ForwardRecord[FluxConditioning]:
+    timestep = inputs["timestep"]
+    conditioning = FluxConditioning(timestep, inputs.get("guidance"), inputs["pooled_projections"])
+    return ForwardRecord(first_timestep(timestep), 1.0, image_grid(inputs), slice(None), conditioning)
+
+
+def concept_conditioning(transformer: Any, record: ForwardRecord[FluxConditioning], dtype: torch.dtype) -> torch.Tensor:
+    """Timestep (+ guidance) embedding with a zero pooled-text input: nothing from the prompt."""
+    inputs = record.conditioning
+    rows = record.rows
+    timestep = inputs.timestep[rows].to(dtype) * 1000
+    zeros = torch.zeros_like(inputs.pooled[rows])
+    if inputs.guidance is None:
+        return transformer.time_text_embed(timestep, zeros)
+    return transformer.time_text_embed(timestep, inputs.guidance[rows].to(dtype) * 1000, zeros)
+
+
+class FluxEncode(EncodeRecipe[FluxEncodeInputs]):
     def pixels_per_token(self, pipe: Any) -> int:
         return packed_pixels_per_token(pipe, default_scale=1)
 
-    def encode_inputs(
+    def inputs(
         self, pipe: Any, pixels: torch.Tensor, caption: str, guidance_scale: float | None, max_sequence_length: int
     ) -> FluxEncodeInputs:
         device = pipe._execution_device
-        latents = self.vae_latents(pipe, pixels)  # (B, c, 2h, 2w)
+        latents = self.latents(pipe, pixels)  # (B, c, 2h, 2w)
         batch, dtype = latents.shape[0], latents.dtype
         prompt_embeds, pooled, text_ids = pipe.encode_prompt(
             prompt=[caption] * batch, prompt_2=None, device=device, max_sequence_length=max_sequence_length
@@ -120,7 +121,7 @@ class FluxBackend(FluxFamilyBackend[FluxEncodeInputs, FluxConditioning]):
             guidance=guidance,
         )
 
-    def encode_forward(self, pipe: Any, inputs: FluxEncodeInputs, noisy_latents: torch.Tensor, t: float) -> None:
+    def forward(self, pipe: Any, inputs: FluxEncodeInputs, noisy_latents: torch.Tensor, t: float) -> None:
         arguments = {
             "encoder_hidden_states": inputs.prompt_embeds,
             "pooled_projections": inputs.pooled,
@@ -131,4 +132,11 @@ class FluxBackend(FluxFamilyBackend[FluxEncodeInputs, FluxConditioning]):
         packed_latent_forward(pipe, noisy_latents, t, arguments)
 
 
-BACKEND = FluxBackend()
+BACKEND: Backend[FluxEncodeInputs, FluxConditioning] = Backend(
+    spec=SPEC,
+    layers=flux_family_layers(DEFAULT_NUM_LAYERS),
+    concepts=encode_concepts,
+    reader=read_forward,
+    stream=JointPath(FluxStyleProcessor, forward_conditioning=concept_conditioning),
+    encoding=FluxEncode(),
+)

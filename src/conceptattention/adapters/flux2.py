@@ -28,17 +28,20 @@ from typing import Any
 import torch
 
 from conceptattention.adapters.base import (
+    Backend,
     BackendSpec,
     CallArguments,
     ConceptEncoding,
     EncodeInputs,
+    EncodeRecipe,
     ForwardRecord,
     TensorFacts,
     first_timestep,
 )
 from conceptattention.adapters.joint import (
-    FluxFamilyBackend,
     FluxStyleProcessor,
+    JointPath,
+    flux_family_layers,
     packed_pixels_per_token,
 )
 from conceptattention.concepts import (
@@ -93,127 +96,114 @@ class Flux2EncodeInputs(EncodeInputs):
     batched_fields = ("prompt_embeds", "guidance")
 
 
-class Flux2Backend(FluxFamilyBackend[Flux2EncodeInputs, Flux2Conditioning]):
-    spec = BackendSpec(
-        name="Flux.2",
-        transformer_classes=("Flux2Transformer2DModel",),
-        pipeline_classes=("Flux2Pipeline", "Flux2KleinPipeline"),
-        processor_classes=("Flux2AttnProcessor",),
-        double_blocks="transformer_blocks",
-        concept_encoders=("prompt",),
-        default_layers=f"the last {DEFAULT_NUM_LAYERS} double-stream blocks (FLUX.2-dev: 5-7 of 0-7)",
-        cfg_layout="separate",
-        concept_positions="each concept at the text position l of its first sub-token in its own templated "
-        "encoding (where a prompt's first user token sits)",
-        max_sequence_length=512,
+SPEC = BackendSpec(
+    name="Flux.2",
+    transformer_classes=("Flux2Transformer2DModel",),
+    pipeline_classes=("Flux2Pipeline", "Flux2KleinPipeline"),
+    processor_classes=("Flux2AttnProcessor",),
+    double_blocks="transformer_blocks",
+    concept_encoders=("prompt",),
+    default_layers=f"the last {DEFAULT_NUM_LAYERS} double-stream blocks (FLUX.2-dev: 5-7 of 0-7)",
+    cfg_layout="separate",
+    concept_positions="each concept at the text position l of its first sub-token in its own templated "
+    "encoding (where a prompt's first user token sits)",
+    max_sequence_length=512,
+)
+
+
+def text_modulation(block: Any, hidden: torch.Tensor, emb: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Flux.2 splits the model-level (B, 6D) text modulation; ``norm1_context`` has no parameters."""
+    (shift, scale, gate), (shift_mlp, scale_mlp, gate_mlp) = (
+        tuple(t.flatten(1) for t in params) for params in _split(emb)
     )
-    processor_class = Flux2ConceptAttnProcessor
-    default_num_layers = DEFAULT_NUM_LAYERS
+    normed = (1 + scale[:, None]) * block.norm1_context(hidden) + shift[:, None]
+    return normed, gate, shift_mlp, scale_mlp, gate_mlp
 
-    # -- blocks --------------------------------------------------------------------------------
 
-    # -- the text-stream modules ----------------------------------------------------------------
-    def text_modulation(self, block: Any, hidden: torch.Tensor, emb: torch.Tensor):
-        """Flux.2 splits the model-level (B, 6D) text modulation; ``norm1_context`` has no parameters."""
-        (shift, scale, gate), (shift_mlp, scale_mlp, gate_mlp) = (
-            tuple(t.flatten(1) for t in params) for params in _split(emb)
+def block_conditioning(record: ForwardRecord[Flux2Conditioning], arguments: CallArguments) -> torch.Tensor:
+    """(B_rows, 6D) the text modulation the block gets: timestep (+ guidance) only."""
+    return arguments["temb_mod_txt"][record.rows]
+
+
+def encode_concepts(pipe: Any, concepts: Sequence[str], encoding: ConceptEncoding) -> ConceptEmbeddings:
+    why = "concepts are encoded with the pipeline's prompt encoder"
+    processor = pipeline_part(pipe, "tokenizer", why)
+    encoder = pipeline_part(pipe, "text_encoder", why)
+    tokenizer = getattr(processor, "tokenizer", processor)  # FLUX.2-dev passes a Pixtral processor
+    length = encoding.max_sequence_length or SPEC.max_sequence_length
+    device = pipe._execution_device
+    prompts = list(concepts)
+    concept_token_ids(prompts, tokenizer)  # unknown / identical / empty concepts fail before any encoder runs
+    if hasattr(pipe, "_get_qwen3_prompt_embeds"):  # Klein: Qwen3 chat template, no thinking
+        texts = [
+            processor.apply_chat_template(
+                [{"role": "user", "content": c}], tokenize=False, add_generation_prompt=True, enable_thinking=False
+            )
+            for c in prompts
+        ]
+        # The encoder masks padding, so the concept states do not depend on the padded length: pad only
+        # to the longest templated concept instead of the prompt budget.
+        length = min(length, max(len(ids) for ids in processor(texts).input_ids))
+        hidden = pipe._get_qwen3_prompt_embeds(
+            text_encoder=encoder, tokenizer=processor, prompt=prompts, device=device, max_sequence_length=length
         )
-        normed = (1 + scale[:, None]) * block.norm1_context(hidden) + shift[:, None]
-        return normed, gate, shift_mlp, scale_mlp, gate_mlp
+        ids = processor(texts, padding="max_length", truncation=True, max_length=length).input_ids
+        described = "prompt: qwen3 (text_encoder, chat template, hidden layers 9/18/27 stacked), each concept alone"
+    elif hasattr(pipe, "_get_mistral_3_small_prompt_embeds"):  # dev: Mistral-3 with the system message
+        from diffusers.pipelines.flux2.pipeline_flux2 import format_input
 
-    # -- concepts ------------------------------------------------------------------------------
-    def encode_concepts(self, pipe: Any, concepts: Sequence[str], encoding: ConceptEncoding) -> ConceptEmbeddings:
-        why = "concepts are encoded with the pipeline's prompt encoder"
-        processor = pipeline_part(pipe, "tokenizer", why)
-        encoder = pipeline_part(pipe, "text_encoder", why)
-        tokenizer = getattr(processor, "tokenizer", processor)  # FLUX.2-dev passes a Pixtral processor
-        length = encoding.max_sequence_length or self.spec.max_sequence_length
-        device = pipe._execution_device
-        prompts = list(concepts)
-        concept_token_ids(prompts, tokenizer)  # unknown / identical / empty concepts fail before any encoder runs
-        if hasattr(pipe, "_get_qwen3_prompt_embeds"):  # Klein: Qwen3 chat template, no thinking
-            texts = [
-                processor.apply_chat_template(
-                    [{"role": "user", "content": c}], tokenize=False, add_generation_prompt=True, enable_thinking=False
-                )
-                for c in prompts
-            ]
-            # The encoder masks padding, so the concept states do not depend on the padded length: pad only
-            # to the longest templated concept instead of the prompt budget.
-            length = min(length, max(len(ids) for ids in processor(texts).input_ids))
-            hidden = pipe._get_qwen3_prompt_embeds(
-                text_encoder=encoder, tokenizer=processor, prompt=prompts, device=device, max_sequence_length=length
-            )
-            ids = processor(texts, padding="max_length", truncation=True, max_length=length).input_ids
-            described = "prompt: qwen3 (text_encoder, chat template, hidden layers 9/18/27 stacked), each concept alone"
-        elif hasattr(pipe, "_get_mistral_3_small_prompt_embeds"):  # dev: Mistral-3 with the system message
-            from diffusers.pipelines.flux2.pipeline_flux2 import format_input
+        system = getattr(pipe, "system_message", None)
+        options = {} if system is None else {"system_message": system}
+        unpadded = processor.apply_chat_template(
+            format_input(prompts, **options), add_generation_prompt=False, tokenize=True, return_dict=True
+        )["input_ids"]
+        length = min(length, max(len(ids) for ids in unpadded))  # as for Klein: padding is masked
+        hidden = pipe._get_mistral_3_small_prompt_embeds(
+            text_encoder=encoder,
+            tokenizer=processor,
+            prompt=prompts,
+            device=device,
+            max_sequence_length=length,
+            **options,
+        )
+        ids = processor.apply_chat_template(
+            format_input(prompts, **options),
+            add_generation_prompt=False,
+            tokenize=True,
+            return_dict=True,
+            padding="max_length",
+            truncation=True,
+            max_length=length,
+        )["input_ids"]
+        described = "prompt: mistral-3 (text_encoder, chat template with the system message, hidden layers "
+        described += "10/20/30 stacked), each concept alone"
+    else:
+        raise ConceptAttentionError(
+            f"{type(pipe).__name__} has no Flux.2 prompt encoder (`_get_qwen3_prompt_embeds` or "
+            "`_get_mistral_3_small_prompt_embeds`); use Flux2Pipeline or Flux2KleinPipeline"
+        )
+    sequences = [list(row) for row in (ids.tolist() if torch.is_tensor(ids) else ids)]
+    words = [_word_in_context(tokenizer, c, seq) for c, seq in zip(prompts, sequences)]
+    embeddings = pool_spans(hidden, sequences, words, tokenizer, encoding.pooling, described)
+    return dataclasses.replace(embeddings, extras=ConceptPositions(span_starts(sequences, words)))
 
-            system = getattr(pipe, "system_message", None)
-            options = {} if system is None else {"system_message": system}
-            unpadded = processor.apply_chat_template(
-                format_input(prompts, **options), add_generation_prompt=False, tokenize=True, return_dict=True
-            )["input_ids"]
-            length = min(length, max(len(ids) for ids in unpadded))  # as for Klein: padding is masked
-            hidden = pipe._get_mistral_3_small_prompt_embeds(
-                text_encoder=encoder,
-                tokenizer=processor,
-                prompt=prompts,
-                device=device,
-                max_sequence_length=length,
-                **options,
-            )
-            ids = processor.apply_chat_template(
-                format_input(prompts, **options),
-                add_generation_prompt=False,
-                tokenize=True,
-                return_dict=True,
-                padding="max_length",
-                truncation=True,
-                max_length=length,
-            )["input_ids"]
-            described = "prompt: mistral-3 (text_encoder, chat template with the system message, hidden layers "
-            described += "10/20/30 stacked), each concept alone"
-        else:
-            raise ConceptAttentionError(
-                f"{type(pipe).__name__} has no Flux.2 prompt encoder (`_get_qwen3_prompt_embeds` or "
-                "`_get_mistral_3_small_prompt_embeds`); use Flux2Pipeline or Flux2KleinPipeline"
-            )
-        sequences = [list(row) for row in (ids.tolist() if torch.is_tensor(ids) else ids)]
-        words = [_word_in_context(tokenizer, c, seq) for c, seq in zip(prompts, sequences)]
-        embeddings = pool_spans(hidden, sequences, words, tokenizer, encoding.pooling, described)
-        return dataclasses.replace(embeddings, extras=ConceptPositions(span_starts(sequences, words)))
 
-    # -- forwards ------------------------------------------------------------------------------
-    def read_forward(
-        self, transformer, inputs: Mapping[str, Any], batched_cfg: bool
-    ) -> ForwardRecord[Flux2Conditioning]:
-        count, h, w = _target_geometry(inputs["img_ids"])
-        if h * w != count:
-            raise ConceptAttentionError(f"The target image ids describe a {h}x{w} grid but there are {count} tokens")
-        if inputs.get("kv_cache_mode") is not None:
-            raise ConceptAttentionError("KV-cached reference forwards (Flux.2 Klein KV) are not supported")
-        return ForwardRecord(first_timestep(inputs["timestep"]), 1.0, TokenGrid(h, w), slice(None), Flux2Conditioning(),
-                             slice(0, count))  # fmt: skip
 
-    def concept_conditioning(self, transformer, record: ForwardRecord[Flux2Conditioning], dtype: torch.dtype) -> None:
-        return None  # the model-level text modulation, read from each block's arguments
+def read_forward(transformer: Any, inputs: Mapping[str, Any], batched_cfg: bool) -> ForwardRecord[Flux2Conditioning]:
+    count, h, w = _target_geometry(inputs["img_ids"])
+    if h * w != count:
+        raise ConceptAttentionError(f"The target image ids describe a {h}x{w} grid but there are {count} tokens")
+    if inputs.get("kv_cache_mode") is not None:
+        raise ConceptAttentionError("KV-cached reference forwards (Flux.2 Klein KV) are not supported")
+    return ForwardRecord(first_timestep(inputs["timestep"]), 1.0, TokenGrid(h, w), slice(None), Flux2Conditioning(),
+                         slice(0, count))  # fmt: skip
 
-    def block_conditioning(
-        self,
-        forward_conditioning: torch.Tensor | None,
-        record: ForwardRecord[Flux2Conditioning],
-        arguments: CallArguments,
-    ) -> torch.Tensor:
-        """(B_rows, 6D) the text modulation the block gets: timestep (+ guidance) only."""
-        return arguments["temb_mod_txt"][record.rows]
 
-    # -- encode mode ---------------------------------------------------------------------------
+class Flux2Encode(EncodeRecipe[Flux2EncodeInputs]):
     def pixels_per_token(self, pipe: Any) -> int:
         return packed_pixels_per_token(pipe, default_scale=8)  # 2x2 patchified latents
 
-    @staticmethod
-    def vae_latents(pipe: Any, pixels: torch.Tensor) -> torch.Tensor:
+    def latents(self, pipe: Any, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 4c, H'/2, W'/2) patchified latents normalised by the VAE's batch-norm statistics."""
         vae = pipe.vae
         latents = vae.encode(pixels.to(pipe._execution_device, vae.dtype)).latent_dist.mode()
@@ -222,11 +212,11 @@ class Flux2Backend(FluxFamilyBackend[Flux2EncodeInputs, Flux2Conditioning]):
         std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(latents)
         return ((latents - mean) / std).to(pipe.transformer.dtype)
 
-    def encode_inputs(
+    def inputs(
         self, pipe: Any, pixels: torch.Tensor, caption: str, guidance_scale: float | None, max_sequence_length: int
     ) -> Flux2EncodeInputs:
         device = pipe._execution_device
-        latents = self.vae_latents(pipe, pixels)  # (B, 4c, h, w)
+        latents = self.latents(pipe, pixels)  # (B, 4c, h, w)
         batch = latents.shape[0]
         prompt_embeds, text_ids = pipe.encode_prompt(
             prompt=[caption] * batch, device=device, max_sequence_length=max_sequence_length
@@ -244,7 +234,7 @@ class Flux2Backend(FluxFamilyBackend[Flux2EncodeInputs, Flux2Conditioning]):
             guidance=guidance,
         )
 
-    def encode_forward(self, pipe: Any, inputs: Flux2EncodeInputs, noisy_latents: torch.Tensor, t: float) -> None:
+    def forward(self, pipe: Any, inputs: Flux2EncodeInputs, noisy_latents: torch.Tensor, t: float) -> None:
         packed = pipe._pack_latents(noisy_latents)  # (B, h * w, 4c)
         timestep = torch.full((packed.shape[0],), float(t), device=packed.device, dtype=packed.dtype)
         pipe.transformer(
@@ -294,4 +284,11 @@ def _word_in_context(tokenizer: Any, concept: str, sequence: Sequence[int]) -> l
     )
 
 
-BACKEND = Flux2Backend()
+BACKEND: Backend[Flux2EncodeInputs, Flux2Conditioning] = Backend(
+    spec=SPEC,
+    layers=flux_family_layers(DEFAULT_NUM_LAYERS),
+    concepts=encode_concepts,
+    reader=read_forward,
+    stream=JointPath(Flux2ConceptAttnProcessor, block_conditioning=block_conditioning, modulation=text_modulation),
+    encoding=Flux2Encode(),
+)

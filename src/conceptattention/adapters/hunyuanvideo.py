@@ -19,7 +19,6 @@ only (none on text, hence none on concepts), text mask ``(B, 1, 1, N + T)``. Wha
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -29,15 +28,19 @@ import torch
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
 
-from conceptattention.adapters.base import BackendSpec, ConceptEncoding, EncodeInputs, ForwardRecord, RunState
-from conceptattention.adapters.joint import (
-    ConceptProcessor,
-    JointBackend,
-    apply_norm,
-    last_double_block_if_no_singles,
-    later_half_of_usable_blocks,
-    projections,
+from conceptattention.adapters.base import (
+    Backend,
+    BackendSpec,
+    ConceptEncoding,
+    EncodeInputs,
+    EncodeRecipe,
+    ForwardRecord,
+    LayerRule,
+    RunState,
+    VideoFacts,
+    later_half,
 )
+from conceptattention.adapters.joint import ConceptProcessor, JointPath, apply_norm, dead_last_double_block, projections
 from conceptattention.concepts import ConceptEmbeddings, concept_token_ids, pipeline_part, pool_spans, span_starts
 from conceptattention.config import Pooling
 from conceptattention.core import TokenGrid
@@ -174,136 +177,135 @@ def _call_default(pipe: Any, name: str, fallback: Any) -> Any:
     return fallback if parameter is None or parameter.default is inspect.Parameter.empty else parameter.default
 
 
-class HunyuanVideoBackend(JointBackend[HunyuanEncodeInputs, HunyuanConditioning]):
-    spec = BackendSpec(
-        name="HunyuanVideo",
-        transformer_classes=("HunyuanVideoTransformer3DModel",),
-        pipeline_classes=("HunyuanVideoPipeline",),
-        processor_classes=("HunyuanVideoAttnProcessor2_0",),
-        double_blocks="transformer_blocks",
-        concept_encoders=("llama",),
-        default_layers="the later half of the double-stream blocks (10-19 of 0-19; single-stream blocks follow, "
-        "so none is dead)",
-        cfg_layout="separate",
-        concept_positions="none (no RoPE on text)",
-        max_sequence_length=256,
-        modality="video",
+SPEC = BackendSpec(
+    name="HunyuanVideo",
+    transformer_classes=("HunyuanVideoTransformer3DModel",),
+    pipeline_classes=("HunyuanVideoPipeline",),
+    processor_classes=("HunyuanVideoAttnProcessor2_0",),
+    double_blocks="transformer_blocks",
+    concept_encoders=("llama",),
+    default_layers="the later half of the double-stream blocks (10-19 of 0-19; single-stream blocks follow, "
+    "so none is dead)",
+    cfg_layout="separate",
+    concept_positions="none (no RoPE on text)",
+    max_sequence_length=256,
+    modality="video",
+)
+
+
+def check_install(transformer: Any, state: RunState) -> None:
+    if transformer.config.image_condition_type == "token_replace":
+        raise ConceptAttentionError(
+            "This HunyuanVideo transformer replaces the first frame's tokens with an image (image_condition_type="
+            "'token_replace', HunyuanVideo-I2V); ConceptAttention supports the text-to-video model "
+            "(HunyuanVideoPipeline)"
+        )
+    if not isinstance(state.concepts.extras, ConceptSequences):
+        raise ConceptAttentionError(
+            "HunyuanVideo concepts must be encoded as whole sequences (for the token refiner); encode them with "
+            "this backend's concept encoder"
+        )
+
+
+# -- concepts ---------------------------------------------------------------------------------
+def encode_concepts(pipe: Any, concepts: Sequence[str], encoding: ConceptEncoding) -> ConceptEmbeddings:
+    """Each concept alone in the pipeline's prompt template, through Llama as the pipeline encodes a prompt.
+
+    The states of each concept's cropped sequence are kept whole (:class:`ConceptSequences`, padding
+    beyond the longest concept trimmed): the token refiner runs on them at every traced forward.
+    """
+    why = "concepts are encoded with the Llama prompt encoder"
+    tokenizer = pipeline_part(pipe, "tokenizer", why)
+    encoder = pipeline_part(pipe, "text_encoder", why)
+    words = concept_token_ids(concepts, tokenizer)  # checked before any encoder runs
+    template, crop = PROMPT_TEMPLATE, CROP_START
+    length = (encoding.max_sequence_length or SPEC.max_sequence_length) + crop
+    texts = [template.format(c) for c in concepts]
+    batch = tokenizer(texts, max_length=length, padding=True, truncation=True, return_tensors="pt")
+    device = pipe._execution_device
+    with torch.no_grad():
+        hidden = encoder(
+            input_ids=batch.input_ids.to(device),
+            attention_mask=batch.attention_mask.to(device),
+            output_hidden_states=True,
+        ).hidden_states[-(SKIPPED_LAYERS + 1)]
+    # As the pipeline: the template prefix dropped (right padding); then padding beyond the longest trimmed.
+    mask = batch.attention_mask[:, crop:]
+    longest = int(mask.sum(dim=1).max())
+    mask, hidden, ids = (
+        mask[:, :longest],
+        hidden[:, crop : crop + longest],
+        batch.input_ids[:, crop : crop + longest],
     )
-    processor_class = HunyuanVideoConceptAttnProcessor
+    sequences = [row[valid.bool()].tolist() for row, valid in zip(ids, mask)]
+    described = (
+        f"llama (text_encoder, hidden_states[-{SKIPPED_LAYERS + 1}]), each concept alone in the HunyuanVideo "
+        f"prompt template with the first {crop} tokens dropped as the pipeline does, then through the token "
+        "refiner (context_embedder) as its own sequence at every traced step"
+    )
+    embeddings = pool_spans(hidden, sequences, words, tokenizer, encoding.pooling, described)
+    spans = tuple((start, start + len(word)) for start, word in zip(span_starts(sequences, words), words))
+    return replace(embeddings, extras=ConceptSequences(hidden, mask.to(device), spans, encoding.pooling))
 
-    def excluded_blocks(self, transformer: Any) -> dict[int, str]:
-        return last_double_block_if_no_singles(self, transformer)  # none in the released model (40 single blocks)
 
-    def default_layers(self, transformer: Any) -> tuple[int, ...]:
-        return later_half_of_usable_blocks(self, transformer)
+def concept_sequences(concepts: ConceptEmbeddings, device: torch.device, dtype: torch.dtype) -> ConceptSequences:
+    """Each concept's whole sequence (its ``extras``), for the token refiner."""
+    sequences: ConceptSequences = concepts.extras
+    return sequences.to(device, dtype)
 
-    def install(self, transformer: Any, state: RunState, stack: contextlib.ExitStack) -> None:
-        if transformer.config.image_condition_type == "token_replace":
-            raise ConceptAttentionError(
-                "This HunyuanVideo transformer replaces the first frame's tokens with an image (image_condition_type="
-                "'token_replace', HunyuanVideo-I2V); ConceptAttention supports the text-to-video model "
-                "(HunyuanVideoPipeline)"
-            )
-        if not isinstance(state.concepts.extras, ConceptSequences):
-            raise ConceptAttentionError(
-                "HunyuanVideo concepts must be encoded as whole sequences (for the token refiner); encode them with "
-                "this backend's `encode_concepts`"
-            )
-        super().install(transformer, state, stack)
 
-    # -- concepts ------------------------------------------------------------------------------
-    def encode_concepts(self, pipe: Any, concepts: Sequence[str], encoding: ConceptEncoding) -> ConceptEmbeddings:
-        """Each concept alone in the pipeline's prompt template, through Llama as the pipeline encodes a prompt.
+def embed_concepts(transformer: Any, states: Any, record: ForwardRecord[HunyuanConditioning]) -> torch.Tensor:
+    """Each concept's sequence through the token refiner with its own mask and the forward's timestep, pooled.
 
-        The states of each concept's cropped sequence are kept whole (:class:`ConceptSequences`, padding
-        beyond the longest concept trimmed): the token refiner runs on them at every traced forward.
-        """
-        why = "concepts are encoded with the Llama prompt encoder"
-        tokenizer = pipeline_part(pipe, "tokenizer", why)
-        encoder = pipeline_part(pipe, "text_encoder", why)
-        words = concept_token_ids(concepts, tokenizer)  # checked before any encoder runs
-        template, crop = PROMPT_TEMPLATE, CROP_START
-        length = (encoding.max_sequence_length or self.spec.max_sequence_length) + crop
-        texts = [template.format(c) for c in concepts]
-        batch = tokenizer(texts, max_length=length, padding=True, truncation=True, return_tensors="pt")
-        device = pipe._execution_device
-        with torch.no_grad():
-            hidden = encoder(
-                input_ids=batch.input_ids.to(device),
-                attention_mask=batch.attention_mask.to(device),
-                output_hidden_states=True,
-            ).hidden_states[-(SKIPPED_LAYERS + 1)]
-        # As the pipeline: the template prefix dropped (right padding); then padding beyond the longest trimmed.
-        mask = batch.attention_mask[:, crop:]
-        longest = int(mask.sum(dim=1).max())
-        mask, hidden, ids = (
-            mask[:, :longest],
-            hidden[:, crop : crop + longest],
-            batch.input_ids[:, crop : crop + longest],
-        )
-        sequences = [row[valid.bool()].tolist() for row, valid in zip(ids, mask)]
-        described = (
-            f"llama (text_encoder, hidden_states[-{SKIPPED_LAYERS + 1}]), each concept alone in the HunyuanVideo "
-            f"prompt template with the first {crop} tokens dropped as the pipeline does, then through the token "
-            "refiner (context_embedder) as its own sequence at every traced step"
-        )
-        embeddings = pool_spans(hidden, sequences, words, tokenizer, encoding.pooling, described)
-        spans = tuple((start, start + len(word)) for start, word in zip(span_starts(sequences, words), words))
-        return replace(embeddings, extras=ConceptSequences(hidden, mask.to(device), spans, encoding.pooling))
+    Returns (C, D_model) when the rows share one timestep by construction (a timestep given once for the
+    batch, as the pipeline and encode mode give it), else (B_rows, C, D_model). Decided from the call's
+    tensor layout, never by reading the timesteps on the host.
+    """
+    sequences: ConceptSequences = states
+    conditioning: HunyuanConditioning = record.conditioning
+    timestep = conditioning.timestep[record.rows]  # (B_rows,)
+    count = sequences.states.shape[0]
+    if conditioning.shared_timestep:
+        refined = transformer.context_embedder(sequences.states, timestep[:1].expand(count), sequences.mask)
+        return sequences.pool(refined)  # (C, D)
+    rows = timestep.shape[0]
+    refined = transformer.context_embedder(
+        sequences.states.repeat(rows, 1, 1), timestep.repeat_interleave(count), sequences.mask.repeat(rows, 1)
+    )
+    return sequences.pool(refined.unflatten(0, (rows, count)))  # (B_rows, C, D)
 
-    def concept_inputs(self, concepts: ConceptEmbeddings, device: torch.device, dtype: torch.dtype) -> Any:
-        """Each concept's whole sequence (its ``extras``), for the token refiner."""
-        sequences: ConceptSequences = concepts.extras
-        return sequences.to(device, dtype)
 
-    def embed_concepts(self, transformer: Any, states: Any, record: ForwardRecord[HunyuanConditioning]) -> torch.Tensor:
-        """Each concept's sequence through the token refiner with its own mask and the forward's timestep, pooled.
+# -- forwards ---------------------------------------------------------------------------------
+def read_forward(
+    transformer: Any, inputs: Mapping[str, Any], batched_cfg: bool
+) -> ForwardRecord[HunyuanConditioning]:
+    latents = inputs["hidden_states"]  # (B, c, F', H', W')
+    config = transformer.config
+    patch, patch_t = int(config.patch_size), int(config.patch_size_t)
+    frames = latents.shape[2] // patch_t
+    grid = TokenGrid(latents.shape[-2] // patch, latents.shape[-1] // patch, frames, video=True)
+    given = torch.as_tensor(inputs["timestep"], device=latents.device)
+    # A timestep given once for the batch (a number, or a tensor expanded over it): every row shares it, known
+    # without reading it on the host.
+    shared = given.numel() == 1 or all(stride == 0 for stride in given.stride())
+    timestep = given.flatten().expand(latents.shape[0])
+    conditioning = HunyuanConditioning(timestep, inputs.get("guidance"), inputs["pooled_projections"], shared)
+    return ForwardRecord(timestep[0], 1000.0, grid, slice(None), conditioning)
 
-        Returns (C, D_model) when the rows share one timestep by construction (a timestep given once for the
-        batch, as the pipeline and encode mode give it), else (B_rows, C, D_model). Decided from the call's
-        tensor layout, never by reading the timesteps on the host.
-        """
-        sequences: ConceptSequences = states
-        conditioning: HunyuanConditioning = record.conditioning
-        timestep = conditioning.timestep[record.rows]  # (B_rows,)
-        count = sequences.states.shape[0]
-        if conditioning.shared_timestep:
-            refined = transformer.context_embedder(sequences.states, timestep[:1].expand(count), sequences.mask)
-            return sequences.pool(refined)  # (C, D)
-        rows = timestep.shape[0]
-        refined = transformer.context_embedder(
-            sequences.states.repeat(rows, 1, 1), timestep.repeat_interleave(count), sequences.mask.repeat(rows, 1)
-        )
-        return sequences.pool(refined.unflatten(0, (rows, count)))  # (B_rows, C, D)
 
-    # -- forwards ------------------------------------------------------------------------------
-    def read_forward(
-        self, transformer: Any, inputs: Mapping[str, Any], batched_cfg: bool
-    ) -> ForwardRecord[HunyuanConditioning]:
-        latents = inputs["hidden_states"]  # (B, c, F', H', W')
-        config = transformer.config
-        patch, patch_t = int(config.patch_size), int(config.patch_size_t)
-        frames = latents.shape[2] // patch_t
-        grid = TokenGrid(latents.shape[-2] // patch, latents.shape[-1] // patch, frames, video=True)
-        given = torch.as_tensor(inputs["timestep"], device=latents.device)
-        # A timestep given once for the batch (a number, or a tensor expanded over it): every row shares it, known
-        # without reading it on the host.
-        shared = given.numel() == 1 or all(stride == 0 for stride in given.stride())
-        timestep = given.flatten().expand(latents.shape[0])
-        conditioning = HunyuanConditioning(timestep, inputs.get("guidance"), inputs["pooled_projections"], shared)
-        return ForwardRecord(timestep[0], 1000.0, grid, slice(None), conditioning)
+def concept_conditioning(
+    transformer: Any, record: ForwardRecord[HunyuanConditioning], dtype: torch.dtype
+) -> torch.Tensor:
+    """Timestep + guidance embedding with a zero pooled-CLIP input: nothing from the prompt."""
+    inputs: HunyuanConditioning = record.conditioning
+    rows = record.rows
+    guidance = None if inputs.guidance is None else inputs.guidance[rows]
+    zeros = torch.zeros_like(inputs.pooled[rows])
+    return transformer.time_text_embed(inputs.timestep[rows], zeros, guidance=guidance)[0]
 
-    def concept_conditioning(
-        self, transformer: Any, record: ForwardRecord[HunyuanConditioning], dtype: torch.dtype
-    ) -> torch.Tensor:
-        """Timestep + guidance embedding with a zero pooled-CLIP input: nothing from the prompt."""
-        inputs: HunyuanConditioning = record.conditioning
-        rows = record.rows
-        guidance = None if inputs.guidance is None else inputs.guidance[rows]
-        zeros = torch.zeros_like(inputs.pooled[rows])
-        return transformer.time_text_embed(inputs.timestep[rows], zeros, guidance=guidance)[0]
 
-    # -- video ---------------------------------------------------------------------------------
+# -- video ------------------------------------------------------------------------------------
+class HunyuanVideoFrames(VideoFacts):
     def frame_layout(self, pipe: Any) -> tuple[int, int]:
         return int(pipe.vae_scale_factor_temporal), int(pipe.transformer.config.patch_size_t)
 
@@ -319,15 +321,17 @@ class HunyuanVideoBackend(JointBackend[HunyuanEncodeInputs, HunyuanConditioning]
         """24 frames/s: HunyuanVideo's 129 default frames are about 5 s of video."""
         return 24.0
 
+
+# -- encode mode ------------------------------------------------------------------------------
+class HunyuanVideoEncode(EncodeRecipe[HunyuanEncodeInputs]):
     def default_size(self, pipe: Any) -> tuple[int, int]:
         """The pipeline's default (height, width): (720, 1280)."""
         return int(_call_default(pipe, "height", 720)), int(_call_default(pipe, "width", 1280))
 
-    # -- encode mode ---------------------------------------------------------------------------
     def pixels_per_token(self, pipe: Any) -> int:
         return int(pipe.vae_scale_factor_spatial) * int(pipe.transformer.config.patch_size)
 
-    def encode_inputs(
+    def inputs(
         self, pipe: Any, pixels: torch.Tensor, caption: str, guidance_scale: float | None, max_sequence_length: int
     ) -> HunyuanEncodeInputs:
         """(B, c, F', H', W') VAE-mode latents x scaling factor, as the pipeline's; the caption as its prompt."""
@@ -355,7 +359,7 @@ class HunyuanVideoBackend(JointBackend[HunyuanEncodeInputs, HunyuanConditioning]
             guidance=guidance,
         )
 
-    def encode_forward(self, pipe: Any, inputs: HunyuanEncodeInputs, noisy_latents: torch.Tensor, t: float) -> None:
+    def forward(self, pipe: Any, inputs: HunyuanEncodeInputs, noisy_latents: torch.Tensor, t: float) -> None:
         """One forward as the pipeline's: timestep on the 0-1000 scale (float32), guidance x 1000."""
         batch = noisy_latents.shape[0]
         # One timestep for the batch, expanded as the pipeline expands it (rows then share the refiner pass).
@@ -371,4 +375,20 @@ class HunyuanVideoBackend(JointBackend[HunyuanEncodeInputs, HunyuanConditioning]
         )
 
 
-BACKEND = HunyuanVideoBackend()
+
+BACKEND: Backend[HunyuanEncodeInputs, HunyuanConditioning] = Backend(
+    spec=SPEC,
+    # No dead double block in the released model (40 single blocks follow).
+    layers=LayerRule(default=later_half, excluded=dead_last_double_block),
+    concepts=encode_concepts,
+    reader=read_forward,
+    stream=JointPath(
+        HunyuanVideoConceptAttnProcessor,
+        forward_conditioning=concept_conditioning,
+        concept_inputs=concept_sequences,
+        embed=embed_concepts,
+        check=check_install,
+    ),
+    encoding=HunyuanVideoEncode(),
+    video=HunyuanVideoFrames(),
+)

@@ -3,8 +3,9 @@
 Flux.1 and SD3 blocks share the text-stream modules ConceptAttention runs concepts
 through: ``norm1_context`` (AdaLayerNormZero), ``attn.add_{q,k,v}_proj`` (+ optional
 ``norm_added_{q,k}``), ``attn.to_add_out``, ``norm2_context`` and ``ff_context``. This module
-holds that path once; a backend adds only its processor (the stock joint attention,
-mirrored op for op), its forward reading and its concept conditioning.
+holds that path once, as the defaults of a :class:`JointPath`; a backend gives its processor
+(the stock joint attention, mirrored op for op), its concept conditioning and only the modules
+that differ.
 
 It also holds the parts several backends compose (no backend imports another): the Flux-family
 joint attention (``FluxStyleProcessor``), position-id geometry, the dead-last-block and
@@ -19,24 +20,25 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from abc import abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic
 
 import torch
 from diffusers.models.embeddings import apply_rotary_emb
 
 from conceptattention.adapters.base import (
     Backend,
+    BackendSpec,
     BlockRecord,
     CallArguments,
     Conditioning,
     ForwardRecord,
-    Inputs,
+    LayerRule,
     RunState,
     StopForward,
     TensorFacts,
+    last_blocks,
 )
 from conceptattention.concepts import ConceptEmbeddings
 from conceptattention.core import TokenGrid, block_saliency, concept_attention
@@ -120,15 +122,17 @@ class JointConceptStream:
     """The concept residual stream of one attachment, through the text-stream weights.
 
     Args:
-        transformer: the traced transformer (its ``context_embedder`` embeds the concepts).
+        transformer: the traced transformer.
         state: the session's run state.
-        backend: gives the concept conditioning of a forward and of each block.
+        path: the backend's text path (concept embedding, conditioning, the block modules).
+        attention: attribute of a block holding its joint attention module.
     """
 
-    def __init__(self, transformer: Any, state: RunState, backend: JointBackend) -> None:
+    def __init__(self, transformer: Any, state: RunState, path: JointPath, attention: str) -> None:
         self.transformer = transformer
         self.state = state
-        self.backend = backend
+        self.path = path
+        self.attention = attention
         self.hidden: torch.Tensor | None = None  # (B_rows, C, D_model)
         self.temb: torch.Tensor | None = None  # the forward's concept conditioning (None: per block only)
         self.current: BlockPass | None = None
@@ -146,12 +150,11 @@ class JointConceptStream:
         for index, (name, original) in enumerate(originals.items()):
             processors[name] = make_processor(index, original)
         self.transformer.set_attn_processor(processors)
-        attention = self.backend.spec.attention
         for index in range(len(originals)):
             block = blocks[index]
-            norm, feedforward = self.backend.text_feedforward(block)
-            modulate = functools.partial(self.backend.text_modulation, block)
-            text_attention = self.backend.text_attention(getattr(block, attention))
+            norm, feedforward = self.path.feedforward(block)
+            modulate = functools.partial(self.path.modulation, block)
+            text_attention = self.path.attention(getattr(block, self.attention))
             self.paths.append(TextPath(modulate, text_attention, norm, feedforward))
             stack.callback(block.register_forward_pre_hook(self._pre_hook(index), with_kwargs=True).remove)
             stack.callback(block.register_forward_hook(self._post_hook(index), with_kwargs=True).remove)
@@ -172,10 +175,12 @@ class JointConceptStream:
         record = context.record
         dtype, device = hidden_states.dtype, hidden_states.device
         rows = len(range(*record.rows.indices(hidden_states.shape[0])))
-        inputs = self.backend.concept_inputs(self.state.concepts, device, dtype)
-        concepts = self.backend.embed_concepts(self.transformer, inputs, record)  # (C | B_rows, C, D)
+        path = self.path
+        inputs = path.concept_inputs(self.state.concepts, device, dtype)
+        concepts = path.embed(self.transformer, inputs, record)  # (C | B_rows, C, D)
         self.hidden = (concepts if concepts.ndim == 3 else concepts.unsqueeze(0)).expand(rows, -1, -1)  # (B_rows, C, D)
-        self.temb = self.backend.concept_conditioning(self.transformer, record, dtype)
+        forward = path.forward_conditioning
+        self.temb = None if forward is None else forward(self.transformer, record, dtype)
 
     def _pre_hook(self, index: int):
         @torch.no_grad()  # the concept stream is never differentiated (checkpointed or grad-enabled forwards)
@@ -187,7 +192,8 @@ class JointConceptStream:
                 self._start(arguments["hidden_states"])
             context = self.state.forward
             assert context is not None
-            emb = self.backend.block_conditioning(self.temb, context.record, arguments)
+            per_block = self.path.block_conditioning
+            emb = self.temb if per_block is None else per_block(context.record, arguments)
             self.current = BlockPass(index, *self.paths[index].modulate(self.hidden, emb))
             return None
 
@@ -304,73 +310,97 @@ class ConceptProcessor:
         return joint.flatten(2, 3).to(query.dtype)
 
 
-class JointBackend(Backend[Inputs, Conditioning]):
-    """A backend whose joint blocks use diffusers' dual-stream text path: installs :class:`JointConceptStream`.
+def pooled_states(concepts: ConceptEmbeddings, device: torch.device, dtype: torch.dtype) -> Any:
+    """The (C, D_text) pooled concept states on the forward's device and dtype."""
+    return concepts.states.to(device, dtype)
 
-    Subclasses give ``processor_class`` (constructed as ``processor_class(index, stream, original)``)
-    and the concept conditioning.
+
+def context_embedder(transformer: Any, states: Any, record: ForwardRecord) -> torch.Tensor:
+    """(C, D_text) -> (C, D_model) through ``transformer.context_embedder``, as the prompt is embedded."""
+    return transformer.context_embedder(states)
+
+
+def added_projections(attn: Any) -> TextAttention:
+    """The text-stream attention weights in diffusers' dual-stream names: ``add_{q,k,v}_proj``, ``norm_added_*``,
+    ``to_add_out``."""
+    return TextAttention(
+        lambda x: projections(attn, x, added=True), attn.norm_added_q, attn.norm_added_k, attn.to_add_out
+    )
+
+
+def norm1_context(block: Any, hidden: torch.Tensor, emb: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The block's ``norm1_context`` (AdaLayerNormZero) on (B, C, D) concepts: normed and the (B, D) attention gate,
+    MLP shift, MLP scale and MLP gate."""
+    return block.norm1_context(hidden, emb=emb)
+
+
+def context_feedforward(block: Any) -> tuple[Callable, Callable]:
+    """The block's text-stream ``(norm2_context, ff_context)``."""
+    return block.norm2_context, block.ff_context
+
+
+def no_install_check(transformer: Any, state: RunState) -> None:
+    return None
+
+
+def stock_processors(spec: BackendSpec, transformer: Any, indices: Sequence[int]) -> dict[str, Any]:
+    """The processors of the blocks to trace, after checking each is a stock one we replace."""
+    originals = transformer.attn_processors
+    found = {}
+    for index in indices:
+        name = f"{spec.double_blocks}.{index}.{spec.attention}.processor"
+        processor = originals[name]
+        if type(processor).__name__ not in spec.processor_classes:
+            stock = " or ".join(spec.processor_classes)
+            raise ConceptAttentionError(
+                f"`{name}` is a {type(processor).__name__}; ConceptAttention replaces only the stock {stock} "
+                "(IP-Adapter, fused-projection and custom processors are not supported). Restore it with "
+                f"`transformer.set_attn_processor({spec.processor_classes[0]}())`, unload the adapter or "
+                "call `unfuse_qkv_projections()` first."
+            )
+        found[name] = processor
+    return found
+
+
+@dataclass(frozen=True)
+class JointPath(Generic[Conditioning]):
+    """The concept stream of dual-stream blocks, as parts: how concepts enter and which modules they go through.
+
+    The defaults are diffusers' dual-stream text-stream names; a backend gives only what differs.
+    Exactly one of ``forward_conditioning`` and ``block_conditioning`` is given.
+
+    Attributes:
+        processor: the installed processor class, built as ``processor(index, stream, original)``.
+        forward_conditioning: ``(transformer, record, dtype) -> (B_rows, D_model)`` the concepts' conditioning for a
+            whole forward: the timestep embedding, nothing from the prompt.
+        block_conditioning: ``(record, block call arguments) -> emb``, where the conditioning is read per block.
+        concept_inputs: ``(concepts, device, dtype) -> states`` what :attr:`embed` takes.
+        embed: ``(transformer, states, record) -> (C | B_rows, C, D_model)`` concept tokens, as the prompt is embedded.
+        attention: ``attn -> TextAttention``, the block's text-stream (or shared) attention weights.
+        modulation: ``(block, (B, C, D) concepts, emb) -> (normed, gate_msa, shift_mlp, scale_mlp, gate_mlp)``.
+        feedforward: ``block -> (norm, feed-forward)`` applied after the attention residual.
+        check: refuses a model or concepts this path cannot trace, before anything is installed.
     """
 
-    @abstractmethod
-    def concept_conditioning(
-        self, transformer: Any, record: ForwardRecord[Conditioning], dtype: torch.dtype
-    ) -> torch.Tensor | None:
-        """(B_rows, D_model) conditioning of the concept tokens: the timestep embedding, nothing from the prompt.
+    processor: type
+    forward_conditioning: Callable[[Any, ForwardRecord[Conditioning], torch.dtype], torch.Tensor] | None = None
+    block_conditioning: Callable[[ForwardRecord[Conditioning], CallArguments], torch.Tensor] | None = None
+    concept_inputs: Callable[[ConceptEmbeddings, torch.device, torch.dtype], Any] = pooled_states
+    embed: Callable[[Any, Any, ForwardRecord[Conditioning]], torch.Tensor] = context_embedder
+    attention: Callable[[Any], TextAttention] = added_projections
+    modulation: Callable[[Any, torch.Tensor, torch.Tensor], tuple[torch.Tensor, ...]] = norm1_context
+    feedforward: Callable[[Any], tuple[Callable, Callable]] = context_feedforward
+    check: Callable[[Any, RunState], None] = no_install_check
 
-        None when the conditioning is per block only (:meth:`block_conditioning`).
-        """
+    def __post_init__(self) -> None:
+        if (self.forward_conditioning is None) == (self.block_conditioning is None):
+            raise TypeError("give exactly one of `forward_conditioning` and `block_conditioning`")
 
-    def block_conditioning(
-        self, forward_conditioning: torch.Tensor | None, record: ForwardRecord[Conditioning], arguments: CallArguments
-    ) -> torch.Tensor:
-        """The ``emb`` a block's ``norm1_context`` gets for the concepts, from the block's call arguments.
-
-        Default: the forward's concept conditioning, the same for every block.
-        """
-        assert forward_conditioning is not None
-        return forward_conditioning
-
-    # -- the text-stream modules the concepts go through (diffusers' dual-stream names by default) --
-    def concept_inputs(self, concepts: ConceptEmbeddings, device: torch.device, dtype: torch.dtype) -> Any:
-        """What :meth:`embed_concepts` takes, on the forward's device and dtype: the (C, D_text) pooled states."""
-        return concepts.states.to(device, dtype)
-
-    def embed_concepts(self, transformer: Any, states: Any, record: ForwardRecord[Conditioning]) -> torch.Tensor:
-        """Concept inputs -> (C, D_model) or (B_rows, C, D_model) concept tokens, as the prompt is embedded.
-
-        Args:
-            states: :meth:`concept_inputs` of the session's concepts.
-            record: the forward (for context embedders that take the timestep).
-        """
-        return transformer.context_embedder(states)
-
-    def text_attention(self, attn: Any) -> TextAttention:
-        """The block's text-stream attention weights (default: ``add_{q,k,v}_proj``, ``norm_added_*``, ``to_add_out``).
-
-        Models whose text shares the image's attention weights (CogVideoX) return those.
-        """
-        return TextAttention(
-            lambda x: projections(attn, x, added=True), attn.norm_added_q, attn.norm_added_k, attn.to_add_out
-        )
-
-    def text_modulation(
-        self, block: Any, hidden: torch.Tensor, emb: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The block's text-stream norm and modulation of (B, C, D) concepts.
-
-        Returns:
-            normed (B, C, D) and the (B, D) attention gate, MLP shift, MLP scale and MLP gate.
-        """
-        return block.norm1_context(hidden, emb=emb)
-
-    def text_feedforward(self, block: Any) -> tuple[Callable, Callable]:
-        """The block's text-stream (norm, feed-forward) applied after the attention residual."""
-        return block.norm2_context, block.ff_context
-
-    def install(self, transformer: Any, state: RunState, stack: contextlib.ExitStack) -> None:
-        originals = self.check_processors(transformer, range(state.last_block + 1))
-        stream = JointConceptStream(transformer, state, self)
-        stream.install(stack, self.blocks(transformer), originals, lambda i, p: self.processor_class(i, stream, p))
+    def install(self, backend: Backend, transformer: Any, state: RunState, stack: contextlib.ExitStack) -> None:
+        self.check(transformer, state)
+        originals = stock_processors(backend.spec, transformer, range(state.last_block + 1))
+        stream = JointConceptStream(transformer, state, self, backend.spec.attention)
+        stream.install(stack, backend.blocks(transformer), originals, lambda i, p: self.processor(i, stream, p))
 
 
 # -- parts shared by the Flux-family backends (Flux.1, Chroma, Flux.2, HunyuanVideo's block layout) -----------
@@ -507,24 +537,18 @@ class FluxStyleProcessor(ConceptProcessor):
         return image_out, text_out
 
 
-def last_double_block_if_no_singles(backend: Backend, transformer: Any) -> dict[int, str]:
+def dead_last_double_block(transformer: Any, blocks: torch.nn.ModuleList) -> dict[int, str]:
     """Flux-family rule: without single-stream blocks after it, the last double block's text output is dead."""
     if transformer.config.num_single_layers > 0:
         return {}
-    last = backend.num_blocks(transformer) - 1
-    return {last: "with no single-stream blocks after it, its text output feeds nothing, so its text-query "
-                  "weights were never trained"}  # fmt: skip
+    return {len(blocks) - 1: "with no single-stream blocks after it, its text output feeds nothing, so its "
+                             "text-query weights were never trained"}  # fmt: skip
 
 
-def last_usable_blocks(backend: Backend, transformer: Any, count: int) -> tuple[int, ...]:
-    """The last ``count`` usable blocks (all of them when there are fewer)."""
-    return tuple(backend.usable_blocks(transformer)[-count:])
-
-
-def later_half_of_usable_blocks(backend: Backend, transformer: Any) -> tuple[int, ...]:
-    """The later half of the usable blocks (SD3, Qwen-Image, HunyuanVideo)."""
-    usable = backend.usable_blocks(transformer)
-    return tuple(usable[len(usable) // 2 :])
+def flux_family_layers(count: int) -> LayerRule:
+    """The block rules Flux-family double-stream models share (Flux.1, Chroma, Flux.2, LongCat-Image): the last
+    double block is dead only when no single-stream block follows it; the default is the last ``count`` usable."""
+    return LayerRule(default=last_blocks(count), excluded=dead_last_double_block)
 
 
 def packed_pixels_per_token(pipe: Any, default_scale: int) -> int:
@@ -538,19 +562,3 @@ def packed_latent_forward(pipe: Any, noisy_latents: torch.Tensor, t: float, argu
     packed = pipe._pack_latents(noisy_latents, batch, channels, height, width)  # (B, N, 4c)
     timestep = torch.full((batch,), float(t), device=packed.device, dtype=packed.dtype)
     pipe.transformer(hidden_states=packed, timestep=timestep, **arguments, return_dict=False)
-
-
-class FluxFamilyBackend(JointBackend[Inputs, Conditioning]):
-    """The block rules Flux-family double-stream models share (Flux.1, Chroma, Flux.2, LongCat-Image).
-
-    The last double block is dead only when no single-stream block follows it; the default layers
-    are the last ``default_num_layers`` usable double blocks.
-    """
-
-    default_num_layers: ClassVar[int] = 10
-
-    def excluded_blocks(self, transformer: Any) -> dict[int, str]:
-        return last_double_block_if_no_singles(self, transformer)
-
-    def default_layers(self, transformer: Any) -> tuple[int, ...]:
-        return last_usable_blocks(self, transformer, self.default_num_layers)

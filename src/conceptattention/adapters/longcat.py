@@ -31,16 +31,20 @@ import torch
 from diffusers.pipelines.longcat_image.pipeline_longcat_image import prepare_pos_ids, split_quotation
 
 from conceptattention.adapters.base import (
+    Backend,
     BackendSpec,
     CallArguments,
     ConceptEncoding,
     EncodeInputs,
+    EncodeRecipe,
     ForwardRecord,
+    PipelineFacts,
     first_timestep,
 )
 from conceptattention.adapters.joint import (
-    FluxFamilyBackend,
     FluxStyleProcessor,
+    JointPath,
+    flux_family_layers,
     image_grid,
     packed_latent_forward,
     packed_pixels_per_token,
@@ -97,69 +101,65 @@ class LongCatEncodeInputs(EncodeInputs):
     batched_fields = ("prompt_embeds",)  # ids are shared by the batch
 
 
-class LongCatImageBackend(FluxFamilyBackend[LongCatEncodeInputs, None]):
-    spec = BackendSpec(
-        name="LongCat-Image",
-        transformer_classes=("LongCatImageTransformer2DModel",),
-        pipeline_classes=("LongCatImagePipeline",),
-        processor_classes=("LongCatImageAttnProcessor",),
-        double_blocks="transformer_blocks",
-        concept_encoders=("qwen2.5-vl",),
-        default_layers=f"the last {DEFAULT_NUM_LAYERS} double-stream blocks (all of them when there are fewer)",
-        cfg_layout="separate",
-        concept_positions="each concept at the text position of its first sub-token in its own padded encoding, "
-        "where a one-word prompt's first token sits: text ids (0, 0, 0) with right padding (RoPE is the identity)",
-        max_sequence_length=512,
+SPEC = BackendSpec(
+    name="LongCat-Image",
+    transformer_classes=("LongCatImageTransformer2DModel",),
+    pipeline_classes=("LongCatImagePipeline",),
+    processor_classes=("LongCatImageAttnProcessor",),
+    double_blocks="transformer_blocks",
+    concept_encoders=("qwen2.5-vl",),
+    default_layers=f"the last {DEFAULT_NUM_LAYERS} double-stream blocks (all of them when there are fewer)",
+    cfg_layout="separate",
+    concept_positions="each concept at the text position of its first sub-token in its own padded encoding, "
+    "where a one-word prompt's first token sits: text ids (0, 0, 0) with right padding (RoPE is the identity)",
+    max_sequence_length=512,
+)
+
+
+def prompt_budget(pipe: Any) -> int:
+    return int(pipe.tokenizer_max_length)
+
+
+def encode_concepts(pipe: Any, concepts: Sequence[str], encoding: ConceptEncoding) -> ConceptEmbeddings:
+    why = "concepts are encoded with the Qwen2.5-VL prompt encoder"
+    tokenizer = pipeline_part(pipe, "tokenizer", why)
+    pipeline_part(pipe, "text_encoder", why)
+    words = [prompt_tokens(tokenizer, concept) for concept in concepts]  # checked before any encoder runs
+    empty = [c for c, word in zip(concepts, words) if not word]
+    if empty:
+        raise ConceptAttentionError(f"The tokenizer produced no tokens for concept(s) {empty}; use other words")
+    check_concept_tokens(concepts, words, tokenizer)
+    length = int(pipe.tokenizer_max_length)
+    # The token block the pipeline builds (truncated, padded to its budget), in which the spans are located.
+    padded = tokenizer.pad(
+        {"input_ids": [word[:length] for word in words]},
+        max_length=length,
+        padding="max_length",
+        return_attention_mask=True,
+        return_tensors="pt",
     )
-    processor_class = LongCatConceptAttnProcessor
+    sequences = padded.input_ids.tolist()
+    with torch.no_grad():
+        hidden = pipe._encode_prompt(list(concepts))  # (C, L, D): one row per concept, each with its own mask
+    described = "qwen2.5-vl (text_encoder, last hidden layer), each concept alone in the prompt template"
+    embeddings = pool_spans(hidden, sequences, words, tokenizer, encoding.pooling, described)
+    return dataclasses.replace(embeddings, extras=ConceptPositions(span_starts(sequences, words)))
 
-    def default_max_sequence_length(self, pipe: Any) -> int:
-        return int(pipe.tokenizer_max_length)
 
-    # -- concepts ------------------------------------------------------------------------------
-    def encode_concepts(self, pipe: Any, concepts: Sequence[str], encoding: ConceptEncoding) -> ConceptEmbeddings:
-        why = "concepts are encoded with the Qwen2.5-VL prompt encoder"
-        tokenizer = pipeline_part(pipe, "tokenizer", why)
-        pipeline_part(pipe, "text_encoder", why)
-        words = [prompt_tokens(tokenizer, concept) for concept in concepts]  # checked before any encoder runs
-        empty = [c for c, word in zip(concepts, words) if not word]
-        if empty:
-            raise ConceptAttentionError(f"The tokenizer produced no tokens for concept(s) {empty}; use other words")
-        check_concept_tokens(concepts, words, tokenizer)
-        length = int(pipe.tokenizer_max_length)
-        # The token block the pipeline builds (truncated, padded to its budget), in which the spans are located.
-        padded = tokenizer.pad(
-            {"input_ids": [word[:length] for word in words]},
-            max_length=length,
-            padding="max_length",
-            return_attention_mask=True,
-            return_tensors="pt",
-        )
-        sequences = padded.input_ids.tolist()
-        with torch.no_grad():
-            hidden = pipe._encode_prompt(list(concepts))  # (C, L, D): one row per concept, each with its own mask
-        described = "qwen2.5-vl (text_encoder, last hidden layer), each concept alone in the prompt template"
-        embeddings = pool_spans(hidden, sequences, words, tokenizer, encoding.pooling, described)
-        return dataclasses.replace(embeddings, extras=ConceptPositions(span_starts(sequences, words)))
+def read_forward(transformer: Any, inputs: Mapping[str, Any], batched_cfg: bool) -> ForwardRecord[None]:
+    return ForwardRecord(first_timestep(inputs["timestep"]), 1.0, image_grid(inputs), slice(None), None)
 
-    # -- forwards ------------------------------------------------------------------------------
-    def read_forward(self, transformer, inputs: Mapping[str, Any], batched_cfg: bool) -> ForwardRecord[None]:
-        return ForwardRecord(first_timestep(inputs["timestep"]), 1.0, image_grid(inputs), slice(None), None)
 
-    def concept_conditioning(self, transformer, record: ForwardRecord[None], dtype: torch.dtype) -> None:
-        return None  # per block: the block's own temb
+def block_conditioning(record: ForwardRecord[None], arguments: CallArguments) -> torch.Tensor:
+    """(B_rows, D) the block's ``temb``: the timestep embedding only."""
+    return arguments["temb"][record.rows]
 
-    def block_conditioning(
-        self, forward_conditioning: torch.Tensor | None, record: ForwardRecord[None], arguments: CallArguments
-    ) -> torch.Tensor:
-        """(B_rows, D) the block's ``temb``: the timestep embedding only."""
-        return arguments["temb"][record.rows]
 
-    # -- encode mode ---------------------------------------------------------------------------
+class LongCatImageEncode(EncodeRecipe[LongCatEncodeInputs]):
     def pixels_per_token(self, pipe: Any) -> int:
         return packed_pixels_per_token(pipe, default_scale=8)
 
-    def encode_inputs(
+    def inputs(
         self, pipe: Any, pixels: torch.Tensor, caption: str, guidance_scale: float | None, max_sequence_length: int
     ) -> LongCatEncodeInputs:
         length = int(pipe.tokenizer_max_length)
@@ -170,7 +170,7 @@ class LongCatImageBackend(FluxFamilyBackend[LongCatEncodeInputs, None]):
                 "set that attribute instead"
             )
         device = pipe._execution_device
-        latents = self.vae_latents(pipe, pixels)  # (B, c, 2h, 2w)
+        latents = self.latents(pipe, pixels)  # (B, c, 2h, 2w)
         batch = latents.shape[0]
         with torch.no_grad():
             prompt_embeds, text_ids = pipe.encode_prompt(prompt=[caption] * batch)
@@ -184,7 +184,7 @@ class LongCatImageBackend(FluxFamilyBackend[LongCatEncodeInputs, None]):
             img_ids=image_ids.to(device),
         )
 
-    def encode_forward(self, pipe: Any, inputs: LongCatEncodeInputs, noisy_latents: torch.Tensor, t: float) -> None:
+    def forward(self, pipe: Any, inputs: LongCatEncodeInputs, noisy_latents: torch.Tensor, t: float) -> None:
         arguments = {
             "encoder_hidden_states": inputs.prompt_embeds,
             "txt_ids": inputs.txt_ids,
@@ -193,4 +193,13 @@ class LongCatImageBackend(FluxFamilyBackend[LongCatEncodeInputs, None]):
         packed_latent_forward(pipe, noisy_latents, t, arguments)
 
 
-BACKEND = LongCatImageBackend()
+
+BACKEND: Backend[LongCatEncodeInputs, None] = Backend(
+    spec=SPEC,
+    layers=flux_family_layers(DEFAULT_NUM_LAYERS),
+    concepts=encode_concepts,
+    reader=read_forward,
+    stream=JointPath(LongCatConceptAttnProcessor, block_conditioning=block_conditioning),
+    encoding=LongCatImageEncode(),
+    pipeline=PipelineFacts(max_sequence_length=prompt_budget),
+)

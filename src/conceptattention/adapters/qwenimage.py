@@ -30,19 +30,19 @@ import torch
 from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
 
 from conceptattention.adapters.base import (
+    Backend,
     BackendSpec,
     CallArguments,
     ConceptEncoding,
     EncodeInputs,
+    EncodeRecipe,
     ForwardRecord,
+    LayerRule,
+    PipelineFacts,
     first_timestep,
+    later_half,
 )
-from conceptattention.adapters.joint import (
-    ConceptProcessor,
-    JointBackend,
-    later_half_of_usable_blocks,
-    packed_pixels_per_token,
-)
+from conceptattention.adapters.joint import ConceptProcessor, JointPath, packed_pixels_per_token
 from conceptattention.concepts import ConceptEmbeddings, concept_token_ids, pipeline_part, pool_spans
 from conceptattention.core import TokenGrid
 from conceptattention.errors import ConceptAttentionError
@@ -149,127 +149,117 @@ class QwenEncodeInputs(EncodeInputs):
     batched_fields = ("prompt_embeds", "prompt_mask")
 
 
-class QwenImageBackend(JointBackend[QwenEncodeInputs, QwenConditioning]):
-    spec = BackendSpec(
-        name="Qwen-Image",
-        transformer_classes=("QwenImageTransformer2DModel",),
-        pipeline_classes=(
-            "QwenImagePipeline",
-            "QwenImageImg2ImgPipeline",
-            "QwenImageEditPipeline",
-            "QwenImageEditPlusPipeline",
-        ),
-        processor_classes=("QwenDoubleStreamAttnProcessor2_0",),
-        double_blocks="transformer_blocks",
-        concept_encoders=("qwen2.5-vl",),
-        default_layers="the later half of the blocks, without the last one (its text output feeds nothing)",
-        cfg_layout="separate",
-        concept_positions="every concept at the first prompt token's text position (RoPE index max(h/2, w/2))",
-        max_sequence_length=1024,
-    )
-    processor_class = QwenImageConceptAttnProcessor
+SPEC = BackendSpec(
+    name="Qwen-Image",
+    transformer_classes=("QwenImageTransformer2DModel",),
+    pipeline_classes=(
+        "QwenImagePipeline",
+        "QwenImageImg2ImgPipeline",
+        "QwenImageEditPipeline",
+        "QwenImageEditPlusPipeline",
+    ),
+    processor_classes=("QwenDoubleStreamAttnProcessor2_0",),
+    double_blocks="transformer_blocks",
+    concept_encoders=("qwen2.5-vl",),
+    default_layers="the later half of the blocks, without the last one (its text output feeds nothing)",
+    cfg_layout="separate",
+    concept_positions="every concept at the first prompt token's text position (RoPE index max(h/2, w/2))",
+    max_sequence_length=1024,
+)
 
-    # -- blocks --------------------------------------------------------------------------------
-    def excluded_blocks(self, transformer) -> dict[int, str]:
-        last = self.num_blocks(transformer) - 1
-        return {last: "it is the last block and no single-stream blocks follow, so its text output feeds nothing "
-                      "and its text-query weights were never trained"}  # fmt: skip
 
-    def default_layers(self, transformer) -> tuple[int, ...]:
-        return later_half_of_usable_blocks(self, transformer)
+def dead_last_block(transformer: Any, blocks: torch.nn.ModuleList) -> dict[int, str]:
+    return {len(blocks) - 1: "it is the last block and no single-stream blocks follow, so its text output feeds "
+                             "nothing and its text-query weights were never trained"}  # fmt: skip
 
-    # -- the text-stream modules ----------------------------------------------------------------
-    def embed_concepts(
-        self, transformer: Any, states: torch.Tensor, record: ForwardRecord[QwenConditioning]
-    ) -> torch.Tensor:
-        return transformer.txt_in(transformer.txt_norm(states))
 
-    def text_modulation(self, block: Any, hidden: torch.Tensor, emb: torch.Tensor):
-        mod_attention, mod_mlp = block.txt_mod(emb).chunk(2, dim=-1)  # (B, 3D) each
-        shift, scale, gate = mod_attention.chunk(3, dim=-1)
-        shift_mlp, scale_mlp, gate_mlp = mod_mlp.chunk(3, dim=-1)
-        normed = block.txt_norm1(hidden) * (1 + scale[:, None]) + shift[:, None]
-        return normed, gate, shift_mlp, scale_mlp, gate_mlp
+# -- the text-stream modules ------------------------------------------------------------------
+def embed_concepts(transformer: Any, states: torch.Tensor, record: ForwardRecord[QwenConditioning]) -> torch.Tensor:
+    return transformer.txt_in(transformer.txt_norm(states))
 
-    def text_feedforward(self, block: Any):
-        return block.txt_norm2, block.txt_mlp
 
-    # -- concepts ------------------------------------------------------------------------------
-    def encode_concepts(self, pipe: Any, concepts: Sequence[str], encoding: ConceptEncoding) -> ConceptEmbeddings:
-        why = "concepts are encoded with the Qwen2.5-VL prompt encoder"
-        tokenizer = pipeline_part(pipe, "tokenizer", why)
-        encoder = pipeline_part(pipe, "text_encoder", why)
-        words = concept_token_ids(concepts, tokenizer)  # checked before any encoder runs
-        texts = [PROMPT_TEMPLATE.format(concept) for concept in concepts]
-        batch = tokenizer(texts, padding=True, return_tensors="pt")
-        device = pipe._execution_device
-        with torch.no_grad():
-            hidden = encoder(
-                input_ids=batch.input_ids.to(device),
-                attention_mask=batch.attention_mask.to(device),
-                output_hidden_states=True,
-            ).hidden_states[-1]  # (C, S, D), as the pipeline takes it
-        # As the pipeline: each row's valid tokens (whatever the padding side), the template prefix dropped.
-        valid = batch.attention_mask.bool()
-        rows = [states[mask.to(states.device)][TEMPLATE_DROP:] for states, mask in zip(hidden, valid)]
-        sequences = [ids[mask][TEMPLATE_DROP:].tolist() for ids, mask in zip(batch.input_ids, valid)]
-        hidden = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)  # (C, S', D)
-        described = "qwen2.5-vl (text_encoder, last hidden layer), each concept alone in the text-to-image template"
-        return pool_spans(hidden, sequences, words, tokenizer, encoding.pooling, described)
+def text_modulation(block: Any, hidden: torch.Tensor, emb: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    mod_attention, mod_mlp = block.txt_mod(emb).chunk(2, dim=-1)  # (B, 3D) each
+    shift, scale, gate = mod_attention.chunk(3, dim=-1)
+    shift_mlp, scale_mlp, gate_mlp = mod_mlp.chunk(3, dim=-1)
+    normed = block.txt_norm1(hidden) * (1 + scale[:, None]) + shift[:, None]
+    return normed, gate, shift_mlp, scale_mlp, gate_mlp
 
-    # -- forwards ------------------------------------------------------------------------------
-    def read_forward(
-        self, transformer, inputs: Mapping[str, Any], batched_cfg: bool
-    ) -> ForwardRecord[QwenConditioning]:
-        timestep = inputs["timestep"]
-        shapes = inputs.get("img_shapes")
-        if not shapes:
-            raise ConceptAttentionError("QwenImageTransformer2DModel was called without `img_shapes`")
-        per_item = shapes[0] if isinstance(shapes[0], list) else shapes  # [target, reference, ...]
-        frames, h, w = per_item[0]
-        if frames != 1:
-            raise ConceptAttentionError(
-                f"The target latents have {frames} frames/layers; layered and video variants are not supported"
-            )
-        num_tokens = inputs["hidden_states"].shape[1]
-        expected = sum(prod(shape) for shape in per_item)
-        if expected != num_tokens:
-            raise ConceptAttentionError(
-                f"`img_shapes` describe {expected} image tokens but the forward has {num_tokens}; pass the "
-                "pipeline's `img_shapes` unchanged"
-            )
-        conditioning = QwenConditioning(bool(transformer.config.zero_cond_t))
-        grid = TokenGrid(h, w)
-        return ForwardRecord(first_timestep(timestep), 1.0, grid, slice(None), conditioning, slice(0, h * w))
 
-    def concept_conditioning(self, transformer, record: ForwardRecord[QwenConditioning], dtype: torch.dtype) -> None:
-        return None  # the block's own temb (read in block_conditioning)
+def text_feedforward(block: Any) -> tuple[Callable, Callable]:
+    return block.txt_norm2, block.txt_mlp
 
-    def block_conditioning(
-        self,
-        forward_conditioning: torch.Tensor | None,
-        record: ForwardRecord[QwenConditioning],
-        arguments: CallArguments,
-    ) -> torch.Tensor:
-        """(B_rows, D) the ``temb`` the block's text modulation takes: the timestep embedding only."""
-        temb = arguments["temb"]
-        if record.conditioning.zero_cond_t:
-            temb = temb.chunk(2, dim=0)[0]  # [target; reference (t = 0)]: text uses the target half
-        return temb[record.rows]
 
-    def check_call(self, pipe: Any, call: Mapping[str, Any]) -> None:
-        if type(pipe).__name__.startswith("QwenImageEdit") and call.get("image") is None:
-            raise ConceptAttentionError(
-                f"{type(pipe).__name__} edits a reference image: pass `image=` (the picture to edit) along with the "
-                "instruction; the maps then show where the instruction acts on the edited image"
-            )
+def block_conditioning(record: ForwardRecord[QwenConditioning], arguments: CallArguments) -> torch.Tensor:
+    """(B_rows, D) the ``temb`` the block's text modulation takes: the timestep embedding only."""
+    temb = arguments["temb"]
+    if record.conditioning.zero_cond_t:
+        temb = temb.chunk(2, dim=0)[0]  # [target; reference (t = 0)]: text uses the target half
+    return temb[record.rows]
 
-    # -- encode mode ---------------------------------------------------------------------------
+
+# -- concepts ---------------------------------------------------------------------------------
+def encode_concepts(pipe: Any, concepts: Sequence[str], encoding: ConceptEncoding) -> ConceptEmbeddings:
+    why = "concepts are encoded with the Qwen2.5-VL prompt encoder"
+    tokenizer = pipeline_part(pipe, "tokenizer", why)
+    encoder = pipeline_part(pipe, "text_encoder", why)
+    words = concept_token_ids(concepts, tokenizer)  # checked before any encoder runs
+    texts = [PROMPT_TEMPLATE.format(concept) for concept in concepts]
+    batch = tokenizer(texts, padding=True, return_tensors="pt")
+    device = pipe._execution_device
+    with torch.no_grad():
+        hidden = encoder(
+            input_ids=batch.input_ids.to(device),
+            attention_mask=batch.attention_mask.to(device),
+            output_hidden_states=True,
+        ).hidden_states[-1]  # (C, S, D), as the pipeline takes it
+    # As the pipeline: each row's valid tokens (whatever the padding side), the template prefix dropped.
+    valid = batch.attention_mask.bool()
+    rows = [states[mask.to(states.device)][TEMPLATE_DROP:] for states, mask in zip(hidden, valid)]
+    sequences = [ids[mask][TEMPLATE_DROP:].tolist() for ids, mask in zip(batch.input_ids, valid)]
+    hidden = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)  # (C, S', D)
+    described = "qwen2.5-vl (text_encoder, last hidden layer), each concept alone in the text-to-image template"
+    return pool_spans(hidden, sequences, words, tokenizer, encoding.pooling, described)
+
+
+# -- forwards ---------------------------------------------------------------------------------
+def read_forward(transformer: Any, inputs: Mapping[str, Any], batched_cfg: bool) -> ForwardRecord[QwenConditioning]:
+    timestep = inputs["timestep"]
+    shapes = inputs.get("img_shapes")
+    if not shapes:
+        raise ConceptAttentionError("QwenImageTransformer2DModel was called without `img_shapes`")
+    per_item = shapes[0] if isinstance(shapes[0], list) else shapes  # [target, reference, ...]
+    frames, h, w = per_item[0]
+    if frames != 1:
+        raise ConceptAttentionError(
+            f"The target latents have {frames} frames/layers; layered and video variants are not supported"
+        )
+    num_tokens = inputs["hidden_states"].shape[1]
+    expected = sum(prod(shape) for shape in per_item)
+    if expected != num_tokens:
+        raise ConceptAttentionError(
+            f"`img_shapes` describe {expected} image tokens but the forward has {num_tokens}; pass the "
+            "pipeline's `img_shapes` unchanged"
+        )
+    conditioning = QwenConditioning(bool(transformer.config.zero_cond_t))
+    grid = TokenGrid(h, w)
+    return ForwardRecord(first_timestep(timestep), 1.0, grid, slice(None), conditioning, slice(0, h * w))
+
+
+def check_call(pipe: Any, call: Mapping[str, Any]) -> None:
+    if type(pipe).__name__.startswith("QwenImageEdit") and call.get("image") is None:
+        raise ConceptAttentionError(
+            f"{type(pipe).__name__} edits a reference image: pass `image=` (the picture to edit) along with the "
+            "instruction; the maps then show where the instruction acts on the edited image"
+        )
+
+
+# -- encode mode ------------------------------------------------------------------------------
+class QwenImageEncode(EncodeRecipe[QwenEncodeInputs]):
     def pixels_per_token(self, pipe: Any) -> int:
         return packed_pixels_per_token(pipe, default_scale=8)
 
-    @staticmethod
-    def vae_latents(pipe: Any, pixels: torch.Tensor) -> torch.Tensor:
+    def latents(self, pipe: Any, pixels: torch.Tensor) -> torch.Tensor:
         """(B, z, H', W') latents of (B, 3, H, W) pixels: the video VAE on one frame, normalised per channel."""
         vae = pipe.vae
         frames = pixels.to(pipe._execution_device, vae.dtype)[:, :, None]  # (B, 3, 1, H, W)
@@ -279,11 +269,11 @@ class QwenImageBackend(JointBackend[QwenEncodeInputs, QwenConditioning]):
         inverse_std = 1.0 / torch.tensor(vae.config.latents_std).view(shape).to(latents.device, latents.dtype)
         return ((latents - mean) * inverse_std)[:, :, 0].to(pipe.transformer.dtype)
 
-    def encode_inputs(
+    def inputs(
         self, pipe: Any, pixels: torch.Tensor, caption: str, guidance_scale: float | None, max_sequence_length: int
     ) -> QwenEncodeInputs:
         device = pipe._execution_device
-        latents = self.vae_latents(pipe, pixels)  # (B, z, 2h, 2w)
+        latents = self.latents(pipe, pixels)  # (B, z, 2h, 2w)
         batch = latents.shape[0]
         if type(pipe).__name__.startswith("QwenImageEdit"):
             raise ConceptAttentionError(
@@ -302,7 +292,7 @@ class QwenImageBackend(JointBackend[QwenEncodeInputs, QwenConditioning]):
             grid=(1, latents.shape[-2] // 2, latents.shape[-1] // 2),
         )
 
-    def encode_forward(self, pipe: Any, inputs: QwenEncodeInputs, noisy_latents: torch.Tensor, t: float) -> None:
+    def forward(self, pipe: Any, inputs: QwenEncodeInputs, noisy_latents: torch.Tensor, t: float) -> None:
         batch, channels, height, width = noisy_latents.shape
         packed = pipe._pack_latents(noisy_latents, batch, channels, height, width)  # (B, N, 4z)
         timestep = torch.full((batch,), float(t), device=packed.device, dtype=packed.dtype)
@@ -316,4 +306,18 @@ class QwenImageBackend(JointBackend[QwenEncodeInputs, QwenConditioning]):
         )
 
 
-BACKEND = QwenImageBackend()
+BACKEND: Backend[QwenEncodeInputs, QwenConditioning] = Backend(
+    spec=SPEC,
+    layers=LayerRule(default=later_half, excluded=dead_last_block),
+    concepts=encode_concepts,
+    reader=read_forward,
+    stream=JointPath(
+        QwenImageConceptAttnProcessor,
+        block_conditioning=block_conditioning,
+        embed=embed_concepts,
+        modulation=text_modulation,
+        feedforward=text_feedforward,
+    ),
+    encoding=QwenImageEncode(),
+    pipeline=PipelineFacts(check_call=check_call),
+)

@@ -19,14 +19,18 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from conceptattention.adapters.base import BackendSpec, ConceptEncoding, EncodeInputs, ForwardRecord, first_timestep
-from conceptattention.adapters.joint import (
-    ConceptProcessor,
-    JointBackend,
-    apply_norm,
-    later_half_of_usable_blocks,
-    projections,
+from conceptattention.adapters.base import (
+    Backend,
+    BackendSpec,
+    ConceptEncoding,
+    EncodeInputs,
+    EncodeRecipe,
+    ForwardRecord,
+    LayerRule,
+    first_timestep,
+    later_half,
 )
+from conceptattention.adapters.joint import ConceptProcessor, JointPath, apply_norm, projections
 from conceptattention.concepts import ConceptEmbeddings, concept_token_ids, pipeline_part, pool_spans
 from conceptattention.core import TokenGrid
 
@@ -104,80 +108,76 @@ class SD3EncodeInputs(EncodeInputs):
     batched_fields = ("prompt_embeds", "pooled")
 
 
-class SD3Backend(JointBackend[SD3EncodeInputs, SD3Conditioning]):
-    spec = BackendSpec(
-        name="SD3",
-        transformer_classes=("SD3Transformer2DModel",),
-        pipeline_classes=("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline"),
-        processor_classes=("JointAttnProcessor2_0",),
-        double_blocks="transformer_blocks",
-        concept_encoders=("t5", "clip"),
-        default_layers="the later half of the joint blocks, without the context-pre-only last block",
-        cfg_layout="batched",
-        concept_positions="none (SD3 has no RoPE on text)",
-        max_sequence_length=256,
-    )
-    processor_class = SD3ConceptAttnProcessor
+SPEC = BackendSpec(
+    name="SD3",
+    transformer_classes=("SD3Transformer2DModel",),
+    pipeline_classes=("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline"),
+    processor_classes=("JointAttnProcessor2_0",),
+    double_blocks="transformer_blocks",
+    concept_encoders=("t5", "clip"),
+    default_layers="the later half of the joint blocks, without the context-pre-only last block",
+    cfg_layout="batched",
+    concept_positions="none (SD3 has no RoPE on text)",
+    max_sequence_length=256,
+)
 
-    def excluded_blocks(self, transformer) -> dict[int, str]:
-        return {
-            i: "it is the `context_pre_only` block, whose text output is discarded, so its text-query weights "
-            "were never trained"
-            for i, block in enumerate(self.blocks(transformer))
-            if block.context_pre_only
-        }
 
-    def default_layers(self, transformer) -> tuple[int, ...]:
-        return later_half_of_usable_blocks(self, transformer)
+def context_pre_only_blocks(transformer: Any, blocks: torch.nn.ModuleList) -> dict[int, str]:
+    return {
+        i: "it is the `context_pre_only` block, whose text output is discarded, so its text-query weights "
+        "were never trained"
+        for i, block in enumerate(blocks)
+        if block.context_pre_only
+    }
 
-    # -- concepts ------------------------------------------------------------------------------
-    def encode_concepts(self, pipe: Any, concepts: Sequence[str], encoding: ConceptEncoding) -> ConceptEmbeddings:
-        choice = encoding.encoder or self.spec.concept_encoders[0]  # resolved once, by the call plan
-        device = pipe._execution_device
-        prompts = list(concepts)
-        if choice == "t5":
-            why = "concepts are encoded with T5 by default (`concept_encoder='t5'`); pass `concept_encoder='clip'` to use the CLIP encoders"  # noqa: E501
-            tokenizer = pipeline_part(pipe, "tokenizer_3", why)
-            pipeline_part(pipe, "text_encoder_3", why)
-        else:
-            why = "`concept_encoder='clip'` encodes concepts with both CLIP encoders"
-            tokenizer = pipeline_part(pipe, "tokenizer", why)
-            for name in ("text_encoder", "tokenizer_2", "text_encoder_2"):
-                pipeline_part(pipe, name, why)
-        words = concept_token_ids(prompts, tokenizer)  # checked before any encoder runs
-        if choice == "t5":
-            length = encoding.max_sequence_length or self.spec.max_sequence_length
-            hidden = pipe._get_t5_prompt_embeds(prompt=prompts, max_sequence_length=length, device=device)
-            described = f"t5 (text_encoder_3), each concept alone, padded to {length} tokens as the pipeline does"
-        else:
-            parts = [pipe._get_clip_prompt_embeds(prompt=prompts, device=device, clip_model_index=i)[0] for i in (0, 1)]
-            hidden = torch.cat(parts, dim=-1)  # (C, 77, D_L + D_G), as the pipeline concatenates them
-            hidden = F.pad(hidden, (0, pipe.transformer.config.joint_attention_dim - hidden.shape[-1]))
-            length = hidden.shape[1]
-            described = "clip (CLIP-L + CLIP-G penultimate states, zero-padded to the T5 width), each concept alone"
-        ids = tokenizer(prompts, padding="max_length", max_length=length, truncation=True).input_ids
-        return pool_spans(hidden, ids, words, tokenizer, encoding.pooling, described)
 
-    # -- forwards ------------------------------------------------------------------------------
-    def read_forward(self, transformer, inputs: Mapping[str, Any], batched_cfg: bool) -> ForwardRecord[SD3Conditioning]:
-        latents = inputs["hidden_states"]  # (B, c, H', W'), patchified inside the transformer
-        patch = transformer.config.patch_size
-        grid = TokenGrid(latents.shape[-2] // patch, latents.shape[-1] // patch)
-        timestep = inputs["timestep"]
-        batch = latents.shape[0]
-        rows = slice(batch // 2, None) if batched_cfg else slice(None)
-        conditioning = SD3Conditioning(timestep, inputs["pooled_projections"])
-        return ForwardRecord(first_timestep(timestep), 1000.0, grid, rows, conditioning)
+def encode_concepts(pipe: Any, concepts: Sequence[str], encoding: ConceptEncoding) -> ConceptEmbeddings:
+    choice = encoding.encoder or SPEC.concept_encoders[0]  # resolved once, by the call plan
+    device = pipe._execution_device
+    prompts = list(concepts)
+    if choice == "t5":
+        why = "concepts are encoded with T5 by default (`concept_encoder='t5'`); pass `concept_encoder='clip'` to use the CLIP encoders"  # noqa: E501
+        tokenizer = pipeline_part(pipe, "tokenizer_3", why)
+        pipeline_part(pipe, "text_encoder_3", why)
+    else:
+        why = "`concept_encoder='clip'` encodes concepts with both CLIP encoders"
+        tokenizer = pipeline_part(pipe, "tokenizer", why)
+        for name in ("text_encoder", "tokenizer_2", "text_encoder_2"):
+            pipeline_part(pipe, name, why)
+    words = concept_token_ids(prompts, tokenizer)  # checked before any encoder runs
+    if choice == "t5":
+        length = encoding.max_sequence_length or SPEC.max_sequence_length
+        hidden = pipe._get_t5_prompt_embeds(prompt=prompts, max_sequence_length=length, device=device)
+        described = f"t5 (text_encoder_3), each concept alone, padded to {length} tokens as the pipeline does"
+    else:
+        parts = [pipe._get_clip_prompt_embeds(prompt=prompts, device=device, clip_model_index=i)[0] for i in (0, 1)]
+        hidden = torch.cat(parts, dim=-1)  # (C, 77, D_L + D_G), as the pipeline concatenates them
+        hidden = F.pad(hidden, (0, pipe.transformer.config.joint_attention_dim - hidden.shape[-1]))
+        length = hidden.shape[1]
+        described = "clip (CLIP-L + CLIP-G penultimate states, zero-padded to the T5 width), each concept alone"
+    ids = tokenizer(prompts, padding="max_length", max_length=length, truncation=True).input_ids
+    return pool_spans(hidden, ids, words, tokenizer, encoding.pooling, described)
 
-    def concept_conditioning(
-        self, transformer, record: ForwardRecord[SD3Conditioning], dtype: torch.dtype
-    ) -> torch.Tensor:
-        """Timestep embedding with a zero pooled-text input: nothing from the prompt."""
-        inputs: SD3Conditioning = record.conditioning
-        rows = record.rows
-        return transformer.time_text_embed(inputs.timestep[rows], torch.zeros_like(inputs.pooled[rows]))
 
-    # -- encode mode ---------------------------------------------------------------------------
+def read_forward(transformer: Any, inputs: Mapping[str, Any], batched_cfg: bool) -> ForwardRecord[SD3Conditioning]:
+    latents = inputs["hidden_states"]  # (B, c, H', W'), patchified inside the transformer
+    patch = transformer.config.patch_size
+    grid = TokenGrid(latents.shape[-2] // patch, latents.shape[-1] // patch)
+    timestep = inputs["timestep"]
+    batch = latents.shape[0]
+    rows = slice(batch // 2, None) if batched_cfg else slice(None)
+    conditioning = SD3Conditioning(timestep, inputs["pooled_projections"])
+    return ForwardRecord(first_timestep(timestep), 1000.0, grid, rows, conditioning)
+
+
+def concept_conditioning(transformer: Any, record: ForwardRecord[SD3Conditioning], dtype: torch.dtype) -> torch.Tensor:
+    """Timestep embedding with a zero pooled-text input: nothing from the prompt."""
+    inputs = record.conditioning
+    rows = record.rows
+    return transformer.time_text_embed(inputs.timestep[rows], torch.zeros_like(inputs.pooled[rows]))
+
+
+class SD3Encode(EncodeRecipe[SD3EncodeInputs]):
     def pixels_per_token(self, pipe: Any) -> int:
         return int(getattr(pipe, "vae_scale_factor", 8)) * int(pipe.transformer.config.patch_size)
 
@@ -185,10 +185,10 @@ class SD3Backend(JointBackend[SD3EncodeInputs, SD3Conditioning]):
         limit = pipe.transformer.config.pos_embed_max_size
         return None if limit is None else int(limit) * self.pixels_per_token(pipe)
 
-    def encode_inputs(
+    def inputs(
         self, pipe: Any, pixels: torch.Tensor, caption: str, guidance_scale: float | None, max_sequence_length: int
     ) -> SD3EncodeInputs:
-        latents = self.vae_latents(pipe, pixels)  # (B, c, H', W')
+        latents = self.latents(pipe, pixels)  # (B, c, H', W')
         prompt_embeds, _, pooled, _ = pipe.encode_prompt(
             prompt=[caption] * latents.shape[0],
             prompt_2=None,
@@ -199,7 +199,7 @@ class SD3Backend(JointBackend[SD3EncodeInputs, SD3Conditioning]):
         )
         return SD3EncodeInputs(latents, None, prompt_embeds.to(latents.dtype), pooled.to(latents.dtype))
 
-    def encode_forward(self, pipe: Any, inputs: SD3EncodeInputs, noisy_latents: torch.Tensor, t: float) -> None:
+    def forward(self, pipe: Any, inputs: SD3EncodeInputs, noisy_latents: torch.Tensor, t: float) -> None:
         batch = noisy_latents.shape[0]
         # SD3 takes the timestep unscaled: the scheduler's t * 1000.
         timestep = torch.full((batch,), float(t) * 1000, device=noisy_latents.device, dtype=torch.float32)
@@ -212,4 +212,11 @@ class SD3Backend(JointBackend[SD3EncodeInputs, SD3Conditioning]):
         )
 
 
-BACKEND = SD3Backend()
+BACKEND: Backend[SD3EncodeInputs, SD3Conditioning] = Backend(
+    spec=SPEC,
+    layers=LayerRule(default=later_half, excluded=context_pre_only_blocks),
+    concepts=encode_concepts,
+    reader=read_forward,
+    stream=JointPath(SD3ConceptAttnProcessor, forward_conditioning=concept_conditioning),
+    encoding=SD3Encode(),
+)

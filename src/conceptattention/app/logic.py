@@ -105,7 +105,7 @@ def model_info(pipe: Any) -> ModelInfo:
         excluded=dict(backend.excluded_blocks(transformer)),
         size=model.size(),
         steps=int(defaults.get("num_inference_steps", 28)),
-        pixels_per_token=backend.pixels_per_token(pipe),
+        pixels_per_token=backend.encoding.pixels_per_token(pipe),
     )
 
 
