@@ -116,7 +116,8 @@ class BackendSpec:
         pipeline_classes: diffusers pipeline class names known to work (for docs and errors).
         processor_classes: stock attention processor class names replaced on traced blocks;
             any other processor there (IP-Adapter, fused, custom) is refused.
-        double_blocks: attribute of the transformer holding the dual-stream (joint) blocks.
+        double_blocks: attribute of the transformer holding the dual-stream (joint) blocks
+            (``transformer_blocks`` in every diffusers MM-DiT so far).
         attention: attribute of a block holding its joint attention module.
         concept_encoders: names of the prompt encoders concepts can be encoded with; the first
             is the default.
@@ -132,13 +133,13 @@ class BackendSpec:
     transformer_classes: tuple[str, ...]
     pipeline_classes: tuple[str, ...]
     processor_classes: tuple[str, ...]
-    double_blocks: str
     concept_encoders: tuple[str, ...]
     default_layers: str
     cfg_layout: CfgLayout
     concept_positions: str
     max_sequence_length: int
     modality: Literal["image", "video"] = "image"
+    double_blocks: str = "transformer_blocks"
     attention: str = "attn"
 
     def describe(self) -> str:

@@ -111,7 +111,6 @@ SPEC = BackendSpec(
     transformer_classes=("CogVideoXTransformer3DModel",),
     pipeline_classes=("CogVideoXPipeline", "CogVideoXImageToVideoPipeline", "CogVideoXVideoToVideoPipeline"),
     processor_classes=("CogVideoXAttnProcessor2_0",),
-    double_blocks="transformer_blocks",
     attention="attn1",
     concept_encoders=("t5",),
     default_layers="the later half of the blocks, without the last (whose text output the model discards)",

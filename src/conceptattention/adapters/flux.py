@@ -63,7 +63,6 @@ SPEC = BackendSpec(
     transformer_classes=("FluxTransformer2DModel",),
     pipeline_classes=("FluxPipeline", "FluxImg2ImgPipeline"),
     processor_classes=("FluxAttnProcessor",),
-    double_blocks="transformer_blocks",
     concept_encoders=("t5",),
     default_layers=f"the last {DEFAULT_NUM_LAYERS} double-stream blocks (all of them when there are fewer)",
     cfg_layout="separate",

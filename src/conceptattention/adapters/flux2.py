@@ -101,7 +101,6 @@ SPEC = BackendSpec(
     transformer_classes=("Flux2Transformer2DModel",),
     pipeline_classes=("Flux2Pipeline", "Flux2KleinPipeline"),
     processor_classes=("Flux2AttnProcessor",),
-    double_blocks="transformer_blocks",
     concept_encoders=("prompt",),
     default_layers=f"the last {DEFAULT_NUM_LAYERS} double-stream blocks (FLUX.2-dev: 5-7 of 0-7)",
     cfg_layout="separate",
@@ -186,7 +185,6 @@ def encode_concepts(pipe: Any, concepts: Sequence[str], encoding: ConceptEncodin
     words = [_word_in_context(tokenizer, c, seq) for c, seq in zip(prompts, sequences)]
     embeddings = pool_spans(hidden, sequences, words, tokenizer, encoding.pooling, described)
     return dataclasses.replace(embeddings, extras=ConceptPositions(span_starts(sequences, words)))
-
 
 
 def read_forward(transformer: Any, inputs: Mapping[str, Any], batched_cfg: bool) -> ForwardRecord[Flux2Conditioning]:

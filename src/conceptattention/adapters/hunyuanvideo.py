@@ -182,7 +182,6 @@ SPEC = BackendSpec(
     transformer_classes=("HunyuanVideoTransformer3DModel",),
     pipeline_classes=("HunyuanVideoPipeline",),
     processor_classes=("HunyuanVideoAttnProcessor2_0",),
-    double_blocks="transformer_blocks",
     concept_encoders=("llama",),
     default_layers="the later half of the double-stream blocks (10-19 of 0-19; single-stream blocks follow, "
     "so none is dead)",
@@ -276,9 +275,7 @@ def embed_concepts(transformer: Any, states: Any, record: ForwardRecord[HunyuanC
 
 
 # -- forwards ---------------------------------------------------------------------------------
-def read_forward(
-    transformer: Any, inputs: Mapping[str, Any], batched_cfg: bool
-) -> ForwardRecord[HunyuanConditioning]:
+def read_forward(transformer: Any, inputs: Mapping[str, Any], batched_cfg: bool) -> ForwardRecord[HunyuanConditioning]:
     latents = inputs["hidden_states"]  # (B, c, F', H', W')
     config = transformer.config
     patch, patch_t = int(config.patch_size), int(config.patch_size_t)
@@ -373,7 +370,6 @@ class HunyuanVideoEncode(EncodeRecipe[HunyuanEncodeInputs]):
             guidance=inputs.guidance,
             return_dict=False,
         )
-
 
 
 BACKEND: Backend[HunyuanEncodeInputs, HunyuanConditioning] = Backend(

@@ -106,7 +106,6 @@ SPEC = BackendSpec(
     transformer_classes=("LongCatImageTransformer2DModel",),
     pipeline_classes=("LongCatImagePipeline",),
     processor_classes=("LongCatImageAttnProcessor",),
-    double_blocks="transformer_blocks",
     concept_encoders=("qwen2.5-vl",),
     default_layers=f"the last {DEFAULT_NUM_LAYERS} double-stream blocks (all of them when there are fewer)",
     cfg_layout="separate",
@@ -191,7 +190,6 @@ class LongCatImageEncode(EncodeRecipe[LongCatEncodeInputs]):
             "img_ids": inputs.img_ids,
         }
         packed_latent_forward(pipe, noisy_latents, t, arguments)
-
 
 
 BACKEND: Backend[LongCatEncodeInputs, None] = Backend(

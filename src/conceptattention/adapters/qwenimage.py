@@ -159,7 +159,6 @@ SPEC = BackendSpec(
         "QwenImageEditPlusPipeline",
     ),
     processor_classes=("QwenDoubleStreamAttnProcessor2_0",),
-    double_blocks="transformer_blocks",
     concept_encoders=("qwen2.5-vl",),
     default_layers="the later half of the blocks, without the last one (its text output feeds nothing)",
     cfg_layout="separate",

@@ -113,7 +113,6 @@ SPEC = BackendSpec(
     transformer_classes=("SD3Transformer2DModel",),
     pipeline_classes=("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline"),
     processor_classes=("JointAttnProcessor2_0",),
-    double_blocks="transformer_blocks",
     concept_encoders=("t5", "clip"),
     default_layers="the later half of the joint blocks, without the context-pre-only last block",
     cfg_layout="batched",
