@@ -12,7 +12,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +20,7 @@ from diffusers.models.embeddings import apply_rotary_emb
 
 
 def capture_forward_inputs(transformer, run):
-    """Run ``run()`` and record, per transformer forward, its kwargs and each joint block's kwargs."""
+    """Run ``run()`` and record, per transformer forward, its kwargs and each joint and single block's kwargs."""
     records = []
 
     def on_forward(module, args, kwargs):
@@ -30,8 +30,17 @@ def capture_forward_inputs(transformer, run):
         # By name, also for blocks called positionally (HunyuanVideo).
         records[-1]["blocks"].append(dict(inspect.signature(module.forward).bind(*args, **kwargs).arguments))
 
-    handles = [transformer.register_forward_pre_hook(on_forward, with_kwargs=True)]
+    def on_single_block(module, args, kwargs):
+        records[-1]["single"].append(dict(inspect.signature(module.forward).bind(*args, **kwargs).arguments))
+
+    def on_forward_start(module, args, kwargs):
+        on_forward(module, args, kwargs)
+        records[-1]["single"] = []
+
+    handles = [transformer.register_forward_pre_hook(on_forward_start, with_kwargs=True)]
     handles += [b.register_forward_pre_hook(on_block, with_kwargs=True) for b in transformer.transformer_blocks]
+    singles = getattr(transformer, "single_transformer_blocks", None) or []
+    handles += [b.register_forward_pre_hook(on_single_block, with_kwargs=True) for b in singles]
     try:
         result = run()
     finally:
@@ -202,6 +211,7 @@ class ReferenceArch:
     target_tokens: Callable | None = None  # (forward kwargs) -> the first n image tokens the maps describe
     concept_weights: Callable = dual_stream_concept_weights  # block -> (q, k, v, norm_q, norm_k, out) for concepts
     embed_at: Callable | None = None  # (transformer, concept states, forward kwargs) -> (C, D), instead of `embed`
+    single: SingleReference | None = None  # the single-stream blocks after the dual-stream ones
 
 
 # -- Qwen-Image ------------------------------------------------------------------------------------
@@ -519,6 +529,147 @@ LONGCAT = ReferenceArch(
 )
 
 
+# -- single-stream blocks ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SingleReference:
+    """One architecture's single-stream block, written out plainly.
+
+    Attributes:
+        concept_temb: (forward temb of the concepts or None, block kwargs) -> the concepts' modulation input.
+        image_attention: (block, block kwargs, forward kwargs) -> (q_x, k_x, v_x, o_x) of the image tokens in the
+            block's real attention (q/k after QK-norm and RoPE, (B, H, N, D); o_x (B, N, H * D)).
+        concept_branches: (block, c, temb) -> (q_c, k_c, v_c (B, H, C, D) after QK-norm, mlp, gate).
+        out: (block, o_c, mlp) -> the parallel projection.
+        clip: the block clips float16.
+    """
+
+    concept_temb: Callable
+    image_attention: Callable
+    concept_branches: Callable
+    out: Callable = lambda block, o, mlp: block.proj_out(torch.cat([o, mlp], -1))
+
+
+def _single_heads_normed(attn, x, head_dim):
+    """(B, S, H * D) -> three (B, H, S, D) q, k, v after the shared QK-norm."""
+    q, k, v = (heads(f(x), head_dim) for f in (attn.to_q, attn.to_k, attn.to_v))
+    return maybe_norm(attn.norm_q, q), maybe_norm(attn.norm_k, k), v
+
+
+def flux_single_concept(block, c, temb):
+    nc, gate = block.norm(c, emb=temb)
+    attn = block.attn
+    qc, kc, vc = _single_heads_normed(attn, nc, attn.head_dim)
+    return qc, kc, vc, block.act_mlp(block.proj_mlp(nc)), gate
+
+
+def flux_single_attention(block, inputs, fwd, mask=None, concatenated=False):
+    """[text; image] through the shared weights, RoPE on the whole sequence; the image rows (the last N)."""
+    n = fwd["hidden_states"].shape[1]
+    seq = inputs["hidden_states"] if concatenated else torch.cat([inputs["encoder_hidden_states"], inputs["hidden_states"]], 1)
+    normed, _ = block.norm(seq, emb=inputs["temb"])
+    attn = block.attn
+    q, k, v = _single_heads_normed(attn, normed, attn.head_dim)
+    rope = inputs["image_rotary_emb"]
+    q, k = apply_rotary_emb(q, rope, sequence_dim=2), apply_rotary_emb(k, rope, sequence_dim=2)
+    real = plain_attention(q, k, v, mask)
+    return q[:, :, -n:], k[:, :, -n:], v[:, :, -n:], merge(real[:, :, -n:])
+
+
+def chroma_single_attention(block, inputs, fwd):
+    mask = inputs.get("attention_mask")
+    if mask is not None:
+        mask = (mask[:, None, None, :] * mask[:, None, :, None]).to(inputs["hidden_states"].dtype)  # additive, as stock
+    return flux_single_attention(block, inputs, fwd, mask, concatenated=True)
+
+
+def flux2_single_concept(block, c, temb):
+    shift, scale, gate = temb.chunk(3, dim=-1)
+    nc = (1 + scale[:, None]) * block.norm(c) + shift[:, None]
+    attn = block.attn
+    fused = attn.to_qkv_mlp_proj(nc)
+    qkv, mlp = fused[..., : 3 * attn.inner_dim], fused[..., 3 * attn.inner_dim :]
+    qc, kc, vc = (heads(t, attn.head_dim) for t in qkv.chunk(3, -1))
+    return attn.norm_q(qc), attn.norm_k(kc), vc, attn.mlp_act_fn(mlp), gate
+
+
+def flux2_single_attention(block, inputs, fwd):
+    n = fwd["hidden_states"].shape[1]
+    shift, scale, _ = inputs["temb_mod"].chunk(3, dim=-1)
+    normed = (1 + scale[:, None]) * block.norm(inputs["hidden_states"]) + shift[:, None]
+    attn = block.attn
+    qkv = attn.to_qkv_mlp_proj(normed)[..., : 3 * attn.inner_dim]
+    q, k, v = (heads(t, attn.head_dim) for t in qkv.chunk(3, -1))
+    q, k = attn.norm_q(q), attn.norm_k(k)
+    rope = inputs["image_rotary_emb"]
+    q, k = apply_rotary_emb(q, rope, sequence_dim=2), apply_rotary_emb(k, rope, sequence_dim=2)
+    real = plain_attention(q, k, v)
+    return q[:, :, -n:], k[:, :, -n:], v[:, :, -n:], merge(real[:, :, -n:])
+
+
+def hunyuan_single_concept(block, c, temb):
+    nc, gate = block.norm(c, emb=temb)
+    attn = block.attn
+    qc, kc, vc = _single_heads_normed(attn, nc, attn.to_q.out_features // attn.heads)
+    return qc, kc, vc, block.act_mlp(block.proj_mlp(nc)), gate
+
+
+def hunyuan_single_attention(block, inputs, fwd):
+    """[video; text] through the shared weights, RoPE on the video tokens only, the text mask; the first N rows."""
+    video = inputs["hidden_states"]
+    n = video.shape[1]
+    normed, _ = block.norm(torch.cat([video, inputs["encoder_hidden_states"]], 1), emb=inputs["temb"])
+    attn = block.attn
+    q, k, v = _single_heads_normed(attn, normed, attn.to_q.out_features // attn.heads)
+    rope = inputs["image_rotary_emb"]
+    qx, kx = apply_rotary_emb(q[:, :, :n], rope), apply_rotary_emb(k[:, :, :n], rope)
+    q, k = torch.cat([qx, q[:, :, n:]], 2), torch.cat([kx, k[:, :, n:]], 2)
+    real = plain_attention(q, k, v, inputs["attention_mask"])
+    return qx, kx, v[:, :, :n], merge(real[:, :, :n])
+
+
+FLUX_SINGLE = SingleReference(lambda temb, inputs: temb, flux_single_attention, flux_single_concept)
+CHROMA_SINGLE = SingleReference(lambda temb, inputs: inputs["temb"], chroma_single_attention, flux_single_concept)
+LONGCAT_SINGLE = SingleReference(lambda temb, inputs: inputs["temb"], flux_single_attention, flux_single_concept)
+FLUX2_SINGLE = SingleReference(
+    lambda temb, inputs: inputs["temb_mod"],
+    flux2_single_attention,
+    flux2_single_concept,
+    out=lambda block, o, mlp: block.attn.to_out(torch.cat([o, mlp], -1)),
+)
+HUNYUAN_SINGLE = SingleReference(lambda temb, inputs: temb, hunyuan_single_attention, hunyuan_single_concept)
+FLUX = replace(FLUX, single=FLUX_SINGLE)
+CHROMA = replace(CHROMA, single=CHROMA_SINGLE)
+LONGCAT = replace(LONGCAT, single=LONGCAT_SINGLE)
+FLUX2 = replace(FLUX2, single=FLUX2_SINGLE)
+HUNYUAN_VIDEO = replace(HUNYUAN_VIDEO, single=HUNYUAN_SINGLE)
+
+
+def _score(score_space, use_softmax, o_c, o_x, qx, kc, vc, vx, n):
+    """(B, C, N) one block's scores over the first n image tokens, written out."""
+    if score_space == "output":
+        s = o_c @ o_x[:, :n].transpose(1, 2)
+    elif score_space == "value":
+        s = merge(vc) @ merge(vx[:, :, :n]).transpose(1, 2)
+    else:
+        logits = qx[:, :, :n] @ kc.transpose(-1, -2) / math.sqrt(qx.shape[-1])  # (B, H, N, C)
+        if use_softmax:
+            logits = logits.softmax(-1)
+        s = logits.mean(1).transpose(1, 2)
+    if use_softmax and score_space != "cross_attention":
+        s = s.softmax(1)
+    return s
+
+
+def _naive_concept_attention(qc, kc, vc, qx, kx, vx, concept_keys, num_concepts):
+    """Every query of [concepts; image] over the chosen keys, then the concept rows (B, C, H * D)."""
+    keys = {
+        "both": (torch.cat([kc, kx], 2), torch.cat([vc, vx], 2)),
+        "image": (kx, vx),
+        "concepts": (kc, vc),
+    }[concept_keys]
+    return merge(plain_attention(torch.cat([qc, qx], 2), *keys)[:, :, :num_concepts])
+
+
 @torch.no_grad()
 def reference_maps(
     arch: ReferenceArch,
@@ -527,6 +678,7 @@ def reference_maps(
     concepts,
     *,
     layers,
+    single_layers=(),
     steps=None,
     score_space="output",
     concept_keys="both",
@@ -535,18 +687,26 @@ def reference_maps(
     concept_encoder=None,
     conditional_half=False,
     rows=None,
+    per_block=False,
 ):
     """(B, C, N) reference maps from captured forwards (one record per denoising step).
 
+    ``layers`` / ``single_layers``: dual- and single-stream block indices (the concepts run through every
+    dual-stream block before the first single-stream one).
     ``conditional_half``: the forwards batch [uncond; cond]; maps describe the cond half.
     ``rows``: an explicit batch slice instead (e.g. the unconditional half, for contrast).
+    ``per_block``: also return the (L, B, C, N) per-block means, double blocks first (before normalisation).
     """
     tr = pipe.transformer
     num_concepts = len(concepts)
     use_softmax = num_concepts > 1 if softmax is None else softmax
     text_states = arch.concept_states(pipe, concepts, pooling, concept_encoder)
     text_states, positions = text_states if isinstance(text_states, tuple) else (text_states, None)
+    layers, single_layers = list(layers), list(single_layers)
     total, count = 0.0, 0
+    blocks: dict[tuple[int, int], list] = {}
+    num_double = len(tr.transformer_blocks)
+    last_double = num_double - 1 if single_layers else max(layers)
     for step, record in enumerate(records):
         if steps is not None and step not in steps:
             continue
@@ -558,7 +718,7 @@ def reference_maps(
         c = arch.embed_at(tr, text_states, fwd) if arch.embed_at else arch.embed(tr, text_states)
         c = c.unsqueeze(0).expand(num_rows, -1, -1)
         n = arch.target_tokens(fwd) if arch.target_tokens else None
-        for index in range(max(layers) + 1):
+        for index in range(last_double + 1):
             block = tr.transformer_blocks[index]
             block_temb = arch.block_concept_temb
             temb_c = block_temb(record["blocks"][index])[keep] if block_temb else forward_temb
@@ -571,25 +731,10 @@ def reference_maps(
             if arch.concept_rope:
                 rotate = arch.concept_rope(tr, record["blocks"][index], positions)
                 qc, kc = rotate(qc), rotate(kc)
-            # Naive concept attention: every query of [concepts; image], then keep the concept rows.
-            keys = {
-                "both": (torch.cat([kc, kx], 2), torch.cat([vc, vx], 2)),
-                "image": (kx, vx),
-                "concepts": (kc, vc),
-            }[concept_keys]
-            o_c = merge(plain_attention(torch.cat([qc, qx], 2), *keys)[:, :, :num_concepts])  # (B, C, HD)
+            o_c = _naive_concept_attention(qc, kc, vc, qx, kx, vx, concept_keys, num_concepts)  # (B, C, HD)
             if index in layers:
-                if score_space == "output":
-                    s = o_c @ o_x[:, :n].transpose(1, 2)
-                elif score_space == "value":
-                    s = merge(vc) @ merge(vx[:, :, :n]).transpose(1, 2)
-                else:
-                    logits = qx[:, :, :n] @ kc.transpose(-1, -2) / math.sqrt(hd)  # (B, H, N, C)
-                    if use_softmax:
-                        logits = logits.softmax(-1)
-                    s = logits.mean(1).transpose(1, 2)
-                if use_softmax and score_space != "cross_attention":
-                    s = s.softmax(1)
+                s = _score(score_space, use_softmax, o_c, o_x, qx, kc, vc, vx, n)
+                blocks.setdefault((0, index), []).append(s)
                 total = total + s
                 count += 1
             # The concept residual stream always takes the attention output, whatever the score.
@@ -597,8 +742,28 @@ def reference_maps(
             norm2, ff = arch.feedforward(block)
             normed = norm2(c) * (1 + c_scale[:, None]) + c_shift[:, None]
             c = c + c_gate_mlp.unsqueeze(1) * ff(normed)
+        for j in range(max(single_layers) + 1 if single_layers else 0):
+            single = arch.single
+            assert single is not None, "this architecture has no single-stream reference"
+            block, inputs = tr.single_transformer_blocks[j], record["single"][j]
+            qx, kx, vx, o_x = (t[keep] for t in single.image_attention(block, inputs, fwd))
+            temb_c = single.concept_temb(forward_temb, inputs)
+            temb_c = temb_c if temb_c is forward_temb else temb_c[keep]
+            qc, kc, vc, mlp, gate = single.concept_branches(block, c, temb_c)
+            if arch.concept_rope:
+                rotate = arch.concept_rope(tr, inputs, positions)
+                qc, kc = rotate(qc), rotate(kc)
+            o_c = _naive_concept_attention(qc, kc, vc, qx, kx, vx, concept_keys, num_concepts)
+            if j in single_layers:
+                s = _score(score_space, use_softmax, o_c, o_x, qx, kc, vc, vx, n)
+                blocks.setdefault((1, j), []).append(s)
+                total = total + s
+                count += 1
+            c = c + gate.reshape(gate.shape[0], 1, -1) * single.out(block, o_c, mlp)
     mean = total / count
     if num_concepts == 1:
         low, high = mean.amin(-1, keepdim=True), mean.amax(-1, keepdim=True)
         mean = (mean - low) / (high - low)
+    if per_block:
+        return mean, torch.stack([sum(v) / len(v) for _, v in sorted(blocks.items())])
     return mean

@@ -10,20 +10,38 @@ from conceptattention.core import ConceptKeys, ScoreSpace
 from conceptattention.errors import ConceptAttentionError
 
 Pooling = Literal["first", "mean"]
+BlockChoice = tuple[int, ...] | Literal["all", "none"] | None
+"""Blocks of one kind: indices, ``"all"`` (every usable one), ``"none"``, or None (the backend's default)."""
 
 _SCORE_SPACES = ("output", "cross_attention", "value")
 _CONCEPT_KEYS = ("both", "image", "concepts")
 _POOLINGS = ("first", "mean")
 
 
-def _index_tuple(name: str, value: Sequence[int] | None) -> tuple[int, ...] | None:
+_BLOCK_WORDS = ("all", "none")
+
+
+def _block_choice(name: str, value: Any) -> BlockChoice:
+    """Indices (sorted, unique), ``"all"``, ``"none"`` or None, validated."""
+    if isinstance(value, str):
+        if value not in _BLOCK_WORDS:
+            raise ConceptAttentionError(
+                f"`{name}` must be a list of block indices, 'all', 'none' or None (the default), got {value!r}"
+            )
+        return value  # type: ignore[return-value]
+    return _index_tuple(name, value, empty="give at least one index, 'none', or None for the default")
+
+
+def _index_tuple(
+    name: str, value: Sequence[int] | None, empty: str = "give at least one index, or None for the default"
+) -> tuple[int, ...] | None:
     if value is None:
         return None
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
         raise ConceptAttentionError(f"`{name}` must be a list of non-negative integers or None, got {value!r}")
     items = list(value)
     if not items:
-        raise ConceptAttentionError(f"`{name}` is empty: give at least one index, or None for the default")
+        raise ConceptAttentionError(f"`{name}` is empty: {empty}")
     for item in items:
         if isinstance(item, bool) or not isinstance(item, int) or item < 0:
             raise ConceptAttentionError(f"`{name}` must contain non-negative integers (indices), but contains {item!r}")
@@ -35,9 +53,14 @@ class ConceptAttentionConfig:
     """What to compute and where.
 
     Args:
-        layers: double-stream (joint) block indices to score, e.g. ``(9, ..., 18)``. ``None``
-            uses the backend's default (Flux.1: the last 10 double-stream blocks; SD3: the later
-            half of the joint blocks without the pre-only last one).
+        layers: double-stream (joint) block indices to score, e.g. ``(9, ..., 18)``, ``"all"``
+            (every usable one) or ``"none"``. ``None`` uses the backend's default (Flux.1: the last
+            10 double-stream blocks; SD3: the later half of the joint blocks without the pre-only
+            last one).
+        single_layers: single-stream block indices to score (Flux.1: 0-37 of the 38 blocks after
+            the double-stream ones), ``"all"`` or ``"none"``. ``None`` uses the backend's default:
+            none in every dual-stream model (the paper scores double-stream blocks only). The concept
+            stream runs through every block up to the last selected one of either kind.
         steps: denoising step indices to score in generate/trace mode (``0`` is the first,
             noisiest step). ``None`` uses every step. Ignored by ``encode_image``.
         score_space: ``"output"`` (ConceptAttention), ``"cross_attention"`` (image queries
@@ -58,7 +81,8 @@ class ConceptAttentionConfig:
         (15, 16, 17, 18)
     """
 
-    layers: tuple[int, ...] | None = None
+    layers: BlockChoice = None
+    single_layers: BlockChoice = None
     steps: tuple[int, ...] | None = None
     score_space: ScoreSpace = "output"
     concept_keys: ConceptKeys = "both"
@@ -68,7 +92,8 @@ class ConceptAttentionConfig:
     concept_encoder: str | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "layers", _index_tuple("layers", self.layers))
+        object.__setattr__(self, "layers", _block_choice("layers", self.layers))
+        object.__setattr__(self, "single_layers", _block_choice("single_layers", self.single_layers))
         object.__setattr__(self, "steps", _index_tuple("steps", self.steps))
         for name, value, allowed in (
             ("score_space", self.score_space, _SCORE_SPACES),

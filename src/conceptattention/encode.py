@@ -167,7 +167,7 @@ def _encode(
     inputs = backend.encoding.inputs(pipe, pixels, run.caption, run.guidance_scale, max_sequence_length)
     session = ConceptSession(
         transformer, embeddings, plan.concepts, plan.config, backend=backend, owner=pipe, stop_after_last_block=True,
-        layers=plan.layers,
+        blocks=plan.blocks,
     )  # fmt: skip
     clean = inputs.latents
     batch = clean.shape[0]

@@ -67,7 +67,10 @@ class RunRecord:
         concept_tokens: each concept's sub-tokens, as the tokenizer split it.
         concept_encoder: which prompt encoder encoded the concepts, in words.
         concept_positions: the position policy of concept tokens under the model's text RoPE.
-        layers: the scored blocks; excluded_blocks: blocks that can never be scored, with why.
+        layers: the scored dual-stream blocks; single_layers: the scored single-stream blocks.
+        blocks: every scored block labelled by kind (``"double 9"``, ``"single 0"``), in the order of ``block_maps``.
+        num_double_blocks, num_single_blocks: the model's blocks of each kind (single: 0 where not traceable).
+        excluded_blocks: dual-stream blocks that can never be scored, with why.
         grid: token grid (h, w) or (F, h, w).
         cfg: which forwards/batch rows the maps describe.
         details: mode-specific record (generate or encode).
@@ -82,7 +85,10 @@ class RunRecord:
     concept_encoder: str
     concept_positions: str
     layers: list[int]
+    single_layers: list[int]
+    blocks: list[str]
     num_double_blocks: int
+    num_single_blocks: int
     excluded_blocks: dict[int, str]
     default_layers: str
     score_space: str

@@ -16,9 +16,9 @@ from typing import Any, Literal
 import torch
 
 from conceptattention.adapters import backend_for
-from conceptattention.adapters.base import Backend, ConceptEncoding
+from conceptattention.adapters.base import Backend, BlockSelection, ConceptEncoding
 from conceptattention.concepts import ConceptEmbeddings, validate_concepts
-from conceptattention.config import ConceptAttentionConfig
+from conceptattention.config import BlockChoice, ConceptAttentionConfig
 from conceptattention.errors import ConceptAttentionError
 from conceptattention.loading import model_defaults
 
@@ -65,9 +65,9 @@ class ModelPlan:
             f"{context}, and {self.pipeline_name} is {article} {actual} model ({self.backend.spec.name}); {instead}"
         )
 
-    def resolve_layers(self, layers: Sequence[int] | None) -> tuple[int, ...]:
-        """Default or validated block indices (errors name the valid range)."""
-        return self.backend.resolve_layers(self.transformer, layers)
+    def resolve_blocks(self, layers: BlockChoice, single_layers: BlockChoice = None) -> BlockSelection:
+        """Default or validated blocks of each kind (errors name the valid ranges)."""
+        return self.backend.resolve_blocks(self.transformer, layers, single_layers)
 
     def size(self, height: int | None = None, width: int | None = None) -> tuple[int, int]:
         """The (height, width) the model takes: given, else the recorded default, else the pipeline's; validated.
@@ -120,14 +120,15 @@ class CallPlan:
         model: the pipeline's plan.
         concepts: the validated concept words.
         config: the validated configuration.
-        layers: the selected blocks (the default, or ``config.layers`` validated).
+        blocks: the selected blocks of each kind (the defaults, or ``config.layers`` / ``config.single_layers``
+            validated).
         concept_encoder: the concept encoder (the backend's default, or the validated choice).
     """
 
     model: ModelPlan
     concepts: tuple[str, ...]
     config: ConceptAttentionConfig
-    layers: tuple[int, ...]
+    blocks: BlockSelection
     concept_encoder: str
 
     def concept_encoding(self) -> ConceptEncoding:
@@ -146,6 +147,6 @@ def call_plan(pipe: Any, concepts: Sequence[str], config: ConceptAttentionConfig
     """Resolve a call before any compute: concepts, backend, defaults, layers and concept encoder, each once."""
     words = validate_concepts(concepts)
     model = pipe if isinstance(pipe, ModelPlan) else model_plan(pipe)
-    layers = model.resolve_layers(config.layers)
+    blocks = model.resolve_blocks(config.layers, config.single_layers)
     encoder = model.backend.concept_encoder(config.concept_encoder)
-    return CallPlan(model, words, config, layers, encoder)
+    return CallPlan(model, words, config, blocks, encoder)

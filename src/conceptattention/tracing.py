@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from conceptattention.adapters import backend_for
-from conceptattention.adapters.base import Attachment, Backend, BlockRecord, ForwardContext, RunState
+from conceptattention.adapters.base import Attachment, Backend, BlockRecord, BlockSelection, ForwardContext, RunState
 from conceptattention.concepts import ConceptEmbeddings
 from conceptattention.config import ConceptAttentionConfig
 from conceptattention.core import Normalization, ScoreAccumulator, TokenGrid, finalize_maps, tokens_to_grid
@@ -52,7 +52,7 @@ class ConceptSession:
             it, every forward is the next step and there is no guidance batch.
         owner: the pipeline, for error messages and the record (defaults to ``pipeline``).
         stop_after_last_block: abort each forward after the last selected block (encode mode).
-        layers: the blocks, already resolved by the call's plan (default: resolved from ``config``).
+        blocks: the blocks, already resolved by the call's plan (default: resolved from ``config``).
     """
 
     def __init__(
@@ -66,7 +66,7 @@ class ConceptSession:
         pipeline: Any = None,
         owner: Any = None,
         stop_after_last_block: bool = False,
-        layers: tuple[int, ...] | None = None,
+        blocks: BlockSelection | None = None,
     ) -> None:
         self.transformer = transformer
         self.owner = owner if owner is not None else pipeline
@@ -75,7 +75,9 @@ class ConceptSession:
         self.config = config
         self.embeddings = embeddings
         self.pipeline = pipeline
-        self.layers = layers if layers is not None else self.backend.resolve_layers(transformer, config.layers)
+        if blocks is None:
+            blocks = self.backend.resolve_blocks(transformer, config.layers, config.single_layers)
+        self.blocks = blocks
         softmax = config.use_softmax(len(self.concepts))
         if softmax and len(self.concepts) == 1:
             raise ConceptAttentionError(
@@ -83,9 +85,9 @@ class ConceptSession:
             )
         self.state = RunState(
             config=config,
-            layers=self.layers,
+            blocks=blocks,
             concepts=embeddings,
-            accumulator=ScoreAccumulator(self.layers, per_block=config.per_block),
+            accumulator=ScoreAccumulator(blocks.run_indices, per_block=config.per_block),
             softmax=softmax,
             stop_after_last_block=stop_after_last_block,
         )
@@ -233,8 +235,11 @@ class ConceptSession:
             concept_tokens={c: list(t) for c, t in zip(self.concepts, self.embeddings.tokens)},
             concept_encoder=self.embeddings.encoder,
             concept_positions=backend.spec.concept_positions,
-            layers=list(self.layers),
+            layers=list(self.blocks.double),
+            single_layers=list(self.blocks.single),
+            blocks=self.blocks.labels,
             num_double_blocks=backend.num_blocks(transformer),
+            num_single_blocks=backend.num_single_blocks(transformer),
             excluded_blocks=backend.excluded_blocks(transformer),
             default_layers=backend.spec.default_layers,
             score_space=self.config.score_space,
@@ -330,7 +335,7 @@ class trace:  # noqa: N801 - a context manager used like a function, as DAAM's `
             raise ConceptAttentionError("This trace is already entered; exit it before entering it again.")
         session = ConceptSession(
             self.transformer, self.plan.encode_concepts(), self.concepts, self.config, backend=self.backend,
-            pipeline=self.pipe, layers=self.plan.layers,
+            pipeline=self.pipe, blocks=self.plan.blocks,
         )  # fmt: skip
         session.state.observers.extend(self._observers)
         session.__enter__()

@@ -28,11 +28,12 @@ import torch
 from typing_extensions import Self
 
 from conceptattention.concepts import ConceptEmbeddings
-from conceptattention.config import ConceptAttentionConfig, Pooling
+from conceptattention.config import BlockChoice, ConceptAttentionConfig, Pooling
 from conceptattention.core import ScoreAccumulator, TokenGrid
 from conceptattention.errors import ConceptAttentionError
 
 CfgLayout = Literal["separate", "batched"]
+BlockKind = Literal["double", "single"]
 Conditioning = TypeVar("Conditioning")
 Inputs = TypeVar("Inputs", bound="EncodeInputs")
 Fact = TypeVar("Fact")
@@ -118,6 +119,9 @@ class BackendSpec:
             any other processor there (IP-Adapter, fused, custom) is refused.
         double_blocks: attribute of the transformer holding the dual-stream (joint) blocks
             (``transformer_blocks`` in every diffusers MM-DiT so far).
+        single_blocks: attribute holding the single-stream blocks that follow them (shared weights for text and
+            image), when the backend traces them (``single_transformer_blocks`` in the Flux family); None: none.
+        single_processor_classes: stock attention processor class names replaced on traced single-stream blocks.
         attention: attribute of a block holding its joint attention module.
         concept_encoders: names of the prompt encoders concepts can be encoded with; the first
             is the default.
@@ -141,6 +145,8 @@ class BackendSpec:
     modality: Literal["image", "video"] = "image"
     double_blocks: str = "transformer_blocks"
     attention: str = "attn"
+    single_blocks: str | None = None
+    single_processor_classes: tuple[str, ...] = ()
 
     def describe(self) -> str:
         """One line for lists of supported models."""
@@ -196,13 +202,50 @@ class BlockRecord:
     """What the concept stream did in one block of one traced forward, for observers (``trace.on_block``).
 
     Attributes:
-        block: the block index.
+        block: the block index within its kind.
         concept_tokens: (B_rows, C, D_model) the concept residual stream after the block (its attention and
             feed-forward updates), the input of the next block. Valid during the callback; clone it to keep it.
+        kind: ``"double"`` (dual-stream) or ``"single"`` (single-stream) block.
     """
 
     block: int
     concept_tokens: torch.Tensor
+    kind: BlockKind = "double"
+
+
+@dataclass(frozen=True)
+class BlockSelection:
+    """The blocks a run scores, per kind, and how they map to the order the concept stream passes them.
+
+    Attributes:
+        double: dual-stream block indices (ascending; empty: none).
+        single: single-stream block indices (ascending; empty: none).
+        num_double: the model's dual-stream block count (single-stream block j runs after all of them).
+    """
+
+    double: tuple[int, ...]
+    single: tuple[int, ...] = ()
+    num_double: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.double and not self.single:
+            raise ConceptAttentionError("no block is selected: give `layers` or `single_layers`")
+
+    @property
+    def run_indices(self) -> tuple[int, ...]:
+        """(L,) run index of every selected block: double block i is i, single block j is ``num_double + j``."""
+        return self.double + tuple(self.num_double + j for j in self.single)
+
+    @property
+    def labels(self) -> list[str]:
+        """One label per selected block, in run order (the order of per-block maps): ``"double 9"``, ``"single 0"``."""
+        return [f"double {i}" for i in self.double] + [f"single {j}" for j in self.single]
+
+    def kind_of(self, run_index: int) -> tuple[BlockKind, int]:
+        """(kind, index within the kind) of a run index."""
+        if run_index < self.num_double:
+            return "double", run_index
+        return "single", run_index - self.num_double
 
 
 @dataclass
@@ -214,7 +257,9 @@ class RunState:
 
     Attributes:
         config: the validated configuration.
-        layers: selected block indices (sorted).
+        blocks: the selected blocks of each kind.
+        layers: the selected blocks as run indices (sorted): double-stream block i is i, single-stream block j
+            is ``num_double + j``, the order the concept stream passes them.
         concepts: the encoded concepts (their backend-private ``extras`` included).
         accumulator: running sums of saliency over (step, block).
         softmax: whether the softmax over concepts is applied.
@@ -225,7 +270,7 @@ class RunState:
     """
 
     config: ConceptAttentionConfig
-    layers: tuple[int, ...]
+    blocks: BlockSelection
     concepts: ConceptEmbeddings
     accumulator: ScoreAccumulator
     softmax: bool
@@ -233,6 +278,10 @@ class RunState:
     active: bool = False
     forward: ForwardContext | None = None
     observers: list[Callable[[BlockRecord], None]] = dataclasses.field(default_factory=list)
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return self.blocks.run_indices
 
     @property
     def last_block(self) -> int:
@@ -488,10 +537,18 @@ class Backend(Generic[Inputs, Conditioning]):
         """The default block selection (the rule is ``spec.default_layers``)."""
         return self.layers.default(self.usable_blocks(transformer))
 
-    def resolve_layers(self, transformer: torch.nn.Module, layers: Sequence[int] | None) -> tuple[int, ...]:
-        """Default or validated block indices, with errors naming the valid range."""
+    def resolve_layers(self, transformer: torch.nn.Module, layers: BlockChoice) -> tuple[int, ...]:
+        """Default or validated dual-stream block indices, with errors naming the valid range.
+
+        Args:
+            layers: indices, ``"all"`` (every usable block), ``"none"``, or None (the default).
+        """
         if layers is None:
             return self.default_layers(transformer)
+        if layers == "none":
+            return ()
+        if layers == "all":
+            return tuple(self.usable_blocks(transformer))
         count = self.num_blocks(transformer)
         bad = [i for i in layers if i >= count]
         if bad:
@@ -507,6 +564,55 @@ class Backend(Generic[Inputs, Conditioning]):
                     f"{_ranges(self.usable_blocks(transformer))} (default: {_ranges(self.default_layers(transformer))})"
                 )
         return tuple(layers)
+
+    def single_blocks(self, transformer: torch.nn.Module) -> torch.nn.ModuleList | None:
+        """The single-stream blocks the backend can trace (None where it has none)."""
+        name = self.spec.single_blocks
+        return None if name is None else getattr(transformer, name, None)
+
+    def num_single_blocks(self, transformer: torch.nn.Module) -> int:
+        blocks = self.single_blocks(transformer)
+        return 0 if blocks is None else len(blocks)
+
+    def resolve_single_layers(self, transformer: torch.nn.Module, single_layers: BlockChoice) -> tuple[int, ...]:
+        """Default (none: the paper's dual-stream blocks) or validated single-stream block indices.
+
+        Args:
+            single_layers: indices, ``"all"``, ``"none"``, or None (the default).
+        """
+        if single_layers is None or single_layers == "none":
+            return ()
+        count = self.num_single_blocks(transformer)
+        name = type(transformer).__name__
+        if count == 0:
+            why = (
+                f"{self.spec.name} is dual-stream throughout" if self.spec.single_blocks is None
+                else "this model was built with `num_single_layers=0`"
+            )  # fmt: skip
+            raise ConceptAttentionError(
+                f"`single_layers` was given, but {name} has no single-stream blocks ({why}); select "
+                "dual-stream blocks with `layers`"
+            )
+        if single_layers == "all":
+            return tuple(range(count))
+        bad = [j for j in single_layers if j >= count]
+        if bad:
+            raise ConceptAttentionError(
+                f"`single_layers` contains {bad[0]}, but {name} has {count} single-stream blocks "
+                f"(valid indices: 0-{count - 1})"
+            )
+        return tuple(single_layers)
+
+    def resolve_blocks(
+        self, transformer: torch.nn.Module, layers: BlockChoice, single_layers: BlockChoice = None
+    ) -> BlockSelection:
+        """The blocks of a run, per kind: each default or validated (errors name the valid ranges)."""
+        double = self.resolve_layers(transformer, layers)
+        single = self.resolve_single_layers(transformer, single_layers)
+        if not double and not single:
+            hint = " or `single_layers`" if self.num_single_blocks(transformer) else ""
+            raise ConceptAttentionError(f"`layers='none'` leaves no block to score: select blocks with `layers`{hint}")
+        return BlockSelection(double, single, self.num_blocks(transformer))
 
     # -- concepts and calls --------------------------------------------------------------------
     def concept_encoder(self, choice: str | None) -> str:

@@ -35,7 +35,9 @@ from conceptattention.adapters.base import (
 )
 from conceptattention.adapters.joint import (
     FluxStyleProcessor,
+    FluxStyleSingleProcessor,
     JointPath,
+    SinglePath,
     flux_family_layers,
     image_grid,
     packed_latent_forward,
@@ -68,6 +70,8 @@ SPEC = BackendSpec(
     cfg_layout="separate",
     concept_positions="text position ids 0 (RoPE is the identity on concepts)",
     max_sequence_length=512,
+    single_blocks="single_transformer_blocks",
+    single_processor_classes=('FluxAttnProcessor',),
 )
 
 
@@ -84,6 +88,11 @@ def block_conditioning(record: ForwardRecord[None], arguments: CallArguments) ->
     """(B_rows, 6, D) the block's text modulation: a function of the timestep only."""
     temb = arguments["temb"]  # (B, 12, D): [image slice; text slice]
     return temb[record.rows, 6:]
+
+
+def single_block_conditioning(record: ForwardRecord[None], arguments: CallArguments) -> torch.Tensor:
+    """(B_rows, 3, D) the single-stream block's modulation slice, shared by all its tokens: the timestep only."""
+    return arguments["temb"][record.rows]
 
 
 class ChromaEncode(EncodeRecipe[ChromaEncodeInputs]):
@@ -128,6 +137,10 @@ BACKEND: Backend[ChromaEncodeInputs, None] = Backend(
     layers=flux_family_layers(DEFAULT_NUM_LAYERS),
     concepts=encode_concepts,
     reader=read_forward,
-    stream=JointPath(FluxStyleProcessor, block_conditioning=block_conditioning),
+    stream=JointPath(
+        FluxStyleProcessor,
+        block_conditioning=block_conditioning,
+        single=SinglePath(FluxStyleSingleProcessor, block_conditioning=single_block_conditioning),
+    ),
     encoding=ChromaEncode(),
 )

@@ -25,7 +25,9 @@ from conceptattention.adapters.base import (
 )
 from conceptattention.adapters.joint import (
     FluxStyleProcessor,
+    FluxStyleSingleProcessor,
     JointPath,
+    SinglePath,
     flux_family_layers,
     image_grid,
     packed_latent_forward,
@@ -68,6 +70,8 @@ SPEC = BackendSpec(
     cfg_layout="separate",
     concept_positions="text position ids 0 (RoPE is the identity on concepts)",
     max_sequence_length=512,
+    single_blocks="single_transformer_blocks",
+    single_processor_classes=('FluxAttnProcessor',),
 )
 
 
@@ -136,6 +140,8 @@ BACKEND: Backend[FluxEncodeInputs, FluxConditioning] = Backend(
     layers=flux_family_layers(DEFAULT_NUM_LAYERS),
     concepts=encode_concepts,
     reader=read_forward,
-    stream=JointPath(FluxStyleProcessor, forward_conditioning=concept_conditioning),
+    stream=JointPath(
+        FluxStyleProcessor, forward_conditioning=concept_conditioning, single=SinglePath(FluxStyleSingleProcessor)
+    ),
     encoding=FluxEncode(),
 )

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from diffusers.models.embeddings import apply_rotary_emb
 
 from conceptattention.adapters.base import (
     Backend,
@@ -40,7 +41,9 @@ from conceptattention.adapters.base import (
 )
 from conceptattention.adapters.joint import (
     FluxStyleProcessor,
+    FluxStyleSingleProcessor,
     JointPath,
+    SinglePath,
     flux_family_layers,
     packed_pixels_per_token,
 )
@@ -73,13 +76,72 @@ class Flux2ConceptAttnProcessor(FluxStyleProcessor):
 
     contiguous_outputs = False  # as Flux2AttnProcessor: no .contiguous() before the projections
 
-    def concept_position_ids(self, device: torch.device) -> torch.Tensor:
-        """Text ids (0, 0, 0, l_c): each concept at its first sub-token's position in its templated encoding."""
-        extras = self.stream.state.concepts.extras
-        assert isinstance(extras, ConceptPositions), "Flux.2 concepts carry their template positions"
-        ids = torch.zeros(len(extras.positions), 4, device=device)
-        ids[:, 3] = torch.tensor(extras.positions, device=device, dtype=ids.dtype)
-        return ids
+
+class Flux2SingleConceptAttnProcessor(FluxStyleSingleProcessor):
+    """Stock ``Flux2ParallelSelfAttnProcessor`` (single blocks) plus the concept rows of one block.
+
+    One fused projection gives q/k/v and the MLP input; the attention, the SwiGLU branch and the
+    parallel output projection follow in the stock order, so the block's output is bit-identical.
+    """
+
+    def __call__(  # type: ignore[override]
+        self,
+        attn: Any,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        qkv, mlp = fused_branches(attn, hidden_states)
+        query, key, value = (t.unflatten(-1, (-1, attn.head_dim)) for t in qkv.chunk(3, dim=-1))  # (B, S, H, D)
+        query, key = attn.norm_q(query), attn.norm_k(key)
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)  # type: ignore[arg-type,assignment]
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)  # type: ignore[arg-type,assignment]
+        out = self.joint_attention(query, key, value, attention_mask)  # (B, S, H * D)
+        if self.stream.runs(self.block_index):
+            self.single_rows(query, key, value, out, image_rotary_emb is not None)
+        return attn.to_out(torch.cat([out, attn.mlp_act_fn(mlp)], dim=-1))
+
+
+def fused_branches(attn: Any, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(qkv, mlp input) of ``to_qkv_mlp_proj``, split by the stock processor's global ratio."""
+    fused = attn.to_qkv_mlp_proj(hidden_states)
+    qkv_dim = 3 * attn.inner_dim
+    mlp_dim = attn.mlp_hidden_dim * attn.mlp_mult_factor
+    local_qkv = fused.shape[-1] * qkv_dim // (qkv_dim + mlp_dim)
+    qkv, mlp = torch.split(fused, [local_qkv, fused.shape[-1] - local_qkv], dim=-1)
+    return qkv, mlp
+
+
+def single_branches(block: Any, normed: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Concept q, k, v and the SwiGLU MLP branch from the block's one fused projection."""
+    qkv, mlp = fused_branches(block.attn, normed)
+    q, k, v = qkv.chunk(3, dim=-1)
+    return q, k, v, block.attn.mlp_act_fn(mlp)
+
+
+def single_out(block: Any, attention_out: torch.Tensor, mlp: torch.Tensor) -> torch.Tensor:
+    return block.attn.to_out(torch.cat([attention_out, mlp], dim=-1))
+
+
+def single_modulation(block: Any, hidden: torch.Tensor, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model-level (B, 3D) single-stream modulation on the block's parameter-free ``norm``."""
+    shift, scale, gate = emb.chunk(3, dim=-1)
+    return (1 + scale[:, None]) * block.norm(hidden) + shift[:, None], gate
+
+
+def single_block_conditioning(record: ForwardRecord[Flux2Conditioning], arguments: CallArguments) -> torch.Tensor:
+    """(B_rows, 3D) the single-stream modulation every block gets: timestep (+ guidance) only."""
+    return arguments["temb_mod"][record.rows]
+
+
+def concept_positions(concepts: ConceptEmbeddings, device: torch.device) -> torch.Tensor:
+    """Text ids (0, 0, 0, l_c): each concept at its first sub-token's position in its templated encoding."""
+    extras = concepts.extras
+    assert isinstance(extras, ConceptPositions), "Flux.2 concepts carry their template positions"
+    ids = torch.zeros(len(extras.positions), 4, device=device)
+    ids[:, 3] = torch.tensor(extras.positions, device=device, dtype=ids.dtype)
+    return ids
 
 
 @dataclass
@@ -107,6 +169,8 @@ SPEC = BackendSpec(
     concept_positions="each concept at the text position l of its first sub-token in its own templated "
     "encoding (where a prompt's first user token sits)",
     max_sequence_length=512,
+    single_blocks="single_transformer_blocks",
+    single_processor_classes=("Flux2ParallelSelfAttnProcessor",),
 )
 
 
@@ -287,6 +351,18 @@ BACKEND: Backend[Flux2EncodeInputs, Flux2Conditioning] = Backend(
     layers=flux_family_layers(DEFAULT_NUM_LAYERS),
     concepts=encode_concepts,
     reader=read_forward,
-    stream=JointPath(Flux2ConceptAttnProcessor, block_conditioning=block_conditioning, modulation=text_modulation),
+    stream=JointPath(
+        Flux2ConceptAttnProcessor,
+        block_conditioning=block_conditioning,
+        modulation=text_modulation,
+        concept_positions=concept_positions,
+        single=SinglePath(
+            Flux2SingleConceptAttnProcessor,
+            block_conditioning=single_block_conditioning,
+            modulation=single_modulation,
+            branches=single_branches,
+            out=single_out,
+        ),
+    ),
     encoding=Flux2Encode(),
 )

@@ -19,6 +19,7 @@ only (none on text, hence none on concepts), text mask ``(B, 1, 1, N + T)``. Wha
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -40,7 +41,14 @@ from conceptattention.adapters.base import (
     VideoFacts,
     later_half,
 )
-from conceptattention.adapters.joint import ConceptProcessor, JointPath, apply_norm, dead_last_double_block, projections
+from conceptattention.adapters.joint import (
+    ConceptProcessor,
+    JointPath,
+    SinglePath,
+    apply_norm,
+    dead_last_double_block,
+    projections,
+)
 from conceptattention.concepts import ConceptEmbeddings, concept_token_ids, pipeline_part, pool_spans, span_starts
 from conceptattention.config import Pooling
 from conceptattention.core import TokenGrid
@@ -159,6 +167,39 @@ class HunyuanVideoConceptAttnProcessor(ConceptProcessor):
         return video_out, text_out
 
 
+class HunyuanVideoSingleConceptAttnProcessor(ConceptProcessor):
+    """Stock ``HunyuanVideoAttnProcessor2_0`` (its single-stream path: shared weights over [video; text]) plus the
+    concept rows of one block.
+
+    The same operations in the same order as the stock processor (RoPE on the video tokens only, the
+    text mask), so the block's outputs are bit-identical to an untraced run.
+    """
+
+    def __call__(
+        self,
+        attn: Any,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if attn.add_q_proj is not None or encoder_hidden_states is None:
+            raise ConceptAttentionError("The single-stream processor serves HunyuanVideo's single-stream blocks only")
+        text_len = encoder_hidden_states.shape[1]
+        joint = torch.cat([hidden_states, encoder_hidden_states], dim=1)  # (B, N + T, D)
+        query, key, value = _stream_qkv(attn, joint, added=False)  # (B, N + T, H, D)
+        if image_rotary_emb is not None:  # video tokens only
+            rotate = functools.partial(apply_rotary_emb, freqs_cis=image_rotary_emb, sequence_dim=1)
+            query = torch.cat([rotate(query[:, :-text_len]), query[:, -text_len:]], dim=1)
+            key = torch.cat([rotate(key[:, :-text_len]), key[:, -text_len:]], dim=1)
+        out = self.joint_attention(query, key, value, attention_mask)  # (B, N + T, H * D)
+        video_out, text_out = out[:, :-text_len], out[:, -text_len:]
+        if self.stream.runs(self.block_index):
+            q_x, k_x, v_x = (t[:, :-text_len].transpose(1, 2) for t in (query, key, value))  # (B, H, N, D)
+            self.stream.concept_rows(self.block_index, q_x, k_x, v_x, video_out)
+        return video_out, text_out
+
+
 @dataclass
 class HunyuanEncodeInputs(EncodeInputs):
     """Encode-mode conditioning: (B, T, D) Llama prompt states, (B, T) mask, (B, P) CLIP pooled, (B,) guidance."""
@@ -189,6 +230,8 @@ SPEC = BackendSpec(
     concept_positions="none (no RoPE on text)",
     max_sequence_length=256,
     modality="video",
+    single_blocks="single_transformer_blocks",
+    single_processor_classes=("HunyuanVideoAttnProcessor2_0",),
 )
 
 
@@ -384,6 +427,7 @@ BACKEND: Backend[HunyuanEncodeInputs, HunyuanConditioning] = Backend(
         concept_inputs=concept_sequences,
         embed=embed_concepts,
         check=check_install,
+        single=SinglePath(HunyuanVideoSingleConceptAttnProcessor, clip=False),
     ),
     encoding=HunyuanVideoEncode(),
     video=HunyuanVideoFrames(),

@@ -30,6 +30,7 @@ from diffusers.models.embeddings import apply_rotary_emb
 from conceptattention.adapters.base import (
     Backend,
     BackendSpec,
+    BlockKind,
     BlockRecord,
     CallArguments,
     Conditioning,
@@ -49,23 +50,25 @@ from conceptattention.errors import ConceptAttentionError
 class BlockPass:
     """One block's concept data, handed from the pre-hook to the processor to the post-hook.
 
-    The processor consumes ``normed`` and ``gate_msa`` (attention and its residual update) and
-    clears ``normed``, so only the (B, D_model) feed-forward modulation outlives the attention.
-
     Attributes:
-        index: the block.
-        normed: (B, C, D_model) concept tokens after ``norm1_context`` (None once attended).
-        gate_msa, shift_mlp, scale_mlp, gate_mlp: (B, D_model) the AdaLayerNormZero gates, shifts, scales.
-        attended: the processor has applied the attention residual update.
+        index: the block's run index (double-stream block i is i, single-stream block j is ``num_double + j``).
+        qkv: (B, C, H * D) concept queries, keys and values from the block's text-stream (or shared) projections,
+            before QK-norm and RoPE.
+        modulation: what the block's residual update needs besides the attention output (its gates, shifts and
+            scales; single-stream blocks: also the parallel MLP branch).
+        attention_out: (B, C, H * D) the concepts' attention output before the output projection, set by the
+            processor (None until the block's attention has run).
     """
 
     index: int
-    normed: torch.Tensor | None
-    gate_msa: torch.Tensor
-    shift_mlp: torch.Tensor
-    scale_mlp: torch.Tensor
-    gate_mlp: torch.Tensor
-    attended: bool = False
+    qkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    modulation: tuple[torch.Tensor, ...]
+    attention_out: torch.Tensor | None = None
+
+
+def clip_half(x: torch.Tensor) -> torch.Tensor:
+    """The blocks' float16 overflow guard: clip to the finite float16 range (other dtypes untouched)."""
+    return x.clip(-65504, 65504) if x.dtype == torch.float16 else x
 
 
 def projections(attn: Any, hidden_states: torch.Tensor, added: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -101,8 +104,8 @@ class TextAttention:
 
 
 @dataclass(frozen=True)
-class TextPath:
-    """The modules concept tokens go through in one block, resolved once when the stream is installed.
+class DoubleBlockOps:
+    """The modules concept tokens go through in one dual-stream block, resolved once when the stream is installed.
 
     Attributes:
         modulate: ``(concepts (B, C, D), emb) -> (normed (B, C, D), gate_msa, shift_mlp, scale_mlp, gate_mlp)``,
@@ -116,10 +119,73 @@ class TextPath:
     attention: TextAttention
     norm: Callable[[torch.Tensor], torch.Tensor]
     feedforward: Callable[[torch.Tensor], torch.Tensor]
+    kind: ClassVar[BlockKind] = "double"
+
+    @property
+    def norm_q(self) -> Any:
+        return self.attention.norm_q
+
+    @property
+    def norm_k(self) -> Any:
+        return self.attention.norm_k
+
+    def begin(self, index: int, concepts: torch.Tensor, emb: torch.Tensor) -> BlockPass:
+        """Modulate and project (B, C, D) concepts for the block's attention."""
+        normed, *modulation = self.modulate(concepts, emb)
+        return BlockPass(index, self.attention.qkv(normed), tuple(modulation))
+
+    def finish(self, concepts: torch.Tensor, step: BlockPass) -> torch.Tensor:
+        """The block's residual update of (B, C, D) concepts: gated attention output projection, then the gated
+        feed-forward, as the text stream's."""
+        assert step.attention_out is not None
+        gate_msa, shift_mlp, scale_mlp, gate_mlp = step.modulation
+        concepts = concepts + gate_msa.unsqueeze(1) * self.attention.out(step.attention_out)
+        normed = self.norm(concepts) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
+        return clip_half(concepts + gate_mlp.unsqueeze(1) * self.feedforward(normed))
+
+
+@dataclass(frozen=True)
+class SingleBlockOps:
+    """The modules concept tokens go through in one single-stream block (the weights text and image share).
+
+    Attributes:
+        modulate: ``(concepts (B, C, D), emb) -> (normed, gate (B, D))``, the block's norm and modulation.
+        project: ``normed -> (q, k, v, mlp)``: the shared q/k/v projections, each (B, C, H * D), and the parallel
+            MLP branch after its activation.
+        norm_q, norm_k: the shared per-head QK-norm modules, or None.
+        out: ``(attention output, mlp) -> (B, C, D)``, the parallel output projection.
+        clip: the block clips float16 outputs to the finite range.
+    """
+
+    modulate: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    project: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
+    norm_q: Any
+    norm_k: Any
+    out: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    clip: bool = True
+    kind: ClassVar[BlockKind] = "single"
+
+    def begin(self, index: int, concepts: torch.Tensor, emb: torch.Tensor) -> BlockPass:
+        normed, gate = self.modulate(concepts, emb)
+        q, k, v, mlp = self.project(normed)
+        return BlockPass(index, (q, k, v), (gate, mlp))
+
+    def finish(self, concepts: torch.Tensor, step: BlockPass) -> torch.Tensor:
+        """``c + gate * out([o_c; mlp])``: the attention and the MLP branch in one gated projection."""
+        assert step.attention_out is not None
+        gate, mlp = step.modulation
+        concepts = concepts + gate.unsqueeze(1) * self.out(step.attention_out, mlp)
+        return clip_half(concepts) if self.clip else concepts
+
+
+BlockOps = DoubleBlockOps | SingleBlockOps
 
 
 class JointConceptStream:
-    """The concept residual stream of one attachment, through the text-stream weights.
+    """The concept residual stream of one attachment, through the text-stream weights of dual-stream blocks and
+    on through the shared weights of the single-stream blocks that follow them.
+
+    Blocks are addressed by run index: dual-stream block i is i, single-stream block j is ``num_double + j``.
 
     Args:
         transformer: the traced transformer.
@@ -135,8 +201,10 @@ class JointConceptStream:
         self.attention = attention
         self.hidden: torch.Tensor | None = None  # (B_rows, C, D_model)
         self.temb: torch.Tensor | None = None  # the forward's concept conditioning (None: per block only)
+        self.image_tokens = 0  # image tokens of the current forward (reference images included)
         self.current: BlockPass | None = None
-        self.paths: list[TextPath] = []  # per block 0..last selected, resolved at install
+        self.ops: list[BlockOps] = []  # per run index 0..last selected, resolved at install
+        self._rotary: dict[torch.device, tuple[torch.Tensor, torch.Tensor] | None] = {}
 
     def install(
         self,
@@ -145,7 +213,8 @@ class JointConceptStream:
         originals: dict[str, Any],
         make_processor: Callable[[int, Any], Any],
     ) -> None:
-        """Replace the processors of blocks 0..last selected (``originals``, in block order) and hook those blocks."""
+        """Replace the processors of dual-stream blocks 0..last selected (``originals``, in block order) and hook
+        those blocks."""
         processors = dict(self.transformer.attn_processors)
         for index, (name, original) in enumerate(originals.items()):
             processors[name] = make_processor(index, original)
@@ -155,9 +224,30 @@ class JointConceptStream:
             norm, feedforward = self.path.feedforward(block)
             modulate = functools.partial(self.path.modulation, block)
             text_attention = self.path.attention(getattr(block, self.attention))
-            self.paths.append(TextPath(modulate, text_attention, norm, feedforward))
-            stack.callback(block.register_forward_pre_hook(self._pre_hook(index), with_kwargs=True).remove)
-            stack.callback(block.register_forward_hook(self._post_hook(index), with_kwargs=True).remove)
+            self._hook(stack, block, index, DoubleBlockOps(modulate, text_attention, norm, feedforward))
+
+    def install_single(
+        self,
+        stack: contextlib.ExitStack,
+        blocks: torch.nn.ModuleList,
+        originals: dict[str, Any],
+        make_processor: Callable[[int, Any], Any],
+        single: SinglePath,
+    ) -> None:
+        """Replace the processors of single-stream blocks 0..last selected and hook them (after :meth:`install`)."""
+        offset = len(self.ops)
+        processors = dict(self.transformer.attn_processors)
+        for j, (name, original) in enumerate(originals.items()):
+            processors[name] = make_processor(offset + j, original)
+        self.transformer.set_attn_processor(processors)
+        for j in range(len(originals)):
+            self._hook(stack, blocks[j], offset + j, single.ops(blocks[j]))
+
+    def _hook(self, stack: contextlib.ExitStack, block: torch.nn.Module, index: int, ops: BlockOps) -> None:
+        assert index == len(self.ops)
+        self.ops.append(ops)
+        stack.callback(block.register_forward_pre_hook(self._pre_hook(index), with_kwargs=True).remove)
+        stack.callback(block.register_forward_hook(self._post_hook(index), with_kwargs=True).remove)
 
     def runs(self, index: int) -> bool:
         return self.state.runs_block(index)
@@ -174,6 +264,7 @@ class JointConceptStream:
         assert context is not None
         record = context.record
         dtype, device = hidden_states.dtype, hidden_states.device
+        self.image_tokens = hidden_states.shape[1]  # the first dual-stream block's image stream
         rows = len(range(*record.rows.indices(hidden_states.shape[0])))
         path = self.path
         inputs = path.concept_inputs(self.state.concepts, device, dtype)
@@ -181,6 +272,19 @@ class JointConceptStream:
         self.hidden = (concepts if concepts.ndim == 3 else concepts.unsqueeze(0)).expand(rows, -1, -1)  # (B_rows, C, D)
         forward = path.forward_conditioning
         self.temb = None if forward is None else forward(self.transformer, record, dtype)
+
+    def _conditioning(self, ops: BlockOps, arguments: CallArguments) -> torch.Tensor:
+        context = self.state.forward
+        assert context is not None
+        if ops.kind == "double":
+            per_block = self.path.block_conditioning
+        else:
+            assert self.path.single is not None
+            per_block = self.path.single.block_conditioning
+        if per_block is None:
+            assert self.temb is not None, "a path without per-block conditioning gives `forward_conditioning`"
+            return self.temb
+        return per_block(context.record, arguments)
 
     def _pre_hook(self, index: int):
         @torch.no_grad()  # the concept stream is never differentiated (checkpointed or grad-enabled forwards)
@@ -190,11 +294,9 @@ class JointConceptStream:
             arguments = CallArguments(block, args, kwargs)
             if index == 0 or self.hidden is None:
                 self._start(arguments["hidden_states"])
-            context = self.state.forward
-            assert context is not None
-            per_block = self.path.block_conditioning
-            emb = self.temb if per_block is None else per_block(context.record, arguments)
-            self.current = BlockPass(index, *self.paths[index].modulate(self.hidden, emb))
+            assert self.hidden is not None
+            ops = self.ops[index]
+            self.current = ops.begin(index, self.hidden, self._conditioning(ops, arguments))
             return None
 
         return pre_hook
@@ -205,25 +307,42 @@ class JointConceptStream:
             if not self.runs(index):
                 return None
             step, self.current = self.current, None
-            assert step is not None and step.index == index and step.attended and self.hidden is not None
-            concepts = self.hidden
-            path = self.paths[index]
-            normed = path.norm(concepts) * (1 + step.scale_mlp[:, None]) + step.shift_mlp[:, None]
-            concepts = concepts + step.gate_mlp.unsqueeze(1) * path.feedforward(normed)
-            if concepts.dtype == torch.float16:
-                concepts = concepts.clip(-65504, 65504)
-            self.hidden = concepts
-            if self.state.observers:
-                record = BlockRecord(index, concepts)
-                for observe in self.state.observers:
+            assert step is not None and step.index == index and step.attention_out is not None
+            assert self.hidden is not None
+            self.hidden = concepts = self.ops[index].finish(self.hidden, step)
+            state = self.state
+            if state.observers:
+                kind, within = state.blocks.kind_of(index)
+                record = BlockRecord(within, concepts, kind)
+                for observe in state.observers:
                     observe(record)
-            if index == self.state.last_block and self.state.stop_after_last_block:
+            if index == state.last_block and state.stop_after_last_block:
                 raise StopForward
             return None
 
         return post_hook
 
     # -- called by the processors ------------------------------------------------------------------
+    def concept_rope(self, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """The rotation of (B, C, H, D) concept q/k at the path's concept positions with the model's own
+        ``pos_embed``, computed once per device (the positions are fixed for an attachment); None: no rotation."""
+        if device not in self._rotary:
+            ids = self.path.concept_positions(self.state.concepts, device)
+            self._rotary[device] = None if ids is None else self.transformer.pos_embed(ids)  # (C, D) cos, sin
+        rotary = self._rotary[device]
+        if rotary is None:
+            return None
+
+        def rotate(x: torch.Tensor) -> torch.Tensor:
+            return apply_rotary_emb(x, rotary, sequence_dim=1)  # type: ignore[arg-type,return-value]
+
+        return rotate
+
+    def image_span(self, sequence_length: int, image_first: bool = False) -> slice:
+        """Where the image tokens sit in a single-stream block's (B, S, ...) sequence: last (text first) or first."""
+        count = self.image_tokens
+        return slice(0, count) if image_first else slice(sequence_length - count, sequence_length)
+
     @torch.no_grad()
     def concept_rows(
         self,
@@ -237,7 +356,7 @@ class JointConceptStream:
         """The concept query rows of a block and its saliency, from the real pass's image tensors.
 
         Args:
-            index: the block (its text path, resolved at install, gives the concept projections).
+            index: the block's run index (its ops, resolved at install, and the pre-hook's projections).
             q_x, k_x, v_x: (B, H, N, D) image queries, keys, values exactly as the real attention
                 used them (after QK-norm and RoPE); all image tokens, reference images included.
             o_x: (B, N, H * D) image attention output before the output projection.
@@ -253,13 +372,11 @@ class JointConceptStream:
         record = context.record
         rows = record.rows  # the conditional half under batched CFG
         q_x, k_x, v_x, o_x = q_x[rows], k_x[rows], v_x[rows], o_x[rows]
-        assert step.normed is not None and self.hidden is not None
-        weights = self.paths[index].attention
-        q_c, k_c, v_c = weights.qkv(step.normed)
-        step.normed = None  # not needed past the projections
+        ops = self.ops[index]
+        q_c, k_c, v_c = step.qkv
         heads = (q_x.shape[1], q_x.shape[-1])  # (H, D)
-        q_c = apply_norm(weights.norm_q, q_c.unflatten(-1, heads))  # (B, C, H, D)
-        k_c = apply_norm(weights.norm_k, k_c.unflatten(-1, heads))
+        q_c = apply_norm(ops.norm_q, q_c.unflatten(-1, heads))  # (B, C, H, D)
+        k_c = apply_norm(ops.norm_k, k_c.unflatten(-1, heads))
         if concept_rope is not None:
             q_c, k_c = concept_rope(q_c), concept_rope(k_c)
         q_c, k_c = q_c.transpose(1, 2), k_c.transpose(1, 2)  # (B, H, C, D)
@@ -280,9 +397,7 @@ class JointConceptStream:
                 softmax=state.softmax,
             )  # (B, C, N_target)
             state.accumulator.add(saliency, index, items=context.row_items, num_items=context.num_items)
-        # The attention half of the residual update, as the text stream's: output projection, gate.
-        self.hidden = self.hidden + step.gate_msa.unsqueeze(1) * weights.out(o_c)
-        step.attended = True
+        step.attention_out = o_c  # the block's residual update uses it in the post-hook
 
 
 class ConceptProcessor:
@@ -343,23 +458,103 @@ def no_install_check(transformer: Any, state: RunState) -> None:
     return None
 
 
-def stock_processors(spec: BackendSpec, transformer: Any, indices: Sequence[int]) -> dict[str, Any]:
-    """The processors of the blocks to trace, after checking each is a stock one we replace."""
+def stock_processors(
+    spec: BackendSpec,
+    transformer: Any,
+    indices: Sequence[int],
+    blocks: str | None = None,
+    classes: tuple[str, ...] | None = None,
+) -> dict[str, Any]:
+    """The processors of the blocks to trace, after checking each is a stock one we replace.
+
+    Args:
+        blocks, classes: the block list attribute and its stock processor classes (default: the dual-stream ones).
+    """
+    blocks = blocks or spec.double_blocks
+    classes = classes or spec.processor_classes
     originals = transformer.attn_processors
     found = {}
     for index in indices:
-        name = f"{spec.double_blocks}.{index}.{spec.attention}.processor"
+        name = f"{blocks}.{index}.{spec.attention}.processor"
         processor = originals[name]
-        if type(processor).__name__ not in spec.processor_classes:
-            stock = " or ".join(spec.processor_classes)
+        if type(processor).__name__ not in classes:
+            stock = " or ".join(classes)
             raise ConceptAttentionError(
                 f"`{name}` is a {type(processor).__name__}; ConceptAttention replaces only the stock {stock} "
                 "(IP-Adapter, fused-projection and custom processors are not supported). Restore it with "
-                f"`transformer.set_attn_processor({spec.processor_classes[0]}())`, unload the adapter or "
+                f"`transformer.set_attn_processor({classes[0]}())`, unload the adapter or "
                 "call `unfuse_qkv_projections()` first."
             )
         found[name] = processor
     return found
+
+
+def _make_processor(processor: type, stream: JointConceptStream, index: int, original: Any) -> Any:
+    return processor(index, stream, original)
+
+
+def no_concept_positions(concepts: ConceptEmbeddings, device: torch.device) -> torch.Tensor | None:
+    return None
+
+
+def single_norm(block: Any, concepts: torch.Tensor, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The block's ``norm`` (AdaLayerNormZeroSingle and its pruned Chroma form) on (B, C, D) concepts: normed and
+    the (B, D) gate."""
+    return block.norm(concepts, emb=emb)
+
+
+def parallel_branches(block: Any, normed: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Shared ``attn.to_{q,k,v}`` (or the fused ``to_qkv``) and the MLP branch ``act_mlp(proj_mlp(normed))``."""
+    q, k, v = projections(block.attn, normed, added=False)
+    return q, k, v, block.act_mlp(block.proj_mlp(normed))
+
+
+def parallel_out(block: Any, attention_out: torch.Tensor, mlp: torch.Tensor) -> torch.Tensor:
+    """The parallel output projection ``proj_out([attention; mlp])``."""
+    return block.proj_out(torch.cat([attention_out, mlp], dim=2))
+
+
+def shared_qk_norms(block: Any) -> tuple[Any, Any]:
+    return block.attn.norm_q, block.attn.norm_k
+
+
+@dataclass(frozen=True)
+class SinglePath(Generic[Conditioning]):
+    """The concept stream through single-stream blocks (text and image share every weight), as parts.
+
+    The defaults are the Flux-family single block's (``norm``, ``attn.to_{q,k,v}``, ``proj_mlp`` / ``act_mlp``,
+    ``proj_out``); a backend gives only what differs.
+
+    Attributes:
+        processor: the installed processor class, built as ``processor(run index, stream, original)``.
+        block_conditioning: ``(record, block call arguments) -> emb`` where the conditioning is read per block;
+            None: the path's ``forward_conditioning`` (the dual-stream blocks' concept conditioning).
+        modulation: ``(block, (B, C, D) concepts, emb) -> (normed, gate (B, D))``.
+        branches: ``(block, normed) -> (q, k, v, mlp)``: shared projections and the MLP branch.
+        out: ``(block, attention output, mlp) -> (B, C, D)``: the gated update's projection.
+        qk_norms: ``block -> (norm_q, norm_k)``.
+        clip: the block clips float16 outputs (Flux family) or not (HunyuanVideo).
+    """
+
+    processor: type
+    block_conditioning: Callable[[ForwardRecord[Conditioning], CallArguments], torch.Tensor] | None = None
+    modulation: Callable[[Any, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] = single_norm
+    branches: Callable[[Any, torch.Tensor], tuple[torch.Tensor, ...]] = parallel_branches
+    out: Callable[[Any, torch.Tensor, torch.Tensor], torch.Tensor] = parallel_out
+    qk_norms: Callable[[Any], tuple[Any, Any]] = shared_qk_norms
+    clip: bool = True
+
+    def ops(self, block: Any) -> SingleBlockOps:
+        """The block's modules, resolved once at install."""
+        norm_q, norm_k = self.qk_norms(block)
+        return SingleBlockOps(
+            functools.partial(self.modulation, block),
+            functools.partial(self.branches, block),  # type: ignore[arg-type]
+            norm_q,
+            norm_k,
+            functools.partial(self.out, block),
+            self.clip,
+        )
 
 
 @dataclass(frozen=True)
@@ -379,6 +574,9 @@ class JointPath(Generic[Conditioning]):
         attention: ``attn -> TextAttention``, the block's text-stream (or shared) attention weights.
         modulation: ``(block, (B, C, D) concepts, emb) -> (normed, gate_msa, shift_mlp, scale_mlp, gate_mlp)``.
         feedforward: ``block -> (norm, feed-forward)`` applied after the attention residual.
+        concept_positions: ``(concepts, device) -> (C, axes)`` the concepts' text position ids for the model's
+            ``pos_embed``; None: no rotation (text position ids 0, where RoPE is the identity, or no RoPE on text).
+        single: the path through the single-stream blocks after the dual-stream ones (None: not traced).
         check: refuses a model or concepts this path cannot trace, before anything is installed.
     """
 
@@ -390,6 +588,8 @@ class JointPath(Generic[Conditioning]):
     attention: Callable[[Any], TextAttention] = added_projections
     modulation: Callable[[Any, torch.Tensor, torch.Tensor], tuple[torch.Tensor, ...]] = norm1_context
     feedforward: Callable[[Any], tuple[Callable, Callable]] = context_feedforward
+    concept_positions: Callable[[ConceptEmbeddings, torch.device], torch.Tensor | None] = no_concept_positions
+    single: SinglePath | None = None
     check: Callable[[Any, RunState], None] = no_install_check
 
     def __post_init__(self) -> None:
@@ -398,9 +598,25 @@ class JointPath(Generic[Conditioning]):
 
     def install(self, backend: Backend, transformer: Any, state: RunState, stack: contextlib.ExitStack) -> None:
         self.check(transformer, state)
-        originals = stock_processors(backend.spec, transformer, range(state.last_block + 1))
-        stream = JointConceptStream(transformer, state, self, backend.spec.attention)
+        spec = backend.spec
+        num_double = backend.num_blocks(transformer)
+        last = state.last_block
+        originals = stock_processors(spec, transformer, range(min(last, num_double - 1) + 1))
+        single = self.single
+        single_originals = {}
+        if last >= num_double:
+            assert single is not None and spec.single_blocks is not None, "single blocks selected on a backend with none"
+            single_originals = stock_processors(
+                spec, transformer, range(last - num_double + 1), spec.single_blocks, spec.single_processor_classes
+            )
+        stream = JointConceptStream(transformer, state, self, spec.attention)
         stream.install(stack, backend.blocks(transformer), originals, lambda i, p: self.processor(i, stream, p))
+        if single_originals:
+            assert single is not None
+            blocks = backend.single_blocks(transformer)
+            assert blocks is not None
+            make = functools.partial(_make_processor, single.processor, stream)
+            stream.install_single(stack, blocks, single_originals, make, single)
 
 
 # -- parts shared by the Flux-family backends (Flux.1, Chroma, Flux.2, HunyuanVideo's block layout) -----------
@@ -475,13 +691,14 @@ class FluxStyleProcessor(ConceptProcessor):
     """The stock joint attention of Flux-family double blocks plus the one-way concept attention of one block.
 
     Serves ``FluxAttnProcessor`` as is. Processors that agree with it up to the output projections
-    set ``contiguous_outputs = False`` (they project without ``.contiguous()``), and backends whose
-    text carries real positions give the concepts' position ids (:meth:`concept_position_ids`); the
-    rotation is then made with the model's own ``pos_embed`` once per device. The image and text
-    outputs are computed with the same operations, in the same order, as the stock processor (on the
-    user's attention backend), so they are bit-identical to an untraced run. Returns exactly the two
-    tensors the stock processor returns.
+    set ``contiguous_outputs = False`` (they project without ``.contiguous()``); backends whose text
+    carries real positions give the concepts' position ids (``JointPath.concept_positions``), rotated
+    with the model's own ``pos_embed``. The image and text outputs are computed with the same
+    operations, in the same order, as the stock processor (on the user's attention backend), so they
+    are bit-identical to an untraced run. Returns exactly the two tensors the stock processor returns.
     """
+
+    contiguous_outputs: ClassVar[bool] = True  # FluxAttnProcessor makes the outputs contiguous before projecting
 
     def __call__(
         self,
@@ -497,35 +714,9 @@ class FluxStyleProcessor(ConceptProcessor):
         )
         if self.stream.runs(self.block_index):
             q_x, k_x, v_x = image_rows(query, key, value, text_out.shape[1])
-            rope = self.concept_rope(image_out.device) if image_rotary_emb is not None else None
+            rope = self.stream.concept_rope(image_out.device) if image_rotary_emb is not None else None
             self.stream.concept_rows(self.block_index, q_x, k_x, v_x, image_out, rope)
         return self.output_projections(attn, image_out, text_out)
-
-    contiguous_outputs: ClassVar[bool] = True  # FluxAttnProcessor makes the outputs contiguous before projecting
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._rotary: dict[torch.device, tuple[torch.Tensor, torch.Tensor] | None] = {}
-
-    def concept_position_ids(self, device: torch.device) -> torch.Tensor | None:
-        """(C, axes) the concepts' text position ids for the model's ``pos_embed``; None: no rotation (the default:
-        text position ids 0, where RoPE is the identity)."""
-        return None
-
-    def concept_rope(self, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor] | None:
-        """The rotation of (B, C, H, D) concept q/k at :meth:`concept_position_ids`, computed once per device (the
-        positions are fixed for an attachment)."""
-        if device not in self._rotary:
-            ids = self.concept_position_ids(device)
-            self._rotary[device] = None if ids is None else self.stream.transformer.pos_embed(ids)  # (C, D) cos, sin
-        rotary = self._rotary[device]
-        if rotary is None:
-            return None
-
-        def rotate(x: torch.Tensor) -> torch.Tensor:
-            return apply_rotary_emb(x, rotary, sequence_dim=1)  # type: ignore[arg-type,return-value]
-
-        return rotate
 
     def output_projections(self, attn: Any, image_out: torch.Tensor, text_out: torch.Tensor):
         """The stock processor's output projections."""
@@ -535,6 +726,46 @@ class FluxStyleProcessor(ConceptProcessor):
         image_out = attn.to_out[1](image_out)
         text_out = attn.to_add_out(text_out)
         return image_out, text_out
+
+
+class FluxStyleSingleProcessor(ConceptProcessor):
+    """The stock attention of Flux-family single-stream blocks (``FluxAttnProcessor`` and
+    ``LongCatImageAttnProcessor`` without a text stream) plus the concept rows of one block.
+
+    The shared q/k/v over the block's [text; image] sequence, QK-norm, RoPE and attention are the
+    stock operations in the stock order; the output (before the block's parallel projection) is
+    returned unchanged, so the block's outputs are bit-identical to an untraced run.
+    """
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        assert encoder_hidden_states is None  # single blocks pass one [text; image] sequence
+        query, key, value = projections(attn, hidden_states, added=False)
+        query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))  # (B, S, H, D)
+        key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
+        value = value.unflatten(-1, (-1, attn.head_dim))
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)  # type: ignore[arg-type,assignment]
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)  # type: ignore[arg-type,assignment]
+        out = self.joint_attention(query, key, value, attention_mask)  # (B, S, H * D)
+        if self.stream.runs(self.block_index):
+            self.single_rows(query, key, value, out, image_rotary_emb is not None)
+        return out
+
+    def single_rows(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, out: torch.Tensor, rotated: bool
+    ) -> None:
+        """The concept rows from a [text; image] sequence's (B, S, H, D) q/k/v and (B, S, H * D) output."""
+        image = self.stream.image_span(out.shape[1])
+        q_x, k_x, v_x = (t[:, image].transpose(1, 2) for t in (query, key, value))  # (B, H, N, D)
+        rope = self.stream.concept_rope(out.device) if rotated else None
+        self.stream.concept_rows(self.block_index, q_x, k_x, v_x, out[:, image], rope)
 
 
 def dead_last_double_block(transformer: Any, blocks: torch.nn.ModuleList) -> dict[int, str]:

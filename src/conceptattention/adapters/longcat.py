@@ -43,7 +43,9 @@ from conceptattention.adapters.base import (
 )
 from conceptattention.adapters.joint import (
     FluxStyleProcessor,
+    FluxStyleSingleProcessor,
     JointPath,
+    SinglePath,
     flux_family_layers,
     image_grid,
     packed_latent_forward,
@@ -71,14 +73,15 @@ class LongCatConceptAttnProcessor(FluxStyleProcessor):
 
     contiguous_outputs = False  # as LongCatImageAttnProcessor: no .contiguous() before the projections
 
-    def concept_position_ids(self, device: torch.device) -> torch.Tensor | None:
-        """None at text position 0 (ids (0, 0, 0): the identity); else ids (0, p_c, p_c)."""
-        extras = self.stream.state.concepts.extras
-        assert isinstance(extras, ConceptPositions), "LongCat concepts carry their text positions"
-        if not any(extras.positions):
-            return None
-        positions = torch.tensor(extras.positions, device=device, dtype=torch.float32)
-        return torch.stack([torch.zeros_like(positions), positions, positions], dim=-1)  # (C, 3)
+
+def concept_positions(concepts: ConceptEmbeddings, device: torch.device) -> torch.Tensor | None:
+    """None at text position 0 (ids (0, 0, 0): the identity); else ids (0, p_c, p_c)."""
+    extras = concepts.extras
+    assert isinstance(extras, ConceptPositions), "LongCat concepts carry their text positions"
+    if not any(extras.positions):
+        return None
+    positions = torch.tensor(extras.positions, device=device, dtype=torch.float32)
+    return torch.stack([torch.zeros_like(positions), positions, positions], dim=-1)  # (C, 3)
 
 
 def prompt_tokens(tokenizer: Any, text: str) -> list[int]:
@@ -112,6 +115,8 @@ SPEC = BackendSpec(
     concept_positions="each concept at the text position of its first sub-token in its own padded encoding, "
     "where a one-word prompt's first token sits: text ids (0, 0, 0) with right padding (RoPE is the identity)",
     max_sequence_length=512,
+    single_blocks="single_transformer_blocks",
+    single_processor_classes=("LongCatImageAttnProcessor",),
 )
 
 
@@ -197,7 +202,12 @@ BACKEND: Backend[LongCatEncodeInputs, None] = Backend(
     layers=flux_family_layers(DEFAULT_NUM_LAYERS),
     concepts=encode_concepts,
     reader=read_forward,
-    stream=JointPath(LongCatConceptAttnProcessor, block_conditioning=block_conditioning),
+    stream=JointPath(
+        LongCatConceptAttnProcessor,
+        block_conditioning=block_conditioning,
+        concept_positions=concept_positions,
+        single=SinglePath(FluxStyleSingleProcessor, block_conditioning=block_conditioning),
+    ),
     encoding=LongCatImageEncode(),
     pipeline=PipelineFacts(max_sequence_length=prompt_budget),
 )
