@@ -187,7 +187,7 @@ def main() -> None:
     )
     stack.enter_context(rows_map)  # every encode forward below carries these rows
     forward = forward_call(transformer, inputs)
-    stopped = stopped_call(transformer, inputs, encode.layers[-1])
+    stopped = stopped_call(transformer, inputs, encode.blocks.double[-1])
     compiled = None
     with torch.inference_mode():
         eager_maps = encode_maps(encode, forward)
@@ -229,7 +229,7 @@ def main() -> None:
         "params_b": round(params / 1e9, 3),
         "concepts": args.concepts,
         "rows_per_forward": args.rows,
-        "layers": list(encode.layers),
+        "layers": list(encode.blocks.double),
         "plain_full_ms": round(1000 * statistics.median(plain), 2),
         "traced_full_ms": round(1000 * statistics.median(traced), 2),
         "traced_encode_ms": round(1000 * encode_s, 2),

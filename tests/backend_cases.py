@@ -63,6 +63,8 @@ class BackendCase:
             than its plain branch (so maps with checkpointing cannot equal maps without); None where it does not.
         geometry_reads: host reads of a device tensor a traced pipeline call may add, all at its first forward:
             1 where the token geometry lives in a position-id tensor (read once per call), else 0.
+        single_factory: ``(dtype) -> pipeline`` of the same tiny model with two single-stream blocks after the
+            double-stream ones (backends that trace single-stream blocks); None: the backend has none.
     """
 
     name: str
@@ -87,6 +89,7 @@ class BackendCase:
     text_mask: str | None = None
     checkpointing_changes_output: str | None = None
     geometry_reads: int = 0
+    single_factory: Callable[..., Any] | None = None
 
     @property
     def video(self) -> bool:
@@ -98,11 +101,51 @@ class BackendCase:
     def fresh_pipeline(self, dtype: torch.dtype = torch.float32):
         return self.factory(dtype=dtype)
 
+    def single_pipeline(self):
+        """The tiny model with two single-stream blocks (cached)."""
+        return _cached_single_pipeline(self.name)
+
 
 def _flux_factory(dtype=torch.float32):
     from tiny_flux import make_tiny_flux_pipeline
 
     return make_tiny_flux_pipeline(seed=0, dtype=dtype, num_layers=3, num_single_layers=1)
+
+
+def _flux_single_factory(dtype=torch.float32):
+    from tiny_flux import make_tiny_flux_pipeline
+
+    return make_tiny_flux_pipeline(seed=0, dtype=dtype, num_layers=2, num_single_layers=2)
+
+
+def _chroma_single_factory(dtype=torch.float32):
+    from tiny_chroma import make_tiny_chroma_pipeline
+
+    return make_tiny_chroma_pipeline(seed=0, dtype=dtype, num_layers=2, num_single_layers=2)
+
+
+def _klein_single_factory(dtype=torch.float32):
+    from tiny_flux2 import make_tiny_klein_pipeline
+
+    return make_tiny_klein_pipeline(seed=0, dtype=dtype, num_layers=2, num_single_layers=2)
+
+
+def _flux2_dev_single_factory(dtype=torch.float32):
+    from tiny_flux2 import make_tiny_flux2_dev_pipeline
+
+    return make_tiny_flux2_dev_pipeline(seed=2, dtype=dtype, num_layers=2, num_single_layers=2)
+
+
+def _longcat_single_factory(dtype=torch.float32):
+    from tiny_longcat import make_tiny_longcat_pipeline
+
+    return make_tiny_longcat_pipeline(seed=0, dtype=dtype, num_layers=2, num_single_layers=2)
+
+
+def _hunyuanvideo_single_factory(dtype=torch.float32):
+    from tiny_hunyuanvideo import make_tiny_hunyuanvideo_pipeline
+
+    return make_tiny_hunyuanvideo_pipeline(seed=0, dtype=dtype, num_layers=2, num_single_layers=2)
 
 
 def _sd3_factory(dtype=torch.float32):
@@ -235,6 +278,7 @@ CASES = [
     BackendCase(
         name="flux",
         factory=_flux_factory,
+        single_factory=_flux_single_factory,
         arch=FLUX,
         run=RUN,
         layers=(0, 1, 2),
@@ -273,6 +317,7 @@ CASES = [
     BackendCase(
         name="chroma",
         factory=_chroma_factory,
+        single_factory=_chroma_single_factory,
         arch=CHROMA,
         run=RUN,  # guidance_scale 5 by default: a separate negative-prompt forward per step
         layers=(0, 1, 2),
@@ -316,6 +361,7 @@ CASES = [
     BackendCase(
         name="flux2-klein",
         factory=_klein_factory,
+        single_factory=_klein_single_factory,
         run={**RUN, "max_sequence_length": 64},  # guidance_scale 4 by default: a separate negative forward
         forwards_per_step=2,
         cfg={
@@ -330,6 +376,7 @@ CASES = [
     BackendCase(
         name="flux2-dev",
         factory=_flux2_dev_factory,
+        single_factory=_flux2_dev_single_factory,
         run={**RUN, "max_sequence_length": 256},  # the system message takes most of the budget
         cfg={
             "off": CfgMode({}),
@@ -369,6 +416,7 @@ CASES.append(
     BackendCase(
         name="hunyuanvideo",
         factory=_hunyuanvideo_factory,
+        single_factory=_hunyuanvideo_single_factory,
         arch=HUNYUAN_VIDEO,
         run={**RUN, "num_frames": 5},  # 2 latent frames; true CFG (a separate negative forward) is off by default
         layers=(0, 1, 2),
@@ -392,6 +440,7 @@ CASES.append(
     BackendCase(
         name="longcat",
         factory=_longcat_factory,
+        single_factory=_longcat_single_factory,
         arch=LONGCAT,
         # No `max_sequence_length` argument: every prompt is padded to `pipe.tokenizer_max_length` (512). Prompt
         # rewriting (on by default) is a text-encoder generation before the denoising loop: off. guidance_scale 4.5
@@ -420,3 +469,10 @@ CASES_BY_NAME = {case.name: case for case in CASES}
 @cache
 def _cached_pipeline(name: str, dtype: torch.dtype):
     return CASES_BY_NAME[name].factory(dtype=dtype)
+
+
+@cache
+def _cached_single_pipeline(name: str):
+    factory = CASES_BY_NAME[name].single_factory
+    assert factory is not None, f"{name} has no single-stream blocks"
+    return factory()

@@ -565,7 +565,9 @@ def flux_single_concept(block, c, temb):
 def flux_single_attention(block, inputs, fwd, mask=None, concatenated=False):
     """[text; image] through the shared weights, RoPE on the whole sequence; the image rows (the last N)."""
     n = fwd["hidden_states"].shape[1]
-    seq = inputs["hidden_states"] if concatenated else torch.cat([inputs["encoder_hidden_states"], inputs["hidden_states"]], 1)
+    seq = inputs["hidden_states"]
+    if not concatenated:
+        seq = torch.cat([inputs["encoder_hidden_states"], seq], 1)
     normed, _ = block.norm(seq, emb=inputs["temb"])
     attn = block.attn
     q, k, v = _single_heads_normed(attn, normed, attn.head_dim)

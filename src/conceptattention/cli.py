@@ -48,7 +48,14 @@ ConceptEncoderOption = Annotated[
     str | None,
     typer.Option(help="Prompt encoder for the concepts (default: the model's; SD3: t5 or clip)."),
 ]
-LayersOption = Annotated[str | None, typer.Option(help="Joint-block indices, e.g. '15,16,17' (default: the model's).")]
+LayersOption = Annotated[
+    str | None,
+    typer.Option(help="Double-stream block indices, e.g. '15,16,17' or '9-18', or all | none (default: the model's)."),
+]
+SingleLayersOption = Annotated[
+    str | None,
+    typer.Option(help="Single-stream block indices, e.g. '0-37', or all | none (default: none, as the paper)."),
+]
 DeviceOption = Annotated[str | None, typer.Option(help="Device, e.g. cuda (default: cuda if available, else cpu).")]
 OverwriteOption = Annotated[
     bool, typer.Option(help="Replace a result already saved in --out (its files are removed first).")
@@ -96,6 +103,29 @@ def parse_concepts(values: list[str]) -> list[str]:
     return concepts
 
 
+def parse_blocks(value: str | None, name: str) -> Any:
+    """``--layers`` / ``--single-layers``: ``all``, ``none``, or comma-separated indices and ``a-b`` ranges."""
+    if value is None:
+        return None
+    text = value.strip()
+    if text in ("all", "none"):
+        return text
+    indices: list[int] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        low, dash, high = part.partition("-")
+        try:
+            indices.extend(range(int(low), int(high) + 1) if dash else [int(part)])
+        except ValueError:
+            raise ConceptAttentionError(
+                f"`--{name}` must be all, none, or comma-separated indices and ranges such as '0,2,5-9', got {value!r}"
+            ) from None
+        if dash and int(high) < int(low):
+            raise ConceptAttentionError(f"`--{name}`: the range {part!r} is empty (write low-high)")
+    return indices
+
+
 def parse_indices(value: str | None, name: str) -> list[int] | None:
     if value is None:
         return None
@@ -113,12 +143,14 @@ def _config(
     layers: str | None,
     steps=None,
     concept_encoder: str | None = None,
+    single_layers: str | None = None,
 ):
     from conceptattention.config import ConceptAttentionConfig
 
     return ConceptAttentionConfig(
         concept_encoder=concept_encoder,
-        layers=parse_indices(layers, "layers"),
+        layers=parse_blocks(layers, "layers"),
+        single_layers=parse_blocks(single_layers, "single-layers"),
         steps=parse_indices(steps, "trace-steps"),
         score_space=score_space,
         concept_keys=concept_keys,
@@ -241,6 +273,7 @@ def encode(
     pooling: PoolingOption = "first",
     concept_encoder: ConceptEncoderOption = None,
     layers: LayersOption = None,
+    single_layers: SingleLayersOption = None,
     device: DeviceOption = None,
     dtype: DtypeOption = None,
     overwrite: OverwriteOption = False,
@@ -255,7 +288,7 @@ def encode(
     check_positive(num_samples=num_samples, height=height, width=width, num_frames=num_frames)
     check_seed(seed)
     words = parse_concepts(concepts)
-    config = _config(score_space, concept_keys, softmax, pooling, layers, concept_encoder=concept_encoder)
+    config = _config(score_space, concept_keys, softmax, pooling, layers, None, concept_encoder, single_layers)
     if device:
         check_device(device)
     check_output(out, overwrite)
@@ -301,6 +334,7 @@ def generate(
     pooling: PoolingOption = "first",
     concept_encoder: ConceptEncoderOption = None,
     layers: LayersOption = None,
+    single_layers: SingleLayersOption = None,
     device: DeviceOption = None,
     dtype: DtypeOption = None,
     overwrite: OverwriteOption = False,
@@ -315,7 +349,7 @@ def generate(
     if guidance_scale is not None and guidance_scale < 0:
         raise ConceptAttentionError(f"`--guidance-scale` must be >= 0, got {guidance_scale}")
     words = parse_concepts(concepts)
-    config = _config(score_space, concept_keys, softmax, pooling, layers, trace_steps, concept_encoder)
+    config = _config(score_space, concept_keys, softmax, pooling, layers, trace_steps, concept_encoder, single_layers)
     if device:
         check_device(device)
     check_output(out, overwrite)
@@ -363,6 +397,7 @@ def eval_command(
     blur: Annotated[bool | None, typer.Option("--blur/--no-blur", help="3x3 Gaussian blur on maps.")] = None,
     per_block: Annotated[bool, typer.Option(help="Also score every selected block (per-block sweep).")] = False,
     layers: LayersOption = None,
+    single_layers: SingleLayersOption = None,
     seed: SeedOption = 0,
     limit: Annotated[int | None, typer.Option(help="Only the first N images.")] = None,
     batch_size: Annotated[
@@ -381,7 +416,8 @@ def eval_command(
     config = EvalConfig(
         dataset=dataset, data=data, model=model, out=out, methods=tuple(method or ["concept_attention"]),
         t_values=tuple(t or [0.5]), num_samples=num_samples, resolution=resolution, blur=blur, per_block=per_block,
-        layers=tuple(parse_indices(layers, "layers") or ()) or None, seed=seed, limit=limit, batch_size=batch_size,
+        layers=parse_blocks(layers, "layers"), single_layers=parse_blocks(single_layers, "single-layers"), seed=seed,
+        limit=limit, batch_size=batch_size,
         words=words, dtype=dtype, overwrite=overwrite,
     )  # fmt: skip
     _quiet_loading()

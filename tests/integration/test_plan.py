@@ -54,10 +54,11 @@ def test_a_call_plan_is_frozen_and_carries_the_resolved_choices():
     pipe = CASES_BY_NAME["sd3"].pipeline()
     plan = call_plan(pipe, [" dog ", "sky"], ca.ConceptAttentionConfig(concept_encoder="clip"))
     assert plan.concepts == ("dog", "sky") and plan.concept_encoder == "clip"
-    assert plan.layers == plan.model.backend.default_layers(pipe.transformer) == (1, 2)  # later half, pre-only excluded
+    assert plan.blocks.double == plan.model.backend.default_layers(pipe.transformer) == (1, 2)  # later half
+    assert plan.blocks.single == () and plan.blocks.labels == ["double 1", "double 2"]
     assert plan.concept_encoding().encoder == "clip"
     with pytest.raises(AttributeError):
-        plan.layers = (0,)  # type: ignore[misc]
+        plan.blocks = None  # type: ignore[misc]
 
 
 def test_the_modality_check_has_one_message_format():

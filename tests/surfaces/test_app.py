@@ -77,15 +77,23 @@ def test_model_info_of_the_bundled_model(pipe):
 
 
 def test_layers_are_checked_against_the_model(pipe):
-    assert logic.parse_layers(pipe, ["3", "1", 1]) == (1, 3)
+    assert logic.parse_blocks(pipe, ["3", "1", 1]).double == (1, 3)
+    both = logic.parse_blocks(pipe, ["double 3", "single 0", "double 1"])
+    assert (both.double, both.single, both.labels) == ((1, 3), (0,), ["double 1", "double 3", "single 0"])
+    assert logic.parse_blocks(pipe, ["single 0"]).double == ()
+    assert logic.block_choices(logic.model_info(pipe))[-2:] == ["double 3", "single 0"]
     with pytest.raises(ConceptAttentionError, match=r"No layers selected.*0-3"):
-        logic.parse_layers(pipe, [])
+        logic.parse_blocks(pipe, [])
     with pytest.raises(ConceptAttentionError, match=r"contains 7.*valid indices: 0-3"):
-        logic.parse_layers(pipe, ["2", "7"])
-    with pytest.raises(ConceptAttentionError, match="not a block index"):
-        logic.parse_layers(pipe, ["two"])
+        logic.parse_blocks(pipe, ["2", "7"])
+    with pytest.raises(ConceptAttentionError, match=r"contains 1.*1 single-stream blocks \(valid indices: 0\)"):
+        logic.parse_blocks(pipe, ["single 1"])
+    with pytest.raises(ConceptAttentionError, match="is not a block: write a block index, 'double 3' or 'single 0'"):
+        logic.parse_blocks(pipe, ["two"])
+    with pytest.raises(ConceptAttentionError, match="is not a block"):
+        logic.parse_blocks(pipe, ["triple 2"])
     with pytest.raises(ConceptAttentionError, match="non-negative"):
-        logic.parse_layers(pipe, ["-1"])
+        logic.parse_blocks(pipe, ["-1"])
 
 
 def test_shared_controls_make_one_config(pipe):

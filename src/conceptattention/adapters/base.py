@@ -599,7 +599,7 @@ class Backend(Generic[Inputs, Conditioning]):
         if bad:
             raise ConceptAttentionError(
                 f"`single_layers` contains {bad[0]}, but {name} has {count} single-stream blocks "
-                f"(valid indices: 0-{count - 1})"
+                f"(valid indices: {_ranges(range(count))})"
             )
         return tuple(single_layers)
 

@@ -19,7 +19,6 @@ only (none on text, hence none on concepts), text mask ``(B, 1, 1, N + T)``. Wha
 
 from __future__ import annotations
 
-import functools
 import inspect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -189,9 +188,11 @@ class HunyuanVideoSingleConceptAttnProcessor(ConceptProcessor):
         joint = torch.cat([hidden_states, encoder_hidden_states], dim=1)  # (B, N + T, D)
         query, key, value = _stream_qkv(attn, joint, added=False)  # (B, N + T, H, D)
         if image_rotary_emb is not None:  # video tokens only
-            rotate = functools.partial(apply_rotary_emb, freqs_cis=image_rotary_emb, sequence_dim=1)
-            query = torch.cat([rotate(query[:, :-text_len]), query[:, -text_len:]], dim=1)
-            key = torch.cat([rotate(key[:, :-text_len]), key[:, -text_len:]], dim=1)
+            rotary: Any = image_rotary_emb
+            video_q = apply_rotary_emb(query[:, :-text_len], rotary, sequence_dim=1)
+            video_k = apply_rotary_emb(key[:, :-text_len], rotary, sequence_dim=1)
+            query = torch.cat([video_q, query[:, -text_len:]], dim=1)  # type: ignore[list-item]
+            key = torch.cat([video_k, key[:, -text_len:]], dim=1)  # type: ignore[list-item]
         out = self.joint_attention(query, key, value, attention_mask)  # (B, N + T, H * D)
         video_out, text_out = out[:, :-text_len], out[:, -text_len:]
         if self.stream.runs(self.block_index):

@@ -605,9 +605,10 @@ class JointPath(Generic[Conditioning]):
         single = self.single
         single_originals = {}
         if last >= num_double:
-            assert single is not None and spec.single_blocks is not None, "single blocks selected on a backend with none"
+            assert single is not None and spec.single_blocks is not None, "single blocks selected; the backend has none"
+            count = last - num_double + 1
             single_originals = stock_processors(
-                spec, transformer, range(last - num_double + 1), spec.single_blocks, spec.single_processor_classes
+                spec, transformer, range(count), spec.single_blocks, spec.single_processor_classes
             )
         stream = JointConceptStream(transformer, state, self, spec.attention)
         stream.install(stack, backend.blocks(transformer), originals, lambda i, p: self.processor(i, stream, p))

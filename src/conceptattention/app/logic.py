@@ -21,6 +21,7 @@ from typing import Any
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
 from conceptattention import viz
+from conceptattention.adapters.base import BlockSelection
 from conceptattention.concepts import validate_concepts
 from conceptattention.config import ConceptAttentionConfig
 from conceptattention.encode import encode_image
@@ -81,6 +82,7 @@ class ModelInfo:
     architecture: str
     usable_layers: tuple[int, ...]
     default_layers: tuple[int, ...]
+    single_layers: tuple[int, ...]
     excluded: dict[int, str]
     size: tuple[int, int]
     steps: int
@@ -102,6 +104,7 @@ def model_info(pipe: Any) -> ModelInfo:
         architecture=backend.spec.name,
         usable_layers=tuple(backend.usable_blocks(transformer)),
         default_layers=tuple(backend.default_layers(transformer)),
+        single_layers=tuple(range(backend.num_single_blocks(transformer))),
         excluded=dict(backend.excluded_blocks(transformer)),
         size=model.size(),
         steps=int(defaults.get("num_inference_steps", 28)),
@@ -109,8 +112,14 @@ def model_info(pipe: Any) -> ModelInfo:
     )
 
 
-def parse_layers(pipe: Any, selected: Iterable[Any] | None) -> tuple[int, ...]:
-    """The multi-select's block indices, checked against the model (``resolve_layers`` says the valid range)."""
+def block_choices(info: ModelInfo) -> list[str]:
+    """The multi-select's entries: ``"double i"`` for each usable dual-stream block, then ``"single j"``."""
+    return [f"double {i}" for i in info.usable_layers] + [f"single {j}" for j in info.single_layers]
+
+
+def parse_blocks(pipe: Any, selected: Iterable[Any] | None) -> BlockSelection:
+    """The multi-select's blocks (``"double 3"``, ``"single 0"``; a bare index is a dual-stream block), checked
+    against the model (errors name the valid ranges)."""
     model = model_plan(pipe)
     values = list(selected or [])
     if not values:
@@ -118,15 +127,22 @@ def parse_layers(pipe: Any, selected: Iterable[Any] | None) -> tuple[int, ...]:
         raise ConceptAttentionError(
             f"No layers selected: choose at least one block ({usable[0]}-{usable[-1]} for this model)"
         )
-    indices: list[int] = []
+    chosen: dict[str, list[int]] = {"double": [], "single": []}
     for value in values:
+        kind, _, index = str(value).strip().rpartition(" ")
+        kind = kind or "double"
         try:
-            indices.append(int(str(value).strip()))
+            if kind not in chosen:
+                raise ValueError
+            chosen[kind].append(int(index))
         except ValueError:
-            raise ConceptAttentionError(f"Layer {value!r} is not a block index (a whole number)") from None
-    layers = ConceptAttentionConfig(layers=tuple(indices)).layers
-    assert layers is not None
-    return model.resolve_layers(layers)
+            raise ConceptAttentionError(
+                f"Layer {value!r} is not a block: write a block index, 'double 3' or 'single 0'"
+            ) from None
+    config = ConceptAttentionConfig(
+        layers=tuple(chosen["double"]) or "none", single_layers=tuple(chosen["single"]) or None
+    )
+    return model.resolve_blocks(config.layers, config.single_layers)
 
 
 def method_config(
@@ -135,8 +151,10 @@ def method_config(
     """The shared controls as one validated :class:`ConceptAttentionConfig` (per-block maps on, for the strip)."""
     if softmax not in SOFTMAX_CHOICES:
         raise ConceptAttentionError(f"Softmax must be one of {', '.join(SOFTMAX_CHOICES)}, got {softmax!r}")
+    blocks = parse_blocks(pipe, layers)
     return ConceptAttentionConfig(
-        layers=parse_layers(pipe, layers),
+        layers=blocks.double or "none",
+        single_layers=blocks.single or None,
         score_space=score_space,  # type: ignore[arg-type]  # validated by the config
         softmax={"auto": None, "on": True, "off": False}[softmax],
         pooling=pooling,  # type: ignore[arg-type]
@@ -304,7 +322,7 @@ def block_strip(maps: ConceptMaps, alpha: float = 0.5, cmap: str = "inferno") ->
     """
     if maps.block_maps is None:
         return None
-    layers = list(maps.metadata.get("layers") or range(maps.block_maps.shape[0]))
+    layers = list(maps.metadata.get("blocks") or maps.metadata.get("layers") or range(maps.block_maps.shape[0]))
     names = list(maps.concepts)
     label_width = 8 + 7 * max(len(n) for n in names)
     header = 16
@@ -312,7 +330,8 @@ def block_strip(maps: ConceptMaps, alpha: float = 0.5, cmap: str = "inferno") ->
     strip = Image.new("RGB", (label_width + tile * len(layers), header + tile * len(names)), "white")
     draw = ImageDraw.Draw(strip)
     for column, (layer, block) in enumerate(zip(layers, maps.block_maps)):
-        draw.text((label_width + column * tile + 4, 2), f"block {layer}", fill="black")
+        draw.text((label_width + column * tile + 4, 2), layer if isinstance(layer, str) else f"block {layer}",
+                  fill="black")  # fmt: skip
         tiles = _tiles(replace(maps, maps=block, block_maps=None), alpha, cmap)
         for row, name in enumerate(names):
             strip.paste(
@@ -396,7 +415,7 @@ def scene_examples(folder: str | Path, indices: Sequence[int] = EXAMPLE_SCENES) 
 def summary(maps: ConceptMaps, seconds: float) -> str:
     """One line under the outputs: what was computed, with which layers, in how long."""
     meta = maps.metadata
-    layers = meta.get("layers", [])
+    layers = ", ".join(meta.get("blocks") or []) or meta.get("layers", [])
     if meta.get("mode") == "encode":
         what = f"t={meta.get('t')}, {meta.get('num_samples')} noise sample(s)"
     else:

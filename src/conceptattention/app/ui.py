@@ -162,8 +162,11 @@ def build_app(pipe: Any, workdir: str | Path | None = None) -> gr.Blocks:
     info = logic.model_info(pipe)
     work = Path(workdir) if workdir is not None else logic.new_workdir()
     examples = logic.scene_examples(work / "examples")
-    choices = [str(i) for i in info.usable_layers]
-    default_layers = [str(i) for i in info.default_layers]
+    choices = logic.block_choices(info)
+    single_blocks = (
+        f", then single-stream blocks 0-{info.single_layers[-1]}" if info.single_layers else ""
+    )  # fmt: skip
+    default_layers = [f"double {i}" for i in info.default_layers]
     first = examples[0]
     excluded = "".join(f"; block {i} is left out: {why}" for i, why in info.excluded.items())
 
@@ -238,7 +241,8 @@ def build_app(pipe: Any, workdir: str | Path | None = None) -> gr.Blocks:
         gr.Markdown(
             f"## ConceptAttention: where does the model put each word?\n"
             f"Model **{html.escape(info.name)}** ({info.architecture}); joint blocks "
-            f"{info.usable_layers[0]}-{info.usable_layers[-1]}{html.escape(excluded)}. One job runs at a time; "
+            f"{info.usable_layers[0]}-{info.usable_layers[-1]}{html.escape(excluded)}{single_blocks}. One job runs "
+            "at a time; "
             "others wait in the queue with their place shown."
         )
         with gr.Row():
@@ -248,8 +252,8 @@ def build_app(pipe: Any, workdir: str | Path | None = None) -> gr.Blocks:
                     choices,
                     value=default_layers,
                     multiselect=True,
-                    label="Layers (joint blocks)",
-                    info=f"valid: {choices[0]}-{choices[-1]}",
+                    label="Layers (double- and single-stream blocks)",
+                    info=f"valid: {choices[0]} to {choices[-1]}; the paper's default is double-stream blocks",
                     elem_id="layers",
                 )
                 score_space = gr.Dropdown(

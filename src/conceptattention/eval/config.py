@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from conceptattention.config import ConceptAttentionConfig
+from conceptattention.config import BlockChoice, ConceptAttentionConfig
 from conceptattention.errors import ConceptAttentionError
 from conceptattention.eval.protocol import METHODS, PROTOCOLS, EvalProtocol
 
@@ -29,7 +29,8 @@ class EvalConfig:
         num_samples, resolution, blur: protocol overrides (None: the dataset's protocol); ``resolution``
             is the side of a square model input.
         per_block: also score every selected block.
-        layers: double-block indices; None: the model's default.
+        layers: double-stream block indices, ``"all"`` or ``"none"``; None: the model's default.
+        single_layers: single-stream block indices, ``"all"`` or ``"none"``; None: the model's default (none).
         seed: base of the per-image noise seeds.
         limit: only the first ``limit`` images.
         batch_size: forwards (image x draw rows) per transformer call; results do not depend on it. None:
@@ -49,7 +50,8 @@ class EvalConfig:
     resolution: int | None = None
     blur: bool | None = None
     per_block: bool = False
-    layers: tuple[int, ...] | None = None
+    layers: BlockChoice = None
+    single_layers: BlockChoice = None
     seed: int = 0
     limit: int | None = None
     batch_size: int | None = None
@@ -58,9 +60,9 @@ class EvalConfig:
     overwrite: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("methods", "t_values", "layers"):  # lists from callers become tuples (hashable, frozen)
+        for name in ("methods", "t_values", "layers", "single_layers"):  # lists become tuples (hashable, frozen)
             value = getattr(self, name)
-            if value is not None and not isinstance(value, tuple):
+            if value is not None and not isinstance(value, (tuple, str)):
                 object.__setattr__(self, name, tuple(value))
         if self.words not in WORDS:
             raise ConceptAttentionError(f"`--words` must be short or lemma, got {self.words!r}")
@@ -91,4 +93,6 @@ class EvalConfig:
 
     def method_config(self, method: str) -> ConceptAttentionConfig:
         """The variant ``method`` evaluates, with this run's layers and per-block setting."""
-        return dataclasses.replace(METHODS[method], per_block=self.per_block, layers=self.layers)
+        return dataclasses.replace(
+            METHODS[method], per_block=self.per_block, layers=self.layers, single_layers=self.single_layers
+        )

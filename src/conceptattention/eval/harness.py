@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from conceptattention.eval.config import EvalConfig
-from conceptattention.eval.protocol import METHODS, EvalProtocol, concepts_for, evaluate_batch, layers_used
+from conceptattention.eval.protocol import METHODS, EvalProtocol, blocks_used, concepts_for, evaluate_batch
 from conceptattention.eval.records import group_records, open_for_append, read_records, run_key
 from conceptattention.eval.report import summarize_records
 
@@ -60,7 +60,7 @@ def _records(
     for (method, t), indices in todo.items():
         method_config = config.method_config(method)
         run_protocol = replace(protocol, t=t)
-        used_layers = layers_used(model, method_config)
+        used = blocks_used(model, method_config)
         for batch in _batches([dataset[i] for i in indices], run_protocol, batch_size):
             start = time.perf_counter()
             results = evaluate_batch(pipe, batch, dataset_kind=dataset.kind, num_classes=len(dataset.class_names),
@@ -74,7 +74,9 @@ def _records(
                     "method": method,
                     "t": t,
                     "stats": asdict(stats),
-                    "layers": used_layers,
+                    "layers": list(used.double),
+                    "single_layers": list(used.single),
+                    "block_labels": used.labels,
                     "blocks": [asdict(b) for b in blocks],
                     "seconds": round(seconds, 4),
                 }

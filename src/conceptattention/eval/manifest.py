@@ -14,15 +14,15 @@ import json
 import os
 import socket
 import time
-from collections.abc import Sequence
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
+from conceptattention.adapters.base import BlockSelection
 from conceptattention.config import ConceptAttentionConfig
 from conceptattention.errors import ConceptAttentionError
 from conceptattention.eval.config import EvalConfig
-from conceptattention.eval.protocol import layers_used
+from conceptattention.eval.protocol import blocks_used
 
 MANIFEST = "manifest.json"
 LOCK = "eval.lock"
@@ -44,14 +44,15 @@ def model_identity(model: str | None, pipe: Any) -> dict[str, Any]:
 
 
 def build_manifest(
-    config: EvalConfig, *, dataset_size: int, model: dict[str, Any], dtype: str, layers: Sequence[int]
+    config: EvalConfig, *, dataset_size: int, model: dict[str, Any], dtype: str, blocks: BlockSelection
 ) -> dict[str, Any]:
     """The settings of ``config`` that change a record: the one list a resumed run must match.
 
     Not listed, so free to differ between runs into one folder: ``methods`` and ``t_values`` (new
     records), ``batch_size`` (results do not depend on it), ``out``, ``data`` (the dataset is
     identified by name and size), ``overwrite``; ``model`` and ``dtype`` count as what they load
-    (``model``: :func:`model_identity`; ``dtype``: the transformer's), and ``layers`` as resolved.
+    (``model``: :func:`model_identity`; ``dtype``: the transformer's), and the blocks as resolved
+    (``single_layers`` only when single-stream blocks are scored, so folders of earlier runs still resume).
     """
     settings = {
         "dataset": config.dataset,
@@ -61,10 +62,12 @@ def build_manifest(
         "model": model,
         "dtype": dtype,
         "protocol": {k: v for k, v in config.protocol().to_dict().items() if k != "t"},  # t: per run
-        "layers": list(layers),
+        "layers": list(blocks.double),
         "seed": config.seed,
         "per_block": config.per_block,
     }
+    if blocks.single:
+        settings["single_layers"] = list(blocks.single)
     try:
         version = importlib_metadata.version("conceptattention")
     except importlib_metadata.PackageNotFoundError:
@@ -83,7 +86,9 @@ def manifest_of(config: EvalConfig, pipe: Any, dataset_size: int, model: Any = N
         dataset_size=dataset_size,
         model=model_identity(config.model, pipe),
         dtype=str(pipe.transformer.dtype).replace("torch.", ""),
-        layers=layers_used(model or pipe, ConceptAttentionConfig(layers=config.layers)),
+        blocks=blocks_used(
+            model or pipe, ConceptAttentionConfig(layers=config.layers, single_layers=config.single_layers)
+        ),
     )
 
 

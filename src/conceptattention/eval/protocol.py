@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from conceptattention.adapters.base import BlockSelection
 from conceptattention.config import ConceptAttentionConfig
 from conceptattention.core import (
     SegmentationCounts,
@@ -159,13 +160,13 @@ def multiclass_stats(
     )
 
 
-def layers_used(pipe: Any, config: ConceptAttentionConfig) -> list[int]:
-    """The double-block indices ``config`` selects on this pipeline's transformer (``pipe``: a pipeline or the
+def blocks_used(pipe: Any, config: ConceptAttentionConfig) -> BlockSelection:
+    """The blocks of each kind ``config`` selects on this pipeline's transformer (``pipe``: a pipeline or the
     run's :class:`~conceptattention.plan.ModelPlan`)."""
     from conceptattention.plan import ModelPlan, model_plan
 
     model = pipe if isinstance(pipe, ModelPlan) else model_plan(pipe)
-    return list(model.resolve_layers(config.layers))
+    return model.resolve_blocks(config.layers, config.single_layers)
 
 
 def evaluate_batch(

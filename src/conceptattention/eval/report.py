@@ -55,6 +55,7 @@ def summarize_records(
         num_blocks = len(kept[0]["blocks"])
         row["blocks"] = [summarize_stats([r["blocks"][b] for r in kept], num_classes) for b in range(num_blocks)]
         row["layers"] = kept[0].get("layers")
+        row["block_labels"] = kept[0].get("block_labels")
         if expected_ids is not None:
             row["missing"] = sorted(set(expected_ids) - set(by_id))
         rows.append(row)
@@ -108,11 +109,17 @@ def _plot_blocks(rows: list[dict[str, Any]], path: Path) -> None:
 
     figure = Figure(figsize=(6, 3.5))
     axes = figure.add_subplot()
+    mixed = False
     for row in rows:
         if row["blocks"]:
+            labels = row.get("block_labels") or []
             x = row.get("layers") or list(range(len(row["blocks"])))
+            if any(label.startswith("single") for label in labels):  # blocks of both kinds: one tick per block
+                mixed, x = True, list(range(len(labels)))
+                short = [label.replace("double ", "d").replace("single ", "s") for label in labels]
+                axes.set_xticks(x, short, rotation=90, fontsize=6)
             axes.plot(x, [100 * b["miou"] for b in row["blocks"]], marker="o", label=f"{row['method']} t={row['t']:g}")
-    axes.set_xlabel("double-stream block")
+    axes.set_xlabel("block (d: double-stream, s: single-stream)" if mixed else "double-stream block")
     axes.set_ylabel("mIoU (%)")
     axes.legend(fontsize=7)
     figure.tight_layout()
