@@ -23,9 +23,12 @@ of paired runs.
   blocks, the same video grid, a text mask with a quarter of the prompt valid; every double block is
   traced, and each forward runs the 5 concepts' own 8-token sequences through the token refiner.
 
+With ``--trace-single`` (flux, chroma, flux2, longcat, hunyuanvideo) every single-stream block is
+traced too, so the concepts run through the whole model.
+
 Usage:
     python benchmarks/overhead.py [--arch {flux,sd3,chroma,flux2,qwenimage,longcat,cogvideox,hunyuanvideo}]
-        [--device cuda] [--repeats 21]
+        [--device cuda] [--repeats 21] [--trace-single]
 
 The last line of output is one JSON object.
 """
@@ -314,7 +317,12 @@ def build(args):
         pooling="first",
         extras=extras,
     )
-    config = ConceptAttentionConfig(layers=tuple(model["traced_blocks"]))
+    if args.trace_single:  # every single-stream block too: the concepts run through the whole model
+        if "single_blocks" not in model:
+            raise SystemExit(f"--trace-single: {args.arch} has no single-stream blocks")
+        model["traced_single_blocks"] = list(range(args.single))
+    single = model.get("traced_single_blocks")
+    config = ConceptAttentionConfig(layers=tuple(model["traced_blocks"]), single_layers=single)
     session = ConceptSession(transformer, embeddings, concepts, config)
     return transformer, inputs, session, model
 
@@ -390,6 +398,7 @@ def main() -> None:
     parser.add_argument("--text-dim", type=int, default=512)
     parser.add_argument("--concepts", type=int, default=5)
     parser.add_argument("--qk-norm", default="rms_norm", choices=["rms_norm", "none"], help="SD3 only")
+    parser.add_argument("--trace-single", action="store_true", help="also trace every single-stream block")
     args = parser.parse_args()
     args.dtype = getattr(torch, args.dtype)
     if args.double is None:

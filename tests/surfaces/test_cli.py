@@ -68,12 +68,17 @@ def test_generate_writes_image_and_maps(saved_scene_model, tmp_path):
         "2",
         "--trace-steps",
         "1",
+        "--layers",
+        "1-1",
+        "--single-layers",
+        "all",
         "--device",
         "cpu",
     )
     assert result.exit_code == 0, output
     meta = json.loads((tmp_path / "gen" / "metadata.json").read_text())
     assert meta["steps"] == [1] and meta["num_steps_run"] == 2 and meta["image_size"] == [32, 32]
+    assert meta["layers"] == [1] and meta["single_layers"] == [0] and meta["blocks"] == ["double 1", "single 0"]
     assert Image.open(tmp_path / "gen" / "image.png").size == (32, 32)
 
 
@@ -85,7 +90,12 @@ def test_generate_writes_image_and_maps(saved_scene_model, tmp_path):
         (["encode", "{tmp}/missing.png", "-c", "dog", "--model", "{model}"], "does not exist"),
         (["encode", "{tmp}/broken.png", "-c", "dog", "--model", "{model}"], "cannot read"),
         (["encode", "{img}", "-c", "dog", "--model", "{model}", "--layers", "0,9"], "valid indices: 0-1"),
-        (["encode", "{img}", "-c", "dog", "--model", "{model}", "--layers", "a"], "comma-separated integers"),
+        (["encode", "{img}", "-c", "dog", "--model", "{model}", "--layers", "a"],
+         "comma-separated indices and ranges such as '0,2,5-9', got 'a'"),
+        (["encode", "{img}", "-c", "dog", "--model", "{model}", "--layers", "3-1"], "the range '3-1' is empty"),
+        (["encode", "{img}", "-c", "dog", "--model", "{model}", "--single-layers", "0-3"],
+         "`single_layers` contains 1, but FluxTransformer2DModel has 1 single-stream blocks (valid indices: 0)"),
+        (["generate", "a dog", "-c", "dog", "--model", "{model}", "--layers", "none"], "`layers='none'` leaves no block"),
         (["encode", "{img}", "-c", "dog", "--model", "{model}", "--score-space", "x"], "`score_space` must be"),
         (["encode", "{img}", "-c", "dog", "--model", "{model}", "--height", "31"], "multiple of 2"),
         (["encode", "{img}", "-c", "dog", "--model", "someone/not-a-model"], "hf download someone/not-a-model"),

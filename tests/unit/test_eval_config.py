@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 import torch
 
+from conceptattention.adapters.base import BlockSelection
 from conceptattention.core import SegmentationCounts
 from conceptattention.errors import ConceptAttentionError
 from conceptattention.eval.config import EvalConfig
@@ -64,8 +65,21 @@ def test_method_config_keeps_the_method_and_takes_layers_and_per_block():
     assert method == dataclasses.replace(METHODS["cross_attention"], layers=(0, 1), per_block=True)
 
 
+def test_method_config_takes_single_stream_blocks_and_the_manifest_records_them_only_when_scored():
+    config = EvalConfig(dataset="scenes", layers="none", single_layers=[1, 0])
+    assert config.method_config("concept_attention").layers == "none"
+    assert config.method_config("concept_attention").single_layers == (0, 1)
+    settings = {"dataset_size": 6, "model": {"name": "m"}, "dtype": "float32"}
+    double = build_manifest(EvalConfig(dataset="scenes"), **settings, blocks=BlockSelection((2, 3), (), 4))
+    both = build_manifest(config, **settings, blocks=BlockSelection((), (0, 1), 4))
+    assert double["layers"] == [2, 3] and "single_layers" not in double  # earlier folders still resume
+    assert both["layers"] == [] and both["single_layers"] == [0, 1]
+    with pytest.raises(ConceptAttentionError, match="no block is selected"):
+        BlockSelection((), (), 4)
+
+
 def test_manifest_of_an_imagenet_run_records_the_words_and_its_layout():
-    settings = {"dataset_size": 6, "model": {"name": "m"}, "dtype": "float32", "layers": [0, 1]}
+    settings = {"dataset_size": 6, "model": {"name": "m"}, "dtype": "float32", "blocks": BlockSelection((0, 1), ())}
     short = build_manifest(EvalConfig(dataset="imagenet-seg"), **settings)
     lemma = build_manifest(EvalConfig(dataset="imagenet-seg", words="lemma"), **settings)
     assert {k for k in short if short[k] != lemma[k]} == {"words"}

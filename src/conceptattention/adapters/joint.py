@@ -52,6 +52,7 @@ class BlockPass:
 
     Attributes:
         index: the block's run index (double-stream block i is i, single-stream block j is ``num_double + j``).
+        normed: (B, C, D_model) the concept tokens after the block's norm and modulation.
         qkv: (B, C, H * D) concept queries, keys and values from the block's text-stream (or shared) projections,
             before QK-norm and RoPE.
         modulation: what the block's residual update needs besides the attention output (its gates, shifts and
@@ -61,6 +62,7 @@ class BlockPass:
     """
 
     index: int
+    normed: torch.Tensor
     qkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     modulation: tuple[torch.Tensor, ...]
     attention_out: torch.Tensor | None = None
@@ -132,7 +134,7 @@ class DoubleBlockOps:
     def begin(self, index: int, concepts: torch.Tensor, emb: torch.Tensor) -> BlockPass:
         """Modulate and project (B, C, D) concepts for the block's attention."""
         normed, *modulation = self.modulate(concepts, emb)
-        return BlockPass(index, self.attention.qkv(normed), tuple(modulation))
+        return BlockPass(index, normed, self.attention.qkv(normed), tuple(modulation))
 
     def finish(self, concepts: torch.Tensor, step: BlockPass) -> torch.Tensor:
         """The block's residual update of (B, C, D) concepts: gated attention output projection, then the gated
@@ -168,7 +170,7 @@ class SingleBlockOps:
     def begin(self, index: int, concepts: torch.Tensor, emb: torch.Tensor) -> BlockPass:
         normed, gate = self.modulate(concepts, emb)
         q, k, v, mlp = self.project(normed)
-        return BlockPass(index, (q, k, v), (gate, mlp))
+        return BlockPass(index, normed, (q, k, v), (gate, mlp))
 
     def finish(self, concepts: torch.Tensor, step: BlockPass) -> torch.Tensor:
         """``c + gate * out([o_c; mlp])``: the attention and the MLP branch in one gated projection."""

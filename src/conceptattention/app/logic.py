@@ -415,7 +415,9 @@ def scene_examples(folder: str | Path, indices: Sequence[int] = EXAMPLE_SCENES) 
 def summary(maps: ConceptMaps, seconds: float) -> str:
     """One line under the outputs: what was computed, with which layers, in how long."""
     meta = maps.metadata
-    layers = ", ".join(meta.get("blocks") or []) or meta.get("layers", [])
+    layers = f"{meta.get('layers', [])}"
+    if meta.get("single_layers"):
+        layers += f", single-stream blocks {meta['single_layers']}"
     if meta.get("mode") == "encode":
         what = f"t={meta.get('t')}, {meta.get('num_samples')} noise sample(s)"
     else:
