@@ -199,6 +199,24 @@ def test_timestep_sweep_gives_one_row_per_t(saved_scene_model, tmp_path):
     assert json.loads(rows[0]["blocks_miou"])[0] == pytest.approx(float(rows[0]["miou"]), abs=1e-5)  # 1 block = all
 
 
+def test_single_stream_blocks_are_evaluated_recorded_and_guard_the_folder(saved_scene_model, tmp_path):
+    out = tmp_path / "single"
+    base = ("eval", "scenes", "--model", saved_scene_model, "--out", out, "--limit", "3", "--per-block")
+    result, output = _cli(*base, "--layers", "1", "--single-layers", "all")
+    assert result.exit_code == 0, output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["layers"] == [1] and manifest["single_layers"] == [0]
+    records = [json.loads(line) for line in (out / "records.rank0.jsonl").read_text().splitlines()]
+    assert all(r["block_labels"] == ["double 1", "single 0"] and len(r["blocks"]) == 2 for r in records)
+    assert (out / "per_block.png").is_file()
+    result, output = _cli(*base, "--layers", "1")  # the same folder without the single-stream block: refused
+    assert result.exit_code == 2 and "single_layers" in " ".join(output.split()), output
+    result, output = _cli(*base, "--layers", "none", "--single-layers", "0", "--overwrite")
+    assert result.exit_code == 0, output
+    rows = _rows(out)
+    assert len(json.loads(rows[0]["blocks_miou"])) == 1
+
+
 def test_stray_record_lines_are_skipped_with_one_warning(saved_scene_model, tmp_path, caplog):
     from conceptattention.eval.harness import read_records
 

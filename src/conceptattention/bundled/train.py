@@ -365,6 +365,10 @@ def main() -> None:
     parser.add_argument("--word-captions", type=float, default=0.0, help="probability of one-word captions")
     parser.add_argument("--contextual-text", action="store_true", help="T5 self-attention mixes the caption's words")
     parser.add_argument("--pooled-text", action="store_true", help="the transformer reads the pooled CLIP vector")
+    parser.add_argument("--num-layers", type=int, default=BundledModelConfig.num_layers, help="double-stream blocks")
+    parser.add_argument(
+        "--num-single-layers", type=int, default=BundledModelConfig.num_single_layers, help="single-stream blocks"
+    )
     parser.add_argument("--lr", type=float, default=TrainSettings.lr)
     parser.add_argument("--val-scenes", type=int, default=TrainSettings.val_scenes)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -374,7 +378,16 @@ def main() -> None:
     parser.add_argument("--report", type=Path, default=None, help="write curves and samples of --export's model")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    config = work_config(args.work, BundledModelConfig(text_context=args.contextual_text, pooled_text=args.pooled_text))
+    if args.num_single_layers < 1 or args.num_layers < 1:
+        parser.error("--num-layers and --num-single-layers must be >= 1 (the last double block's text path needs a "
+                     "single-stream block after it to receive gradient)")  # fmt: skip
+    requested = BundledModelConfig(
+        text_context=args.contextual_text,
+        pooled_text=args.pooled_text,
+        num_layers=args.num_layers,
+        num_single_layers=args.num_single_layers,
+    )
+    config = work_config(args.work, requested)
     if args.report is not None:
         write_report(args.work, args.export, args.report)
         return
