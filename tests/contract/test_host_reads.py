@@ -81,6 +81,18 @@ def test_a_traced_generation_adds_no_host_reads_after_the_first_forward(case: Ba
     assert tc.maps().metadata["timesteps"]  # the device timesteps reach the record at the end
 
 
+@pytest.mark.parametrize("case", [c for c in CASES if c.single_factory], ids=lambda case: case.name)
+def test_tracing_single_stream_blocks_adds_no_host_reads_after_the_first_forward(case: BackendCase):
+    pipe = case.single_pipeline()
+    with counted(pipe.transformer) as plain:
+        _run(case, pipe)
+    every_block = ca.trace(pipe, ["dog", "grass", "sky"], layers="all", single_layers="all")
+    with every_block, counted(pipe.transformer) as traced:
+        _run(case, pipe)
+    added = [t - p for t, p in zip(traced.per_forward, plain.per_forward)]
+    assert len(added) > 1 and 0 <= added[0] <= case.geometry_reads and added[1:] == [0] * (len(added) - 1), added
+
+
 class _Stop(Exception):
     pass
 

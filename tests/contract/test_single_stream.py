@@ -13,6 +13,7 @@ import torch
 from backend_cases import CASES, CASES_BY_NAME, BackendCase
 from naive_reference import capture_forward_inputs, reference_maps
 from test_backend_contract import _capture_block_outputs, _encode, _run, _sample
+from test_backend_modes import _checkpointed
 
 import conceptattention as ca
 from conceptattention.adapters import backend_for
@@ -92,6 +93,21 @@ def test_single_block_maps_match_naive_reference(case, options, concepts):
     block_maps = maps.block_maps.flatten(-2 if not case.video else -3)  # (L, B, C, N)
     if len(concepts) > 1:  # per-block maps are the per-block means (min-max scaling applies to one concept only)
         torch.testing.assert_close(block_maps, expected_blocks, rtol=0, atol=1e-5)
+
+
+def test_gradient_checkpointed_single_blocks_match_the_reference_and_leave_the_output_untouched(case):
+    """Checkpointed blocks of both kinds get their arguments by position."""
+    assert case.single_factory is not None
+    pipe = case.single_factory()  # checkpointing is switched on and off: not on a cached pipeline
+    with _checkpointed(pipe.transformer) as calls:
+        records, untraced = capture_forward_inputs(pipe.transformer, lambda: _run(case, pipe))
+        with ca.trace(pipe, CONCEPTS, layers="all", single_layers="all") as tc:
+            traced = _run(case, pipe)
+    assert len(calls) == 2 * case.run["num_inference_steps"] * case.forwards_per_step * 4  # every block, both runs
+    assert torch.equal(traced, untraced)
+    expected = reference_maps(case.arch, pipe, records[:: case.forwards_per_step], CONCEPTS, layers=[0, 1],
+                              single_layers=[0, 1], conditional_half=case.conditional_half)  # fmt: skip
+    torch.testing.assert_close(tc.maps().maps.flatten(2), expected, rtol=0, atol=1e-5)
 
 
 def test_single_blocks_change_the_maps_and_double_only_stays_the_paper_default(case):
