@@ -260,7 +260,8 @@ def build_hunyuanvideo(args):
         "pooled_projections": torch.randn(1, POOLED_DIM),
         "guidance": torch.tensor([6000.0]),
     }
-    model = {"double_blocks": args.double, "latent_frames": args.frames, "traced_blocks": list(range(args.double))}
+    model = {"double_blocks": args.double, "single_blocks": args.single, "latent_frames": args.frames,
+             "traced_blocks": list(range(args.double))}  # fmt: skip
     return transformer, inputs, model
 
 

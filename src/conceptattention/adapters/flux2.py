@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from diffusers.models.embeddings import apply_rotary_emb
 
 from conceptattention.adapters.base import (
     Backend,
@@ -93,13 +92,7 @@ class Flux2SingleConceptAttnProcessor(FluxStyleSingleProcessor):
     ) -> torch.Tensor:
         qkv, mlp = fused_branches(attn, hidden_states)
         query, key, value = (t.unflatten(-1, (-1, attn.head_dim)) for t in qkv.chunk(3, dim=-1))  # (B, S, H, D)
-        query, key = attn.norm_q(query), attn.norm_k(key)
-        if image_rotary_emb is not None:
-            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)  # type: ignore[arg-type,assignment]
-            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)  # type: ignore[arg-type,assignment]
-        out = self.joint_attention(query, key, value, attention_mask)  # (B, S, H * D)
-        if self.stream.runs(self.block_index):
-            self.single_rows(query, key, value, out, image_rotary_emb is not None)
+        out = self.shared_attention(attn.norm_q(query), attn.norm_k(key), value, attention_mask, image_rotary_emb)
         return attn.to_out(torch.cat([out, attn.mlp_act_fn(mlp)], dim=-1))
 
 

@@ -1,19 +1,22 @@
-"""The concept stream through dual-stream (MM-DiT) blocks that use diffusers' text-stream names.
+"""The concept stream through dual-stream (MM-DiT) blocks and the single-stream blocks that follow them.
 
 Flux.1 and SD3 blocks share the text-stream modules ConceptAttention runs concepts
 through: ``norm1_context`` (AdaLayerNormZero), ``attn.add_{q,k,v}_proj`` (+ optional
 ``norm_added_{q,k}``), ``attn.to_add_out``, ``norm2_context`` and ``ff_context``. This module
 holds that path once, as the defaults of a :class:`JointPath`; a backend gives its processor
 (the stock joint attention, mirrored op for op), its concept conditioning and only the modules
-that differ.
+that differ. After the last dual-stream block the same concept residual continues through the
+single-stream blocks (shared weights), whose modules a :class:`SinglePath` names (defaults: the
+Flux-family single block's).
 
 It also holds the parts several backends compose (no backend imports another): the Flux-family
-joint attention (``FluxStyleProcessor``), position-id geometry, the dead-last-block and
-default-layer rules, and the packed-latent encode forward.
+joint and single-stream attention (``FluxStyleProcessor``, ``FluxStyleSingleProcessor``),
+position-id geometry, the dead-last-block and default-layer rules, and the packed-latent encode
+forward.
 
 Per block and traced forward, data flows one way through a :class:`BlockPass`:
-pre-hook (modulate concepts) -> processor (concept rows, saliency) -> post-hook
-(residual update).
+pre-hook (modulate and project concepts) -> processor (concept attention, saliency) -> post-hook
+(residual update with the block's own weights).
 """
 
 from __future__ import annotations
@@ -753,22 +756,28 @@ class FluxStyleSingleProcessor(ConceptProcessor):
         query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))  # (B, S, H, D)
         key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
         value = value.unflatten(-1, (-1, attn.head_dim))
+        return self.shared_attention(query, key, value, attention_mask, image_rotary_emb)
+
+    def shared_attention(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        image_rotary_emb: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> torch.Tensor:
+        """RoPE and attention over a [text; image] sequence's (B, S, H, D) QK-normed q/k/v, as the stock
+        processors, plus the block's concept rows; returns the (B, S, H * D) output before any projection."""
         if image_rotary_emb is not None:
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)  # type: ignore[arg-type,assignment]
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)  # type: ignore[arg-type,assignment]
         out = self.joint_attention(query, key, value, attention_mask)  # (B, S, H * D)
         if self.stream.runs(self.block_index):
-            self.single_rows(query, key, value, out, image_rotary_emb is not None)
+            image = self.stream.image_span(out.shape[1])
+            q_x, k_x, v_x = (t[:, image].transpose(1, 2) for t in (query, key, value))  # (B, H, N, D)
+            rope = self.stream.concept_rope(out.device) if image_rotary_emb is not None else None
+            self.stream.concept_rows(self.block_index, q_x, k_x, v_x, out[:, image], rope)
         return out
-
-    def single_rows(
-        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, out: torch.Tensor, rotated: bool
-    ) -> None:
-        """The concept rows from a [text; image] sequence's (B, S, H, D) q/k/v and (B, S, H * D) output."""
-        image = self.stream.image_span(out.shape[1])
-        q_x, k_x, v_x = (t[:, image].transpose(1, 2) for t in (query, key, value))  # (B, H, N, D)
-        rope = self.stream.concept_rope(out.device) if rotated else None
-        self.stream.concept_rows(self.block_index, q_x, k_x, v_x, out[:, image], rope)
 
 
 def dead_last_double_block(transformer: Any, blocks: torch.nn.ModuleList) -> dict[int, str]:
