@@ -74,3 +74,34 @@ def test_a_layer_rule_drives_resolution_and_its_errors():
         backend.resolve_layers(model, [4, 5])
     with pytest.raises(ConceptAttentionError, match="has 6 double-stream blocks"):
         backend.resolve_layers(model, [6])
+
+
+def test_blocks_of_both_kinds_resolve_to_run_indices_double_first():
+    flux = registry()["FluxTransformer2DModel"]
+
+    class Blocks(torch.nn.Module):
+        def __init__(self, double: int, single: int):
+            super().__init__()
+            self.transformer_blocks = torch.nn.ModuleList(torch.nn.Identity() for _ in range(double))
+            self.single_transformer_blocks = torch.nn.ModuleList(torch.nn.Identity() for _ in range(single))
+
+    model = Blocks(6, 3)
+    rule = LayerRule(default=later_half, excluded=lambda transformer, blocks: {len(blocks) - 1: "it is dead"})
+    backend = dataclasses.replace(flux, layers=rule)
+    default = backend.resolve_blocks(model, None)
+    assert (default.double, default.single, default.run_indices) == ((2, 3, 4), (), (2, 3, 4))
+    both = backend.resolve_blocks(model, [1, 4], [0, 2])
+    assert both.run_indices == (1, 4, 6, 8) and both.labels == ["double 1", "double 4", "single 0", "single 2"]
+    assert [both.kind_of(i) for i in both.run_indices] == [("double", 1), ("double", 4), ("single", 0), ("single", 2)]
+    assert backend.resolve_blocks(model, "all", "all").run_indices == (0, 1, 2, 3, 4, 6, 7, 8)  # 5 is dead
+    assert backend.resolve_blocks(model, "none", "all").run_indices == (6, 7, 8)
+    assert backend.resolve_blocks(model, None, "none").single == ()
+    with pytest.raises(ConceptAttentionError, match=r"`single_layers` contains 3, but Blocks has 3 single-stream "
+                       r"blocks \(valid indices: 0-2\)"):  # fmt: skip
+        backend.resolve_blocks(model, None, [3])
+    with pytest.raises(ConceptAttentionError, match=r"`layers='none'` leaves no block to score"):
+        backend.resolve_blocks(model, "none", None)
+    with pytest.raises(ConceptAttentionError, match=r"no single-stream blocks \(this model was built with "
+                       r"`num_single_layers=0`\)"):  # fmt: skip
+        backend.resolve_blocks(Blocks(6, 0), None, [0])
+

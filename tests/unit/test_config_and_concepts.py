@@ -61,3 +61,29 @@ def test_flux2_finds_the_concept_as_the_template_tokenized_it():
     assert _word_in_context(tokenizer, "dog", [1, 2, 7, 3]) == [7]  # after a space in the template
     with pytest.raises(ConceptAttentionError, match="does not occur in its templated encoding"):
         _word_in_context(tokenizer, "dog", [1, 2, 3])
+
+
+def test_block_choices_of_both_kinds_are_validated_once():
+    config = ConceptAttentionConfig(layers=range(9, 12), single_layers=[5, 3, 3])
+    assert config.layers == (9, 10, 11) and config.single_layers == (3, 5)
+    assert ConceptAttentionConfig(layers="none", single_layers="all").to_dict()["single_layers"] == "all"
+    assert ConceptAttentionConfig().single_layers is None
+    with pytest.raises(ConceptAttentionError, match=r"`layers` must be a list of block indices, 'all', 'none' or None"):
+        ConceptAttentionConfig(layers="double")
+    with pytest.raises(ConceptAttentionError, match=r"`single_layers` is empty: give at least one index, 'none'"):
+        ConceptAttentionConfig(single_layers=())
+    with pytest.raises(ConceptAttentionError, match=r"`single_layers` must contain non-negative integers"):
+        ConceptAttentionConfig(single_layers=[1, -2])
+
+
+def test_cli_block_notation_reads_words_indices_and_ranges():
+    from conceptattention.cli import parse_blocks
+
+    assert parse_blocks(None, "layers") is None
+    assert parse_blocks(" all ", "layers") == "all" and parse_blocks("none", "single-layers") == "none"
+    assert parse_blocks("0,2,5-7", "layers") == [0, 2, 5, 6, 7]
+    assert parse_blocks("3-3,", "single-layers") == [3]
+    with pytest.raises(ConceptAttentionError, match=r"`--single-layers`: the range '7-5' is empty"):
+        parse_blocks("7-5", "single-layers")
+    with pytest.raises(ConceptAttentionError, match=r"`--layers` must be all, none, or comma-separated indices"):
+        parse_blocks("1,x", "layers")
