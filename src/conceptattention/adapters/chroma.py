@@ -71,7 +71,7 @@ SPEC = BackendSpec(
     concept_positions="text position ids 0 (RoPE is the identity on concepts)",
     max_sequence_length=512,
     single_blocks="single_transformer_blocks",
-    single_processor_classes=('FluxAttnProcessor',),
+    single_processor_classes=("FluxAttnProcessor",),
 )
 
 

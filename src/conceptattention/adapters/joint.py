@@ -196,14 +196,12 @@ class JointConceptStream:
         transformer: the traced transformer.
         state: the session's run state.
         path: the backend's text path (concept embedding, conditioning, the block modules).
-        attention: attribute of a block holding its joint attention module.
     """
 
-    def __init__(self, transformer: Any, state: RunState, path: JointPath, attention: str) -> None:
+    def __init__(self, transformer: Any, state: RunState, path: JointPath) -> None:
         self.transformer = transformer
         self.state = state
         self.path = path
-        self.attention = attention
         self.hidden: torch.Tensor | None = None  # (B_rows, C, D_model)
         self.temb: torch.Tensor | None = None  # the forward's concept conditioning (None: per block only)
         self.image_tokens = 0  # image tokens of the current forward (reference images included)
@@ -216,37 +214,23 @@ class JointConceptStream:
         stack: contextlib.ExitStack,
         blocks: torch.nn.ModuleList,
         originals: dict[str, Any],
-        make_processor: Callable[[int, Any], Any],
+        processor: type,
+        ops_of: Callable[[Any], BlockOps],
     ) -> None:
-        """Replace the processors of dual-stream blocks 0..last selected (``originals``, in block order) and hook
-        those blocks."""
-        processors = dict(self.transformer.attn_processors)
-        for index, (name, original) in enumerate(originals.items()):
-            processors[name] = make_processor(index, original)
-        self.transformer.set_attn_processor(processors)
-        for index in range(len(originals)):
-            block = blocks[index]
-            norm, feedforward = self.path.feedforward(block)
-            modulate = functools.partial(self.path.modulation, block)
-            text_attention = self.path.attention(getattr(block, self.attention))
-            self._hook(stack, block, index, DoubleBlockOps(modulate, text_attention, norm, feedforward))
+        """Replace the processors of blocks 0..k of one kind (``originals``, in block order) with ``processor`` and hook
+        those blocks; they take the next run indices (dual-stream blocks first, then single-stream ones).
 
-    def install_single(
-        self,
-        stack: contextlib.ExitStack,
-        blocks: torch.nn.ModuleList,
-        originals: dict[str, Any],
-        make_processor: Callable[[int, Any], Any],
-        single: SinglePath,
-    ) -> None:
-        """Replace the processors of single-stream blocks 0..last selected and hook them (after :meth:`install`)."""
+        Args:
+            processor: the installed processor class, built as ``processor(run index, stream, original)``.
+            ops_of: ``block -> BlockOps``, the modules the concepts go through in that block.
+        """
         offset = len(self.ops)
         processors = dict(self.transformer.attn_processors)
         for j, (name, original) in enumerate(originals.items()):
-            processors[name] = make_processor(offset + j, original)
+            processors[name] = processor(offset + j, self, original)
         self.transformer.set_attn_processor(processors)
         for j in range(len(originals)):
-            self._hook(stack, blocks[j], offset + j, single.ops(blocks[j]))
+            self._hook(stack, blocks[j], offset + j, ops_of(blocks[j]))
 
     def _hook(self, stack: contextlib.ExitStack, block: torch.nn.Module, index: int, ops: BlockOps) -> None:
         assert index == len(self.ops)
@@ -343,10 +327,9 @@ class JointConceptStream:
 
         return rotate
 
-    def image_span(self, sequence_length: int, image_first: bool = False) -> slice:
-        """Where the image tokens sit in a single-stream block's (B, S, ...) sequence: last (text first) or first."""
-        count = self.image_tokens
-        return slice(0, count) if image_first else slice(sequence_length - count, sequence_length)
+    def image_span(self, sequence_length: int) -> slice:
+        """Where the image tokens sit in a [text; image] single-stream block's (B, S, ...) sequence: the last ones."""
+        return slice(sequence_length - self.image_tokens, sequence_length)
 
     @torch.no_grad()
     def concept_rows(
@@ -494,10 +477,6 @@ def stock_processors(
     return found
 
 
-def _make_processor(processor: type, stream: JointConceptStream, index: int, original: Any) -> Any:
-    return processor(index, stream, original)
-
-
 def no_concept_positions(concepts: ConceptEmbeddings, device: torch.device) -> torch.Tensor | None:
     return None
 
@@ -615,14 +594,21 @@ class JointPath(Generic[Conditioning]):
             single_originals = stock_processors(
                 spec, transformer, range(count), spec.single_blocks, spec.single_processor_classes
             )
-        stream = JointConceptStream(transformer, state, self, spec.attention)
-        stream.install(stack, backend.blocks(transformer), originals, lambda i, p: self.processor(i, stream, p))
+        stream = JointConceptStream(transformer, state, self)
+        double_ops = functools.partial(self.ops, attention=spec.attention)
+        stream.install(stack, backend.blocks(transformer), originals, self.processor, double_ops)
         if single_originals:
             assert single is not None
             blocks = backend.single_blocks(transformer)
             assert blocks is not None
-            make = functools.partial(_make_processor, single.processor, stream)
-            stream.install_single(stack, blocks, single_originals, make, single)
+            stream.install(stack, blocks, single_originals, single.processor, single.ops)
+
+    def ops(self, block: Any, attention: str) -> DoubleBlockOps:
+        """A dual-stream block's text-stream modules (``attention``: the block's attention attribute), resolved once
+        at install."""
+        norm, feedforward = self.feedforward(block)
+        text_attention = self.attention(getattr(block, attention))
+        return DoubleBlockOps(functools.partial(self.modulation, block), text_attention, norm, feedforward)
 
 
 # -- parts shared by the Flux-family backends (Flux.1, Chroma, Flux.2, HunyuanVideo's block layout) -----------
