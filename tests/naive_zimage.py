@@ -253,3 +253,92 @@ def capture_zimage_inputs(transformer, run):
         for h in handles:
             h.remove()
     return records, result
+
+
+# -- ConceptAttention through Z-Image's layers, written out -------------------------------------------
+CAPTION_HEADER = "<|im_start|>user\n"  # the chat template's tokens before the prompt
+
+
+def zimage_concept_states(pipe, concepts, pooling: str = "first", length: int = 512):
+    """Each concept alone through the pipeline's own ``_encode_prompt`` and the context refiner (its whole templated
+    caption, as a one-prompt forward refines it), then its own sub-tokens pooled.
+
+    Returns ((C, dim) concept tokens, (C,) caption index of each concept's first sub-token).
+    """
+    tok, tr = pipe.tokenizer, pipe.transformer
+    start = len(tok(CAPTION_HEADER, add_special_tokens=False).input_ids)
+    tokens, starts = [], []
+    for concept in concepts:
+        states = pipe._encode_prompt([concept], max_sequence_length=length)[0]  # (L, D_text)
+        own = len(tok(concept, add_special_tokens=False).input_ids)
+        refined = zimage_concept_sequence(tr, states, (start, start + own))[start : start + own]
+        tokens.append(refined[0] if pooling == "first" else refined.mean(0))
+        starts.append(start)
+    return torch.stack(tokens), starts
+
+
+@torch.no_grad()
+def zimage_reference_maps(
+    pipe,
+    records,
+    concepts,
+    *,
+    single_layers,
+    score_space="output",
+    concept_keys="both",
+    softmax=None,
+    pooling="first",
+    conditional_half=False,
+    per_block=False,
+):
+    """(B, C, N) reference maps from captured Z-Image forwards (``capture_zimage_inputs``, one record per step).
+
+    Per forward: the concept tokens enter the first layer; in each layer up to the last selected they are modulated
+    with the layer's ``adaln_input`` (timestep only), projected by the shared q/k/v, RMS QK-normed and rotated with the
+    forward's own RoPE row of the caption token their first sub-token would be (the caption index in its own
+    template), attend over the chosen keys among [concepts; the N real image tokens] (image pad tokens and the
+    caption are never keys), and are updated with the layer's gates, ``to_out``, norms and feed-forward.
+    ``conditional_half``: the forwards batch [cond; uncond]; maps describe the first half.
+    """
+    import naive_reference as nr
+
+    tr = pipe.transformer
+    num_concepts = len(concepts)
+    use_softmax = num_concepts > 1 if softmax is None else softmax
+    tokens, starts = zimage_concept_states(pipe, concepts, pooling)
+    selected = sorted(single_layers)
+    total, count, per = 0.0, 0, {}
+    for record in records:
+        fwd = record["forward"]
+        batch = len(fwd["x"])
+        keep = slice(0, batch // 2) if conditional_half else slice(None)
+        n = zimage_image_token_count(fwd["x"][0])
+        n_padded = padded(n)
+        c = tokens.unsqueeze(0).expand(len(range(*keep.indices(batch))), -1, -1)
+        for j in range(selected[-1] + 1):
+            block, inputs = tr.layers[j], record["layers"][j]
+            qx, kx, vx, ox = (t[keep] for t in zimage_image_attention(block, inputs, n))
+            scale_msa, gate_msa, scale_mlp, gate_mlp = block_modulation(block, inputs["adaln_input"][keep])
+            normed = rms_norm(block.attention_norm1, c) * scale_msa
+            attn = block.attention
+            qc, kc, vc = (heads(f(normed), attn.heads) for f in (attn.to_q, attn.to_k, attn.to_v))
+            qc, kc = rms_norm(attn.norm_q, qc), rms_norm(attn.norm_k, kc)
+            # the forward's own rotation of caption row `start` (the caption follows the padded image)
+            freqs = torch.stack([inputs["freqs_cis"][keep][:, n_padded + s] for s in starts], 1)  # (B, C, D / 2)
+            qc, kc = rotate(qc, freqs), rotate(kc, freqs)
+            o_c = nr._naive_concept_attention(qc, kc, vc, qx, kx, vx, concept_keys, num_concepts)
+            if j in selected:
+                s = nr._score(score_space, use_softmax, o_c, ox, qx, kc, vc, vx, n)
+                per.setdefault(j, []).append(s)
+                total, count = total + s, count + 1
+            c = c + gate_msa * rms_norm(block.attention_norm2, attn.to_out[0](o_c))
+            c = c + gate_mlp * rms_norm(
+                block.ffn_norm2, swiglu(block.feed_forward, rms_norm(block.ffn_norm1, c) * scale_mlp)
+            )
+    mean = total / count
+    if num_concepts == 1:
+        low, high = mean.amin(-1, keepdim=True), mean.amax(-1, keepdim=True)
+        mean = (mean - low) / (high - low)
+    if per_block:
+        return mean, torch.stack([sum(v) / len(v) for _, v in sorted(per.items())])
+    return mean

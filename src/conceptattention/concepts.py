@@ -195,6 +195,25 @@ def pool_spans(
     return ConceptEmbeddings(states, tokens, pooling, encoder)
 
 
+def word_in_context(tokenizer: Any, concept: str, sequence: Sequence[int]) -> list[int]:
+    """The concept's token ids as they occur in its templated sequence (alone, else with a leading space).
+
+    Chat templates put the user text after a newline, where BPE vocabularies may or may not merge a leading space
+    into the word: both forms are tried, in the sequence the encoder actually saw.
+    """
+    for text in (concept, " " + concept):
+        word = tokenizer(text, add_special_tokens=False).input_ids
+        try:
+            locate_span(sequence, word)
+        except ConceptAttentionError:
+            continue
+        return word
+    raise ConceptAttentionError(
+        f"The concept {concept!r} does not occur in its templated encoding with {type(tokenizer).__name__}; "
+        "the prompt budget (`max_sequence_length`) may be too small for the chat template"
+    )
+
+
 def span_starts(sequences: Sequence[Sequence[int]], words: Sequence[Sequence[int]]) -> tuple[int, ...]:
     """(C,) index of each concept's first sub-token (``words[c]``) in its encoded sequence (``sequences[c]``)."""
     return tuple(locate_span(sequence, word) for sequence, word in zip(sequences, words))

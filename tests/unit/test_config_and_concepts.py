@@ -53,14 +53,14 @@ class _SpaceSensitiveTokenizer:
         return SimpleNamespace(input_ids={"dog": [5, 6], " dog": [7]}.get(text, [9]))
 
 
-def test_flux2_finds_the_concept_as_the_template_tokenized_it():
-    from conceptattention.adapters.flux2 import _word_in_context
+def test_a_concept_is_found_as_the_chat_template_tokenized_it():
+    from conceptattention.concepts import word_in_context
 
     tokenizer = _SpaceSensitiveTokenizer()
-    assert _word_in_context(tokenizer, "dog", [1, 2, 5, 6, 3]) == [5, 6]  # as tokenized alone
-    assert _word_in_context(tokenizer, "dog", [1, 2, 7, 3]) == [7]  # after a space in the template
+    assert word_in_context(tokenizer, "dog", [1, 2, 5, 6, 3]) == [5, 6]  # as tokenized alone
+    assert word_in_context(tokenizer, "dog", [1, 2, 7, 3]) == [7]  # after a space in the template
     with pytest.raises(ConceptAttentionError, match="does not occur in its templated encoding"):
-        _word_in_context(tokenizer, "dog", [1, 2, 3])
+        word_in_context(tokenizer, "dog", [1, 2, 3])
 
 
 def test_block_choices_of_both_kinds_are_validated_once():

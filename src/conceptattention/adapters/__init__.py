@@ -27,6 +27,7 @@ BACKEND_MODULES = (
     "conceptattention.adapters.cogvideox",
     "conceptattention.adapters.hunyuanvideo",
     "conceptattention.adapters.longcat",
+    "conceptattention.adapters.zimage",
 )
 
 # Transformers whose text enters only through cross-attention (or that have no text queries at all):
@@ -51,7 +52,6 @@ CROSS_ATTENTION_ONLY = {
 # Joint-attention models made only of single-stream layers: the method is defined there (docs/single_stream.md),
 # but no backend serves them yet.
 SINGLE_STREAM_ONLY = {
-    "ZImageTransformer2DModel": "Z-Image",
     "Lumina2Transformer2DModel": "Lumina-Image 2.0",
 }
 

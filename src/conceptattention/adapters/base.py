@@ -118,7 +118,8 @@ class BackendSpec:
         processor_classes: stock attention processor class names replaced on traced blocks;
             any other processor there (IP-Adapter, fused, custom) is refused.
         double_blocks: attribute of the transformer holding the dual-stream (joint) blocks
-            (``transformer_blocks`` in every diffusers MM-DiT so far).
+            (``transformer_blocks`` in every diffusers MM-DiT so far); None: the model has none (made only of
+            single-stream layers, as Z-Image).
         single_blocks: attribute holding the single-stream blocks that follow them (shared weights for text and
             image), when the backend traces them (``single_transformer_blocks`` in the Flux family); None: none.
         single_processor_classes: stock attention processor class names replaced on traced single-stream blocks.
@@ -143,7 +144,7 @@ class BackendSpec:
     concept_positions: str
     max_sequence_length: int
     modality: Literal["image", "video"] = "image"
-    double_blocks: str = "transformer_blocks"
+    double_blocks: str | None = "transformer_blocks"
     attention: str = "attn"
     single_blocks: str | None = None
     single_processor_classes: tuple[str, ...] = ()
@@ -166,6 +167,9 @@ class ForwardRecord(Generic[Conditioning]):
         conditioning: the backend's typed record of what the concept conditioning needs.
         target: the image tokens the maps describe, within the image sequence (all of them, or the
             target grid when reference-image tokens follow it, as in image-editing pipelines).
+        image: where the image tokens sit in every row of a single-stream block's joint sequence, when the
+            backend knows it from the forward's inputs (Z-Image: the first N rows, before its pad tokens and the
+            caption); None: the last ones, as many as the first dual-stream block's image stream has.
     """
 
     timestep: torch.Tensor
@@ -174,6 +178,7 @@ class ForwardRecord(Generic[Conditioning]):
     rows: slice
     conditioning: Conditioning
     target: slice = dataclasses.field(default_factory=lambda: slice(None))
+    image: slice | None = None
 
 
 def first_timestep(timestep: Any) -> torch.Tensor:
@@ -367,13 +372,16 @@ class LayerRule:
     """Which blocks can be scored and which are by default (``spec.default_layers`` says it in words).
 
     Attributes:
-        default: usable block indices (ascending) -> the default selection.
-        excluded: ``(transformer, its blocks) -> {index: why}``: blocks that must never be scored (their text
-            queries are untrained).
+        default: usable dual-stream block indices (ascending) -> the default selection.
+        excluded: ``(transformer, its blocks) -> {index: why}``: dual-stream blocks that must never be scored
+            (their text queries are untrained).
+        single_default: single-stream block indices (ascending) -> the default selection of them; None: none
+            (the paper's dual-stream default). Models made only of single-stream layers give one.
     """
 
     default: Callable[[Sequence[int]], tuple[int, ...]]
     excluded: Callable[[Any, torch.nn.ModuleList], dict[int, str]] = no_dead_blocks
+    single_default: Callable[[Sequence[int]], tuple[int, ...]] | None = None
 
 
 class ConceptStream(Protocol):
@@ -520,7 +528,9 @@ class Backend(Generic[Inputs, Conditioning]):
 
     # -- blocks and layers ---------------------------------------------------------------------
     def blocks(self, transformer: torch.nn.Module) -> torch.nn.ModuleList:
-        return getattr(transformer, self.spec.double_blocks)
+        """The dual-stream blocks (empty for a model made only of single-stream layers)."""
+        name = self.spec.double_blocks
+        return torch.nn.ModuleList() if name is None else getattr(transformer, name)
 
     def num_blocks(self, transformer: torch.nn.Module) -> int:
         return len(self.blocks(transformer))
@@ -547,9 +557,16 @@ class Backend(Generic[Inputs, Conditioning]):
             return self.default_layers(transformer)
         if layers == "none":
             return ()
+        count = self.num_blocks(transformer)
+        if count == 0:
+            singles = self.num_single_blocks(transformer)
+            raise ConceptAttentionError(
+                f"`layers` selects double-stream blocks, but {type(transformer).__name__} ({self.spec.name}) has "
+                f"none: its {singles} blocks are single-stream; select them with `single_layers` (valid indices: "
+                f"{_ranges(range(singles))}; CLI: --single-layers)"
+            )
         if layers == "all":
             return tuple(self.usable_blocks(transformer))
-        count = self.num_blocks(transformer)
         bad = [i for i in layers if i >= count]
         if bad:
             raise ConceptAttentionError(
@@ -575,14 +592,18 @@ class Backend(Generic[Inputs, Conditioning]):
         return 0 if blocks is None else len(blocks)
 
     def resolve_single_layers(self, transformer: torch.nn.Module, single_layers: BlockChoice) -> tuple[int, ...]:
-        """Default (none: the paper's dual-stream blocks) or validated single-stream block indices.
+        """Default or validated single-stream block indices. The default is none (the paper's dual-stream blocks)
+        unless the layer rule gives one (models made only of single-stream layers).
 
         Args:
             single_layers: indices, ``"all"``, ``"none"``, or None (the default).
         """
-        if single_layers is None or single_layers == "none":
-            return ()
         count = self.num_single_blocks(transformer)
+        if single_layers is None:
+            rule = self.layers.single_default
+            return () if rule is None or count == 0 else rule(range(count))
+        if single_layers == "none":
+            return ()
         name = type(transformer).__name__
         if count == 0:
             why = (
@@ -610,6 +631,10 @@ class Backend(Generic[Inputs, Conditioning]):
         double = self.resolve_layers(transformer, layers)
         single = self.resolve_single_layers(transformer, single_layers)
         if not double and not single:
+            if self.num_blocks(transformer) == 0:  # made only of single-stream layers
+                raise ConceptAttentionError(
+                    "`single_layers='none'` leaves no block to score: select blocks with `single_layers`"
+                )
             hint = " or `single_layers`" if self.num_single_blocks(transformer) else ""
             raise ConceptAttentionError(f"`layers='none'` leaves no block to score: select blocks with `layers`{hint}")
         return BlockSelection(double, single, self.num_blocks(transformer))
@@ -659,6 +684,30 @@ def _ranges(indices: Sequence[int]) -> str:
     return ", ".join(parts) if items else "none"
 
 
+def attention_processors(transformer: Any) -> dict[str, Any]:
+    """Name -> processor of every attention module, named as diffusers' ``attn_processors`` names them
+    (``"<module path>.processor"``); also for transformers without diffusers' attention mixin (Z-Image)."""
+    if hasattr(transformer, "attn_processors"):
+        return dict(transformer.attn_processors)
+    return {
+        f"{name}.processor": module.processor
+        for name, module in transformer.named_modules()
+        if hasattr(module, "set_processor") and hasattr(module, "processor")
+    }
+
+
+def set_attention_processors(transformer: Any, processors: Mapping[str, Any]) -> None:
+    """Set the processors named in ``processors`` (names as :func:`attention_processors` gives), the others kept."""
+    if hasattr(transformer, "set_attn_processor"):
+        every = attention_processors(transformer)
+        every.update(processors)
+        transformer.set_attn_processor(every)  # it takes every attention module's processor at once
+        return
+    modules = dict(transformer.named_modules())
+    for name, processor in processors.items():
+        modules[name.removesuffix(".processor")].set_processor(processor)
+
+
 class Attachment:
     """Install processors and hooks on a transformer, and undo all of it exactly.
 
@@ -675,15 +724,14 @@ class Attachment:
     def attach(self, install: Callable[[contextlib.ExitStack], None]) -> None:
         if self._stack is not None:
             raise ConceptAttentionError("This trace is already attached; exit it before entering it again.")
-        processors = dict(self.transformer.attn_processors)
+        processors = attention_processors(self.transformer)
         if any(isinstance(p, self._marker) for p in processors.values()):
             raise ConceptAttentionError(
                 "ConceptAttention is already attached to this transformer (nested or concurrent `trace`); "
                 "exit the other trace first."
             )
         stack = contextlib.ExitStack()
-        # Pass a copy: set_attn_processor pops the entries of the dict it is given.
-        stack.callback(lambda: self.transformer.set_attn_processor(dict(processors)))
+        stack.callback(lambda: set_attention_processors(self.transformer, processors))
         try:
             install(stack)
         except BaseException:

@@ -50,10 +50,10 @@ from conceptattention.concepts import (
     ConceptEmbeddings,
     ConceptPositions,
     concept_token_ids,
-    locate_span,
     pipeline_part,
     pool_spans,
     span_starts,
+    word_in_context,
 )
 from conceptattention.core import TokenGrid
 from conceptattention.errors import ConceptAttentionError
@@ -239,7 +239,7 @@ def encode_concepts(pipe: Any, concepts: Sequence[str], encoding: ConceptEncodin
             "`_get_mistral_3_small_prompt_embeds`); use Flux2Pipeline or Flux2KleinPipeline"
         )
     sequences = [list(row) for row in (ids.tolist() if torch.is_tensor(ids) else ids)]
-    words = [_word_in_context(tokenizer, c, seq) for c, seq in zip(prompts, sequences)]
+    words = [word_in_context(tokenizer, c, seq) for c, seq in zip(prompts, sequences)]
     embeddings = pool_spans(hidden, sequences, words, tokenizer, encoding.pooling, described)
     return dataclasses.replace(embeddings, extras=ConceptPositions(span_starts(sequences, words)))
 
@@ -322,21 +322,6 @@ def _split(mod: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Ten
     """(B, 6D) -> ((shift, scale, gate), (shift_mlp, scale_mlp, gate_mlp)), as ``Flux2Modulation.split``."""
     chunks = mod.chunk(6, dim=-1)
     return chunks[:3], chunks[3:]
-
-
-def _word_in_context(tokenizer: Any, concept: str, sequence: Sequence[int]) -> list[int]:
-    """The concept's token ids as they occur in its templated sequence (alone, else with a leading space)."""
-    for text in (concept, " " + concept):
-        word = tokenizer(text, add_special_tokens=False).input_ids
-        try:
-            locate_span(sequence, word)
-        except ConceptAttentionError:
-            continue
-        return word
-    raise ConceptAttentionError(
-        f"The concept {concept!r} does not occur in its templated encoding with {type(tokenizer).__name__}; "
-        "the prompt budget (`max_sequence_length`) may be too small for the chat template"
-    )
 
 
 BACKEND: Backend[Flux2EncodeInputs, Flux2Conditioning] = Backend(

@@ -42,7 +42,9 @@ from conceptattention.adapters.base import (
     RunState,
     StopForward,
     TensorFacts,
+    attention_processors,
     last_blocks,
+    set_attention_processors,
 )
 from conceptattention.concepts import ConceptEmbeddings
 from conceptattention.core import TokenGrid, block_saliency, concept_attention
@@ -109,22 +111,23 @@ class TextAttention:
 
 
 @dataclass(frozen=True)
-class DoubleBlockOps:
-    """The modules concept tokens go through in one dual-stream block, resolved once when the stream is installed.
+class SequentialBlockOps:
+    """The modules concept tokens go through in a block whose attention residual is followed by its feed-forward
+    residual (the text stream of a dual-stream block; Z-Image's single-stream blocks), resolved once at install.
 
     Attributes:
-        modulate: ``(concepts (B, C, D), emb) -> (normed (B, C, D), gate_msa, shift_mlp, scale_mlp, gate_mlp)``,
-            the block's text-stream norm and modulation.
-        attention: the text-stream (or shared) attention weights.
-        norm: the norm before the feed-forward.
-        feedforward: the text-stream (or shared) feed-forward.
+        modulate: ``(concepts (B, C, D), emb) -> (normed (B, C, D), *modulation)``, the block's (text-stream) norm and
+            modulation; ``modulation`` is what ``update`` needs (gates, shifts, scales).
+        attention: the text-stream (or shared) attention weights; ``out`` is everything between the attention
+            output and the gated residual (output projection, and a post-norm where the block has one).
+        update: ``(concepts, projected attention output, modulation) -> concepts`` the block's residual updates.
+        kind: ``"double"`` (a dual-stream block's text stream) or ``"single"`` (shared weights).
     """
 
     modulate: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, ...]]
     attention: TextAttention
-    norm: Callable[[torch.Tensor], torch.Tensor]
-    feedforward: Callable[[torch.Tensor], torch.Tensor]
-    kind: ClassVar[BlockKind] = "double"
+    update: Callable[[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]], torch.Tensor]
+    kind: BlockKind = "double"
 
     @property
     def norm_q(self) -> Any:
@@ -140,18 +143,30 @@ class DoubleBlockOps:
         return BlockPass(index, normed, self.attention.qkv(normed), tuple(modulation))
 
     def finish(self, concepts: torch.Tensor, step: BlockPass) -> torch.Tensor:
-        """The block's residual update of (B, C, D) concepts: gated attention output projection, then the gated
-        feed-forward, as the text stream's."""
+        """The block's residual updates of (B, C, D) concepts from the attention output."""
         assert step.attention_out is not None
-        gate_msa, shift_mlp, scale_mlp, gate_mlp = step.modulation
-        concepts = concepts + gate_msa.unsqueeze(1) * self.attention.out(step.attention_out)
-        normed = self.norm(concepts) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
-        return clip_half(concepts + gate_mlp.unsqueeze(1) * self.feedforward(normed))
+        return self.update(concepts, self.attention.out(step.attention_out), step.modulation)
+
+
+def gated_text_update(
+    norm: Callable[[torch.Tensor], torch.Tensor],
+    feedforward: Callable[[torch.Tensor], torch.Tensor],
+    concepts: torch.Tensor,
+    attention: torch.Tensor,
+    modulation: tuple[torch.Tensor, ...],
+) -> torch.Tensor:
+    """A dual-stream block's text-stream residuals: the gated attention output, then the gated feed-forward of the
+    shifted and scaled norm, as the text stream's (B, D) ``(gate_msa, shift_mlp, scale_mlp, gate_mlp)``."""
+    gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation
+    concepts = concepts + gate_msa.unsqueeze(1) * attention
+    normed = norm(concepts) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
+    return clip_half(concepts + gate_mlp.unsqueeze(1) * feedforward(normed))
 
 
 @dataclass(frozen=True)
-class SingleBlockOps:
-    """The modules concept tokens go through in one single-stream block (the weights text and image share).
+class ParallelBlockOps:
+    """The modules concept tokens go through in one parallel single-stream block (the Flux family's: attention and
+    MLP from one input, one gated projection of both).
 
     Attributes:
         modulate: ``(concepts (B, C, D), emb) -> (normed, gate (B, D))``, the block's norm and modulation.
@@ -183,7 +198,7 @@ class SingleBlockOps:
         return clip_half(concepts) if self.clip else concepts
 
 
-BlockOps = DoubleBlockOps | SingleBlockOps
+BlockOps = SequentialBlockOps | ParallelBlockOps
 
 
 class JointConceptStream:
@@ -207,7 +222,7 @@ class JointConceptStream:
         self.image_tokens = 0  # image tokens of the current forward (reference images included)
         self.current: BlockPass | None = None
         self.ops: list[BlockOps] = []  # per run index 0..last selected, resolved at install
-        self._rotary: dict[torch.device, tuple[torch.Tensor, torch.Tensor] | None] = {}
+        self._rotary: dict[torch.device, Callable[[torch.Tensor], torch.Tensor] | None] = {}
 
     def install(
         self,
@@ -225,10 +240,10 @@ class JointConceptStream:
             ops_of: ``block -> BlockOps``, the modules the concepts go through in that block.
         """
         offset = len(self.ops)
-        processors = dict(self.transformer.attn_processors)
-        for j, (name, original) in enumerate(originals.items()):
-            processors[name] = processor(offset + j, self, original)
-        self.transformer.set_attn_processor(processors)
+        if not originals:
+            return
+        installed = {name: processor(offset + j, self, old) for j, (name, old) in enumerate(originals.items())}
+        set_attention_processors(self.transformer, installed)
         for j in range(len(originals)):
             self._hook(stack, blocks[j], offset + j, ops_of(blocks[j]))
 
@@ -248,6 +263,9 @@ class JointConceptStream:
 
         Done here rather than in the transformer pre-hook so that offloading hooks have
         already moved the weights to the execution device.
+
+        Args:
+            hidden_states: (B, S, D) the first block's hidden states (a dual-stream block's image stream).
         """
         context = self.state.forward
         assert context is not None
@@ -265,11 +283,10 @@ class JointConceptStream:
     def _conditioning(self, ops: BlockOps, arguments: CallArguments) -> torch.Tensor:
         context = self.state.forward
         assert context is not None
-        if ops.kind == "double":
-            per_block = self.path.block_conditioning
-        else:
+        per_block = self.path.block_conditioning
+        if ops.kind == "single":
             assert self.path.single is not None
-            per_block = self.path.single.block_conditioning
+            per_block = self.path.single.block_conditioning or per_block
         if per_block is None:
             assert self.temb is not None, "a path without per-block conditioning gives `forward_conditioning`"
             return self.temb
@@ -282,7 +299,7 @@ class JointConceptStream:
                 return None
             arguments = CallArguments(block, args, kwargs)
             if index == 0 or self.hidden is None:
-                self._start(arguments["hidden_states"])
+                self._start(arguments[self.path.hidden_argument])
             assert self.hidden is not None
             ops = self.ops[index]
             self.current = ops.begin(index, self.hidden, self._conditioning(ops, arguments))
@@ -313,22 +330,20 @@ class JointConceptStream:
 
     # -- called by the processors ------------------------------------------------------------------
     def concept_rope(self, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor] | None:
-        """The rotation of (B, C, H, D) concept q/k at the path's concept positions with the model's own
-        ``pos_embed``, computed once per device (the positions are fixed for an attachment); None: no rotation."""
+        """The rotation of (B, C, H, D) concept q/k at the path's concept positions with the model's own RoPE
+        (``JointPath.rotation``), built once per device (the positions are fixed for an attachment); None: none."""
         if device not in self._rotary:
             ids = self.path.concept_positions(self.state.concepts, device)
-            self._rotary[device] = None if ids is None else self.transformer.pos_embed(ids)  # (C, D) cos, sin
-        rotary = self._rotary[device]
-        if rotary is None:
-            return None
-
-        def rotate(x: torch.Tensor) -> torch.Tensor:
-            return apply_rotary_emb(x, rotary, sequence_dim=1)  # type: ignore[arg-type,return-value]
-
-        return rotate
+            self._rotary[device] = None if ids is None else self.path.rotation(self.transformer, ids)
+        return self._rotary[device]
 
     def image_span(self, sequence_length: int) -> slice:
-        """Where the image tokens sit in a [text; image] single-stream block's (B, S, ...) sequence: the last ones."""
+        """Where the image tokens sit in a single-stream block's (B, S, ...) joint sequence: where the forward's record
+        says, else the last ones ([text; image])."""
+        context = self.state.forward
+        assert context is not None
+        if context.record.image is not None:
+            return context.record.image
         return slice(sequence_length - self.image_tokens, sequence_length)
 
     @torch.no_grad()
@@ -460,7 +475,7 @@ def stock_processors(
     """
     blocks = blocks or spec.double_blocks
     classes = classes or spec.processor_classes
-    originals = transformer.attn_processors
+    originals = attention_processors(transformer)
     found = {}
     for index in indices:
         name = f"{blocks}.{index}.{spec.attention}.processor"
@@ -479,6 +494,17 @@ def stock_processors(
 
 def no_concept_positions(concepts: ConceptEmbeddings, device: torch.device) -> torch.Tensor | None:
     return None
+
+
+def real_rotation(transformer: Any, ids: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The rotation of (B, C, H, D) q/k at (C, axes) position ids with the model's ``pos_embed`` (a (cos, sin) pair)
+    and diffusers' ``apply_rotary_emb``, as the Flux-family processors rotate text and image tokens."""
+    rotary = transformer.pos_embed(ids)  # (C, D) cos, sin
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        return apply_rotary_emb(x, rotary, sequence_dim=1)  # type: ignore[arg-type,return-value]
+
+    return rotate
 
 
 def single_norm(block: Any, concepts: torch.Tensor, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -512,7 +538,7 @@ class SinglePath(Generic[Conditioning]):
     Attributes:
         processor: the installed processor class, built as ``processor(run index, stream, original)``.
         block_conditioning: ``(record, block call arguments) -> emb`` where the conditioning is read per block;
-            None: the path's ``forward_conditioning`` (the dual-stream blocks' concept conditioning).
+            None: the dual-stream blocks' concept conditioning (the path's).
         modulation: ``(block, (B, C, D) concepts, emb) -> (normed, gate (B, D))``.
         branches: ``(block, normed) -> (q, k, v, mlp)``: shared projections and the MLP branch.
         out: ``(block, attention output, mlp) -> (B, C, D)``: the gated update's projection.
@@ -528,10 +554,10 @@ class SinglePath(Generic[Conditioning]):
     qk_norms: Callable[[Any], tuple[Any, Any]] = shared_qk_norms
     clip: bool = True
 
-    def ops(self, block: Any) -> SingleBlockOps:
+    def ops(self, block: Any) -> ParallelBlockOps:
         """The block's modules, resolved once at install."""
         norm_q, norm_k = self.qk_norms(block)
-        return SingleBlockOps(
+        return ParallelBlockOps(
             functools.partial(self.modulation, block),
             functools.partial(self.branches, block),  # type: ignore[arg-type]
             norm_q,
@@ -539,6 +565,32 @@ class SinglePath(Generic[Conditioning]):
             functools.partial(self.out, block),
             self.clip,
         )
+
+
+@dataclass(frozen=True)
+class SequentialPath(Generic[Conditioning]):
+    """The concept stream through single-stream blocks whose attention residual is followed by a feed-forward
+    residual (Z-Image, Lumina-2: no parallel MLP branch), as parts.
+
+    Attributes:
+        processor: the installed processor class, built as ``processor(run index, stream, original)``.
+        block_conditioning: ``(record, block call arguments) -> emb`` read per block; None: the path's own
+            (``JointPath.block_conditioning`` or ``forward_conditioning``).
+        modulation: ``(block, (B, C, D) concepts, emb) -> (normed, *modulation)``.
+        attention: ``block -> TextAttention``, the shared attention weights (``out``: up to the gated residual).
+        update: ``(block, concepts, projected attention output, modulation) -> concepts``, the block's residuals.
+    """
+
+    processor: type
+    modulation: Callable[[Any, torch.Tensor, torch.Tensor], tuple[torch.Tensor, ...]]
+    attention: Callable[[Any], TextAttention]
+    update: Callable[[Any, torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]], torch.Tensor]
+    block_conditioning: Callable[[ForwardRecord[Conditioning], CallArguments], torch.Tensor] | None = None
+
+    def ops(self, block: Any) -> SequentialBlockOps:
+        """The block's modules, resolved once at install."""
+        modulate, update = functools.partial(self.modulation, block), functools.partial(self.update, block)
+        return SequentialBlockOps(modulate, self.attention(block), update, "single")
 
 
 @dataclass(frozen=True)
@@ -559,8 +611,11 @@ class JointPath(Generic[Conditioning]):
         modulation: ``(block, (B, C, D) concepts, emb) -> (normed, gate_msa, shift_mlp, scale_mlp, gate_mlp)``.
         feedforward: ``block -> (norm, feed-forward)`` applied after the attention residual.
         concept_positions: ``(concepts, device) -> (C, axes)`` the concepts' text position ids for the model's
-            ``pos_embed``; None: no rotation (text position ids 0, where RoPE is the identity, or no RoPE on text).
-        single: the path through the single-stream blocks after the dual-stream ones (None: not traced).
+            RoPE; None: no rotation (text position ids 0, where RoPE is the identity, or no RoPE on text).
+        rotation: ``(transformer, ids) -> rotate`` the model's own RoPE at those ids, for (B, C, H, D) q/k.
+        single: the path through the single-stream blocks after the dual-stream ones (None: not traced); for a
+            model made only of single-stream layers, its only path.
+        hidden_argument: the blocks' hidden-state argument (read at the first traced block).
         check: refuses a model or concepts this path cannot trace, before anything is installed.
     """
 
@@ -573,7 +628,9 @@ class JointPath(Generic[Conditioning]):
     modulation: Callable[[Any, torch.Tensor, torch.Tensor], tuple[torch.Tensor, ...]] = norm1_context
     feedforward: Callable[[Any], tuple[Callable, Callable]] = context_feedforward
     concept_positions: Callable[[ConceptEmbeddings, torch.device], torch.Tensor | None] = no_concept_positions
-    single: SinglePath | None = None
+    rotation: Callable[[Any, torch.Tensor], Callable[[torch.Tensor], torch.Tensor]] = real_rotation
+    single: SinglePath | SequentialPath | None = None
+    hidden_argument: str = "hidden_states"
     check: Callable[[Any, RunState], None] = no_install_check
 
     def __post_init__(self) -> None:
@@ -585,7 +642,7 @@ class JointPath(Generic[Conditioning]):
         spec = backend.spec
         num_double = backend.num_blocks(transformer)
         last = state.last_block
-        originals = stock_processors(spec, transformer, range(min(last, num_double - 1) + 1))
+        originals = stock_processors(spec, transformer, range(min(last, num_double - 1) + 1)) if num_double else {}
         single = self.single
         single_originals = {}
         if last >= num_double:
@@ -603,12 +660,13 @@ class JointPath(Generic[Conditioning]):
             assert blocks is not None
             stream.install(stack, blocks, single_originals, single.processor, single.ops)
 
-    def ops(self, block: Any, attention: str) -> DoubleBlockOps:
+    def ops(self, block: Any, attention: str) -> SequentialBlockOps:
         """A dual-stream block's text-stream modules (``attention``: the block's attention attribute), resolved once
         at install."""
         norm, feedforward = self.feedforward(block)
         text_attention = self.attention(getattr(block, attention))
-        return DoubleBlockOps(functools.partial(self.modulation, block), text_attention, norm, feedforward)
+        update = functools.partial(gated_text_update, norm, feedforward)
+        return SequentialBlockOps(functools.partial(self.modulation, block), text_attention, update, "double")
 
 
 # -- parts shared by the Flux-family backends (Flux.1, Chroma, Flux.2, HunyuanVideo's block layout) -----------
