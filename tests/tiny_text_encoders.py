@@ -145,3 +145,24 @@ def make_mistral3_encoder(tokenizer, seed: int = 0, num_layers: int = 31):
         },
     )
     return seeded(seed, lambda: Mistral3ForConditionalGeneration(config)).eval()
+
+
+def make_gemma2_encoder(tokenizer, seed: int = 0, num_layers: int = 3):
+    """A ``Gemma2Model`` (no LM head, as Lumina-Image 2.0 ships it) of hidden size 32; eager attention, so that
+    Gemma-2's attention logit soft-capping is applied; the tokenizer's own pad / bos / eos ids."""
+    from transformers import Gemma2Config, Gemma2Model
+
+    config = Gemma2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=TEXT_HIDDEN,
+        intermediate_size=64,
+        num_hidden_layers=num_layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        attn_implementation="eager",
+    )
+    return seeded(seed, lambda: Gemma2Model(config)).eval()
