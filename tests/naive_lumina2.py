@@ -335,3 +335,87 @@ def capture_lumina2_inputs(transformer, run):
         for h in handles:
             h.remove()
     return records, result
+
+
+# -- ConceptAttention through Lumina-2's layers, written out ------------------------------------------
+def lumina2_concept_states(pipe, concepts, pooling: str = "first", length: int = 256):
+    """Each concept alone through the pipeline's own ``encode_prompt`` (its template) and the context refiner, as a
+    one-prompt forward refines it; the concept is the caption's last valid tokens, pooled.
+
+    Returns ((C, dim) concept tokens, caption index of the first prompt token).
+    """
+    tr = pipe.transformer
+    start = lumina2_prompt_start(pipe.tokenizer, pipe.system_prompt)
+    tokens = []
+    for concept in concepts:
+        embeds, mask, _, _ = pipe.encode_prompt(
+            [concept], do_classifier_free_guidance=False, max_sequence_length=length
+        )
+        refined = lumina2_concept_sequence(tr, embeds[0], mask[0])[start : int(mask[0].sum())]
+        tokens.append(refined[0] if pooling == "first" else refined.mean(0))
+    return torch.stack(tokens), start
+
+
+@torch.no_grad()
+def lumina2_reference_maps(
+    pipe,
+    records,
+    concepts,
+    *,
+    single_layers,
+    score_space="output",
+    concept_keys="both",
+    softmax=None,
+    pooling="first",
+    per_block=False,
+):
+    """(B, C, N) reference maps from captured conditional Lumina-2 forwards (one record per step).
+
+    Per forward: the concept tokens enter the first layer; in each layer up to the last selected they are modulated
+    with the layer's ``temb``, projected by the shared q/k/v (K/V widened to the query heads), RMS QK-normed and
+    rotated with the forward's own RoPE of the caption row where a prompt's first token sits, attend over the chosen
+    keys among [concepts; each item's N image rows] (the caption never), and are updated with the layer's own
+    gates, ``to_out``, norms and feed-forward.
+    """
+    import naive_reference as nr
+
+    tr = pipe.transformer
+    num_concepts = len(concepts)
+    use_softmax = num_concepts > 1 if softmax is None else softmax
+    tokens, start = lumina2_concept_states(pipe, concepts, pooling)
+    selected = sorted(single_layers)
+    total, count, per = 0.0, 0, {}
+    for record in records:
+        fwd = record["forward"]
+        latents = fwd["hidden_states"]
+        n = (latents.shape[-2] // PATCH) * (latents.shape[-1] // PATCH)
+        lengths = [int(v) for v in fwd["encoder_attention_mask"].sum(1)]
+        image = [slice(length, length + n) for length in lengths]
+        c = tokens.unsqueeze(0).expand(latents.shape[0], -1, -1)
+        for j in range(selected[-1] + 1):
+            block, inputs = tr.layers[j], record["layers"][j]
+            qx, kx, vx, ox = lumina2_image_attention(block, inputs, image)
+            temb = inputs["temb"]
+            attn = block.attn
+            normed = attention_input(block, c, temb)
+            qc = heads(attn.to_q(normed), attn.heads)
+            head_dim = qc.shape[-1]
+            kc = heads(attn.to_k(normed), attn.to_k.out_features // head_dim)
+            vc = heads(attn.to_v(normed), attn.to_v.out_features // head_dim)
+            qc, kc = rms_norm(attn.norm_q, qc), rms_norm(attn.norm_k, kc)
+            freqs = inputs["image_rotary_emb"][:, start : start + 1].expand(-1, num_concepts, -1)  # (B, C, D / 2)
+            qc, kc = rotate(qc, freqs), rotate(kc, freqs)
+            kc, vc = repeat_kv(kc, attn.heads), repeat_kv(vc, attn.heads)
+            o_c = nr._naive_concept_attention(qc, kc, vc, qx, kx, vx, concept_keys, num_concepts)
+            if j in selected:
+                s = nr._score(score_space, use_softmax, o_c, ox, qx, kc, vc, vx, n)
+                per.setdefault(j, []).append(s)
+                total, count = total + s, count + 1
+            c = block_from_attention(block, c, o_c, temb)
+    mean = total / count
+    if num_concepts == 1:
+        low, high = mean.amin(-1, keepdim=True), mean.amax(-1, keepdim=True)
+        mean = (mean - low) / (high - low)
+    if per_block:
+        return mean, torch.stack([sum(v) / len(v) for _, v in sorted(per.items())])
+    return mean

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -88,6 +88,45 @@ class ConceptPositions:
     """
 
     positions: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class CaptionSequences:
+    """``ConceptEmbeddings.extras`` of transformers that refine the caption with text-only blocks before their joint
+    layers (Z-Image, Lumina-2): each concept's whole templated caption, refined on its own, then its span pooled.
+
+    Attributes:
+        states: one (L_c, D_text) tensor per concept: the encoder states of its templated caption, padding removed.
+        spans: (start, stop) of each concept's own sub-tokens in its caption.
+        pooling: how a span is pooled into one vector after the refiner.
+    """
+
+    states: tuple[torch.Tensor, ...]
+    spans: tuple[tuple[int, int], ...]
+    pooling: Pooling
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> CaptionSequences:
+        return replace(self, states=tuple(s.to(device, dtype) for s in self.states))
+
+    def refine(
+        self, batch_length: Callable[[int], int], refine: Callable[[list[torch.Tensor], int], torch.Tensor]
+    ) -> torch.Tensor:
+        """(C, D) pooled tokens of the refined captions.
+
+        Captions whose ``batch_length(L_c)`` agree are refined as one batch: ``refine(states, length)`` returns their
+        (G, length, D) refined sequences (each caption alone in its rows: no caption sees another).
+        """
+        groups: dict[int, list[int]] = {}
+        for index, states in enumerate(self.states):
+            groups.setdefault(batch_length(states.shape[0]), []).append(index)
+        pooled: dict[int, torch.Tensor] = {}
+        for length, members in groups.items():
+            refined = refine([self.states[i] for i in members], length)
+            for row, index in enumerate(members):
+                start, stop = self.spans[index]
+                span = refined[row, start:stop]
+                pooled[index] = span[0] if self.pooling == "first" else span.mean(dim=0)
+        return torch.stack([pooled[i] for i in range(len(self.states))])
 
 
 def pipeline_part(pipe: Any, name: str, why: str) -> Any:

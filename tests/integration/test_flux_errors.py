@@ -165,15 +165,12 @@ def test_cross_attention_only_models_are_refused_with_the_reason(family):
         ca.trace(types.SimpleNamespace(transformer=transformer), ["dog"])
 
 
-def test_models_made_only_of_single_stream_layers_are_refused_with_the_reason():
-    from tiny_zimage import make_tiny_zimage_transformer
+def test_models_made_only_of_single_stream_layers_are_listed_as_supported():
+    from conceptattention.adapters import supported_architectures
 
-    with pytest.raises(
-        UnsupportedArchitectureError,
-        match=r"SimpleNamespace uses ZImageTransformer2DModel \(Z-Image\), made only of single-stream layers .*"
-        r"`single_layers` on Flux\.1, .* not served yet\. Supported: Flux",
-    ):
-        ca.trace(types.SimpleNamespace(transformer=make_tiny_zimage_transformer()), ["dog"])
+    listed = "; ".join(supported_architectures())
+    assert "Z-Image: ZImageTransformer2DModel (ZImagePipeline, ZImageImg2ImgPipeline)" in listed
+    assert "Lumina-Image 2.0: Lumina2Transformer2DModel (Lumina2Pipeline)" in listed
 
 
 def test_dead_last_block_of_a_flux_model_without_single_blocks():

@@ -28,6 +28,7 @@ BACKEND_MODULES = (
     "conceptattention.adapters.hunyuanvideo",
     "conceptattention.adapters.longcat",
     "conceptattention.adapters.zimage",
+    "conceptattention.adapters.lumina2",
 )
 
 # Transformers whose text enters only through cross-attention (or that have no text queries at all):
@@ -48,11 +49,6 @@ CROSS_ATTENTION_ONLY = {
     "LatteTransformer3DModel": "Latte",
     "AllegroTransformer3DModel": "Allegro",
     "UNet2DConditionModel": "a UNet (SD 1.x/2.x/XL; use DAAM for cross-attention maps)",
-}
-# Joint-attention models made only of single-stream layers: the method is defined there (docs/single_stream.md),
-# but no backend serves them yet.
-SINGLE_STREAM_ONLY = {
-    "Lumina2Transformer2DModel": "Lumina-Image 2.0",
 }
 
 
@@ -88,13 +84,6 @@ def backend_for(transformer: torch.nn.Module | None, owner: object = None) -> Ba
                 f"{what} uses {name} ({CROSS_ATTENTION_ONLY[cls.__name__]}), whose text enters through "
                 "cross-attention only. ConceptAttention needs a joint-attention MM-DiT, where text tokens are "
                 f"queries in the same attention as the image. Supported: {supported}"
-            )
-        if cls.__name__ in SINGLE_STREAM_ONLY:
-            raise UnsupportedArchitectureError(
-                f"{what} uses {name} ({SINGLE_STREAM_ONLY[cls.__name__]}), made only of single-stream layers (its "
-                "text refined by its own layers first). ConceptAttention serves the single-stream blocks that follow "
-                "double-stream blocks (`single_layers` on Flux.1, Chroma, Flux.2, LongCat-Image, HunyuanVideo); "
-                f"models made only of single-stream layers are not served yet. Supported: {supported}"
             )
     raise UnsupportedArchitectureError(f"{what} with transformer {name} is not supported. Supported: {supported}")
 

@@ -167,9 +167,10 @@ class ForwardRecord(Generic[Conditioning]):
         conditioning: the backend's typed record of what the concept conditioning needs.
         target: the image tokens the maps describe, within the image sequence (all of them, or the
             target grid when reference-image tokens follow it, as in image-editing pipelines).
-        image: where the image tokens sit in every row of a single-stream block's joint sequence, when the
-            backend knows it from the forward's inputs (Z-Image: the first N rows, before its pad tokens and the
-            caption); None: the last ones, as many as the first dual-stream block's image stream has.
+        image: where the image tokens sit in the rows of a single-stream block's joint sequence, when the backend
+            knows it from the forward's inputs: a slice of every row (Z-Image: the first N, before its pad tokens
+            and the caption), or (B, N) int64 indices per row (Lumina-2: after captions of different lengths);
+            None: the last ones, as many as the first dual-stream block's image stream has.
     """
 
     timestep: torch.Tensor
@@ -178,7 +179,7 @@ class ForwardRecord(Generic[Conditioning]):
     rows: slice
     conditioning: Conditioning
     target: slice = dataclasses.field(default_factory=lambda: slice(None))
-    image: slice | None = None
+    image: slice | torch.Tensor | None = None
 
 
 def first_timestep(timestep: Any) -> torch.Tensor:

@@ -337,14 +337,18 @@ class JointConceptStream:
             self._rotary[device] = None if ids is None else self.path.rotation(self.transformer, ids)
         return self._rotary[device]
 
-    def image_span(self, sequence_length: int) -> slice:
-        """Where the image tokens sit in a single-stream block's (B, S, ...) joint sequence: where the forward's record
-        says, else the last ones ([text; image])."""
+    def image_rows(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The image tokens of a single-stream block's (B, S, ...) joint sequence, (B, N, ...): where the forward's
+        record says (a slice, or per-row (B, N) indices where items place them differently), else the last ones
+        ([text; image])."""
         context = self.state.forward
         assert context is not None
-        if context.record.image is not None:
-            return context.record.image
-        return slice(sequence_length - self.image_tokens, sequence_length)
+        image = context.record.image
+        if image is None:
+            return tensor[:, tensor.shape[1] - self.image_tokens :]
+        if isinstance(image, slice):
+            return tensor[:, image]
+        return tensor[torch.arange(tensor.shape[0], device=tensor.device)[:, None], image]
 
     @torch.no_grad()
     def concept_rows(
@@ -817,10 +821,9 @@ class FluxStyleSingleProcessor(ConceptProcessor):
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)  # type: ignore[arg-type,assignment]
         out = self.joint_attention(query, key, value, attention_mask)  # (B, S, H * D)
         if self.stream.runs(self.block_index):
-            image = self.stream.image_span(out.shape[1])
-            q_x, k_x, v_x = (t[:, image].transpose(1, 2) for t in (query, key, value))  # (B, H, N, D)
+            q_x, k_x, v_x = (self.stream.image_rows(t).transpose(1, 2) for t in (query, key, value))  # (B, H, N, D)
             rope = self.stream.concept_rope(out.device) if image_rotary_emb is not None else None
-            self.stream.concept_rows(self.block_index, q_x, k_x, v_x, out[:, image], rope)
+            self.stream.concept_rows(self.block_index, q_x, k_x, v_x, self.stream.image_rows(out), rope)
         return out
 
 

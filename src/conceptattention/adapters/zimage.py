@@ -51,6 +51,7 @@ from conceptattention.adapters.base import (
 )
 from conceptattention.adapters.joint import ConceptProcessor, JointPath, SequentialPath, TextAttention
 from conceptattention.concepts import (
+    CaptionSequences,
     ConceptEmbeddings,
     concept_token_ids,
     pipeline_part,
@@ -74,25 +75,6 @@ class ZImageConditioning:
     """Nothing per forward: the modulation is read from each block's ``adaln_input``."""
 
 
-@dataclass(frozen=True)
-class CaptionSequences:
-    """``ConceptEmbeddings.extras`` of Z-Image: each concept's whole templated caption, for the context refiner.
-
-    Attributes:
-        states: one (L_c, D_text) tensor per concept: the encoder states of its templated caption, padding removed
-            (as the pipeline hands a prompt to the transformer).
-        spans: (start, stop) of each concept's own sub-tokens in its caption.
-        pooling: how a span is pooled into one vector after the refiner.
-    """
-
-    states: tuple[torch.Tensor, ...]
-    spans: tuple[tuple[int, int], ...]
-    pooling: str
-
-    def to(self, device: torch.device, dtype: torch.dtype) -> CaptionSequences:
-        return replace(self, states=tuple(s.to(device, dtype) for s in self.states))
-
-
 def padded_length(length: int) -> int:
     """``length`` rounded up to a multiple of 32, as the transformer pads each modality."""
     return length + (-length) % SEQUENCE_MULTIPLE
@@ -110,31 +92,23 @@ def caption_sequences(concepts: ConceptEmbeddings, device: torch.device, dtype: 
 
 def refine_concepts(transformer: Any, sequences: CaptionSequences, record: ForwardRecord) -> torch.Tensor:
     """(C, D_model) concept tokens: each templated caption embedded, padded with ``cap_pad_token`` to a multiple of 32
-    and refined by ``context_refiner`` alone (as the forward refines a one-prompt caption), then its span pooled.
+    and refined by ``context_refiner`` alone (as the forward refines a one-prompt caption), then its span pooled."""
 
-    Captions of the same padded length are refined together: every row is complete, so no mask is needed.
-    """
-    groups: dict[int, list[int]] = {}
-    for index, states in enumerate(sequences.states):
-        groups.setdefault(padded_length(states.shape[0]), []).append(index)
-    pooled: list[torch.Tensor | None] = [None] * len(sequences.states)
-    for length, members in groups.items():
+    def refine(states: list[torch.Tensor], length: int) -> torch.Tensor:
         rows = []
-        for index in members:
-            embedded = transformer.cap_embedder(sequences.states[index])  # (L_c, D)
+        for caption in states:
+            embedded = transformer.cap_embedder(caption)  # (L_c, D)
             pad = transformer.cap_pad_token.to(embedded.dtype).expand(length - embedded.shape[0], -1)
             rows.append(torch.cat([embedded, pad]))
-        caption = torch.stack(rows)  # (G, L_pad, D)
-        ids = torch.zeros(length, 3, dtype=torch.int32, device=caption.device)
-        ids[:, 0] = torch.arange(FIRST_CAPTION_POSITION, FIRST_CAPTION_POSITION + length, device=caption.device)
-        freqs = transformer.rope_embedder(ids).unsqueeze(0).expand(len(members), -1, -1)  # (G, L_pad, D_head / 2)
+        refined = torch.stack(rows)  # (G, L_pad, D): every row complete, so no mask is needed
+        ids = torch.zeros(length, 3, dtype=torch.int32, device=refined.device)
+        ids[:, 0] = torch.arange(FIRST_CAPTION_POSITION, FIRST_CAPTION_POSITION + length, device=refined.device)
+        freqs = transformer.rope_embedder(ids).unsqueeze(0).expand(len(rows), -1, -1)  # (G, L_pad, D_head / 2)
         for block in transformer.context_refiner:
-            caption = block(caption, None, freqs)
-        for row, index in enumerate(members):
-            start, stop = sequences.spans[index]
-            span = caption[row, start:stop]
-            pooled[index] = span[0] if sequences.pooling == "first" else span.mean(dim=0)
-    return torch.stack(pooled)  # type: ignore[arg-type]
+            refined = block(refined, None, freqs)
+        return refined
+
+    return sequences.refine(padded_length, refine)
 
 
 def concept_positions(concepts: ConceptEmbeddings, device: torch.device) -> torch.Tensor:
@@ -193,10 +167,9 @@ class ZImageConceptAttnProcessor(ConceptProcessor):
             attention_mask = attention_mask[:, None, None, :]  # (B, 1, 1, S) key mask, as the stock processor
         out = self.joint_attention(query, key, value, attention_mask)  # (B, S, H * D)
         if self.stream.runs(self.block_index):
-            image = self.stream.image_span(out.shape[1])
-            q_x, k_x, v_x = (t[:, image].transpose(1, 2) for t in (query, key, value))  # (B, H, N, D)
+            q_x, k_x, v_x = (self.stream.image_rows(t).transpose(1, 2) for t in (query, key, value))  # (B, H, N, D)
             rope = self.stream.concept_rope(out.device) if freqs_cis is not None else None
-            self.stream.concept_rows(self.block_index, q_x, k_x, v_x, out[:, image], rope)
+            self.stream.concept_rows(self.block_index, q_x, k_x, v_x, self.stream.image_rows(out), rope)
         output = attn.to_out[0](out)
         if len(attn.to_out) > 1:  # dropout
             output = attn.to_out[1](output)
