@@ -82,8 +82,10 @@ def test_layers_are_checked_against_the_model(pipe):
     assert (both.double, both.single, both.labels) == ((1, 3), (0,), ["double 1", "double 3", "single 0"])
     assert logic.parse_blocks(pipe, ["single 0"]).double == ()
     assert logic.block_choices(logic.model_info(pipe))[-2:] == ["double 3", "single 0"]
-    with pytest.raises(ConceptAttentionError, match=r"No layers selected.*0-3"):
+    with pytest.raises(ConceptAttentionError, match=r"No layers selected: choose at least one block \(double 0-3 or "
+                       r"single 0-0 for this model\)"):  # fmt: skip
         logic.parse_blocks(pipe, [])
+    assert logic.blocks_summary(logic.model_info(pipe)) == "joint blocks 0-3, then single-stream blocks 0-0"
     with pytest.raises(ConceptAttentionError, match=r"contains 7.*valid indices: 0-3"):
         logic.parse_blocks(pipe, ["2", "7"])
     with pytest.raises(ConceptAttentionError, match=r"contains 1.*1 single-stream blocks \(valid indices: 0\)"):
@@ -94,6 +96,23 @@ def test_layers_are_checked_against_the_model(pipe):
         logic.parse_blocks(pipe, ["triple 2"])
     with pytest.raises(ConceptAttentionError, match="non-negative"):
         logic.parse_blocks(pipe, ["-1"])
+
+
+def test_a_model_made_only_of_single_stream_layers_offers_and_defaults_to_its_layers():
+    from tiny_zimage import make_tiny_zimage_pipeline
+
+    zimage = make_tiny_zimage_pipeline(seed=0, n_layers=4)
+    info = logic.model_info(zimage)
+    assert info.architecture == "Z-Image" and info.usable_layers == () and info.single_layers == (0, 1, 2, 3)
+    assert logic.block_choices(info) == ["single 0", "single 1", "single 2", "single 3"]
+    assert logic.default_blocks(info) == ["single 2", "single 3"]
+    assert logic.blocks_summary(info) == "single-stream blocks 0-3"
+    assert info.size == (256, 256) and info.pixels_per_token == 4  # the tiny position table: 64 patches per side
+    assert logic.parse_blocks(zimage, ["single 3", "single 1"]).single == (1, 3)
+    with pytest.raises(ConceptAttentionError, match=r"No layers selected: choose at least one block \(single 0-3 for "):
+        logic.parse_blocks(zimage, [])
+    with pytest.raises(ConceptAttentionError, match=r"`layers` selects double-stream blocks, but .* has none"):
+        logic.parse_blocks(zimage, ["2"])
 
 
 def test_shared_controls_make_one_config(pipe):

@@ -146,6 +146,36 @@ def test_cli_runs_an_sd3_folder_with_either_concept_encoder(tmp_path):
     assert result.exit_code == 2 and "`layers` contains 3, which cannot be used" in output.replace("\n", " ")
 
 
+@pytest.mark.parametrize("arch", ["zimage", "lumina2"])
+def test_cli_runs_a_folder_of_a_model_made_only_of_single_stream_layers(arch, tmp_path):
+    if arch == "zimage":
+        from tiny_zimage import make_tiny_zimage_pipeline as make
+
+        name, size, grid = "Z-Image", "32", [8, 8]
+    else:
+        from tiny_lumina2 import make_tiny_lumina2_pipeline as make
+
+        name, size, grid = "Lumina-Image 2.0", "64", [4, 4]
+    make(seed=0, **({"n_layers": 3} if arch == "zimage" else {"num_layers": 3})).save_pretrained(tmp_path / arch)
+    image = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (int(size), int(size), 3), dtype=np.uint8)).save(image)
+    out = tmp_path / "encoded"
+    result, output = _invoke("encode", image, "-c", "dog,sky", "--model", tmp_path / arch, "--out", out, "--height",
+                             size, "--width", size, "--device", "cpu")  # fmt: skip
+    assert result.exit_code == 0, output
+    record = json.loads((out / "metadata.json").read_text())
+    assert record["architecture"] == name and record["grid"] == grid
+    assert record["layers"] == [] and record["single_layers"] == [1, 2] and record["blocks"] == ["single 1", "single 2"]
+    generate = ("generate", "a dog", "-c", "dog,sky", "--model", tmp_path / arch, "--out", tmp_path / "gen",
+                "--steps", "2", "--height", size, "--width", size, "--device", "cpu")  # fmt: skip
+    result, output = _invoke(*generate, "--single-layers", "0-1")
+    assert result.exit_code == 0, output
+    assert json.loads((tmp_path / "gen" / "metadata.json").read_text())["blocks"] == ["single 0", "single 1"]
+    result, output = _invoke(*generate, "--layers", "1", "--out", tmp_path / "gen2")
+    message = "has none: its 3 blocks are single-stream; select them with `single_layers` (valid indices: 0-2"
+    assert result.exit_code == 2 and message in " ".join(output.split())
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

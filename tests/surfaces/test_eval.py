@@ -217,6 +217,21 @@ def test_single_stream_blocks_are_evaluated_recorded_and_guard_the_folder(saved_
     assert len(json.loads(rows[0]["blocks_miou"])) == 1
 
 
+def test_a_model_made_only_of_single_stream_layers_is_evaluated_on_its_default_layers(tmp_path):
+    from tiny_zimage import make_tiny_zimage_pipeline
+
+    make_tiny_zimage_pipeline(seed=0, n_layers=3).save_pretrained(tmp_path / "zimage")
+    out = tmp_path / "eval"
+    result, output = _cli("eval", "scenes", "--model", tmp_path / "zimage", "--out", out, "--limit", "2",
+                          "--resolution", "32", "--per-block")  # fmt: skip
+    assert result.exit_code == 0, output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["layers"] == [] and manifest["single_layers"] == [1, 2]
+    records = [json.loads(line) for line in (out / "records.rank0.jsonl").read_text().splitlines()]
+    assert len(records) == 2 and all(r["block_labels"] == ["single 1", "single 2"] for r in records)
+    assert (out / "per_block.png").is_file()
+
+
 def test_stray_record_lines_are_skipped_with_one_warning(saved_scene_model, tmp_path, caplog):
     from conceptattention.eval.harness import read_records
 

@@ -317,7 +317,9 @@ class ZImageEncode(EncodeRecipe[ZImageEncodeInputs]):
         return int(getattr(pipe, "vae_scale_factor", 8)) * 2  # the VAE, then 2x2 patches
 
     def default_size(self, pipe: Any) -> tuple[int, int]:
-        return 1024, 1024  # the pipeline's default height and width
+        """The pipeline's default height and width (1024), or the largest side the model's position table takes."""
+        side = min(1024, self.max_pixels_per_side(pipe))
+        return side, side
 
     def max_pixels_per_side(self, pipe: Any) -> int:
         """The RoPE tables hold ``axes_lens[1]`` rows and ``axes_lens[2]`` columns of patches."""

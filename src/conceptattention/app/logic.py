@@ -83,6 +83,7 @@ class ModelInfo:
     usable_layers: tuple[int, ...]
     default_layers: tuple[int, ...]
     single_layers: tuple[int, ...]
+    default_single_layers: tuple[int, ...]
     excluded: dict[int, str]
     size: tuple[int, int]
     steps: int
@@ -105,6 +106,7 @@ def model_info(pipe: Any) -> ModelInfo:
         usable_layers=tuple(backend.usable_blocks(transformer)),
         default_layers=tuple(backend.default_layers(transformer)),
         single_layers=tuple(range(backend.num_single_blocks(transformer))),
+        default_single_layers=tuple(backend.resolve_single_layers(transformer, None)),
         excluded=dict(backend.excluded_blocks(transformer)),
         size=model.size(),
         steps=int(defaults.get("num_inference_steps", 28)),
@@ -117,16 +119,34 @@ def block_choices(info: ModelInfo) -> list[str]:
     return [f"double {i}" for i in info.usable_layers] + [f"single {j}" for j in info.single_layers]
 
 
+def blocks_summary(info: ModelInfo) -> str:
+    """The page's line on the model's blocks: the usable joint blocks (and why any is left out), then the
+    single-stream ones."""
+    parts = []
+    if info.usable_layers:
+        excluded = "".join(f"; block {i} is left out: {why}" for i, why in info.excluded.items())
+        parts.append(f"joint blocks {info.usable_layers[0]}-{info.usable_layers[-1]}{excluded}")
+    if info.single_layers:
+        parts.append(f"single-stream blocks 0-{info.single_layers[-1]}")
+    return ", then ".join(parts)
+
+
+def default_blocks(info: ModelInfo) -> list[str]:
+    """The multi-select's default entries: the model's default blocks of each kind."""
+    return [f"double {i}" for i in info.default_layers] + [f"single {j}" for j in info.default_single_layers]
+
+
 def parse_blocks(pipe: Any, selected: Iterable[Any] | None) -> BlockSelection:
     """The multi-select's blocks (``"double 3"``, ``"single 0"``; a bare index is a dual-stream block), checked
     against the model (errors name the valid ranges)."""
     model = model_plan(pipe)
     values = list(selected or [])
     if not values:
-        usable = model.backend.usable_blocks(model.transformer)
-        raise ConceptAttentionError(
-            f"No layers selected: choose at least one block ({usable[0]}-{usable[-1]} for this model)"
-        )
+        backend, transformer = model.backend, model.transformer
+        kinds = [(kind, blocks) for kind, blocks in (("double", backend.usable_blocks(transformer)),
+                 ("single", range(backend.num_single_blocks(transformer)))) if blocks]  # fmt: skip
+        ranges = " or ".join(f"{kind} {blocks[0]}-{blocks[-1]}" for kind, blocks in kinds)
+        raise ConceptAttentionError(f"No layers selected: choose at least one block ({ranges} for this model)")
     chosen: dict[str, list[int]] = {"double": [], "single": []}
     for value in values:
         kind, _, index = str(value).strip().rpartition(" ")

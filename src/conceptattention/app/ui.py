@@ -163,12 +163,8 @@ def build_app(pipe: Any, workdir: str | Path | None = None) -> gr.Blocks:
     work = Path(workdir) if workdir is not None else logic.new_workdir()
     examples = logic.scene_examples(work / "examples")
     choices = logic.block_choices(info)
-    single_blocks = (
-        f", then single-stream blocks 0-{info.single_layers[-1]}" if info.single_layers else ""
-    )  # fmt: skip
-    default_layers = [f"double {i}" for i in info.default_layers]
+    default_layers = logic.default_blocks(info)
     first = examples[0]
-    excluded = "".join(f"; block {i} is left out: {why}" for i, why in info.excluded.items())
 
     def checked_controls(progress, layers, score_space, softmax, pooling, opacity, cmap):
         """The shared controls, validated before any compute: the method config (display options checked)."""
@@ -240,9 +236,8 @@ def build_app(pipe: Any, workdir: str | Path | None = None) -> gr.Blocks:
     with gr.Blocks(title="ConceptAttention", analytics_enabled=False) as demo:
         gr.Markdown(
             f"## ConceptAttention: where does the model put each word?\n"
-            f"Model **{html.escape(info.name)}** ({info.architecture}); joint blocks "
-            f"{info.usable_layers[0]}-{info.usable_layers[-1]}{html.escape(excluded)}{single_blocks}. One job runs "
-            "at a time; "
+            f"Model **{html.escape(info.name)}** ({info.architecture}); {html.escape(logic.blocks_summary(info))}. "
+            "One job runs at a time; "
             "others wait in the queue with their place shown."
         )
         with gr.Row():
