@@ -23,11 +23,19 @@ of paired runs.
   blocks, the same video grid, a text mask with a quarter of the prompt valid; every double block is
   traced, and each forward runs the 5 concepts' own 8-token sequences through the token refiner.
 
-With ``--trace-single`` (flux, chroma, flux2, longcat, hunyuanvideo) every single-stream block is
-traced too, so the concepts run through the whole model.
+- ``--arch zimage``: ``ZImageTransformer2DModel``, 8 single-stream layers after 2 context and 2 noise
+  refiner layers, image and caption padded to multiples of 32 with pad tokens; the default layers
+  (the later half) are traced, and each forward refines the 5 concepts' own 8-token captions.
+- ``--arch lumina2``: ``Lumina2Transformer2DModel``, 8 single-stream layers (K/V heads half the query
+  heads) after 2 + 2 refiner layers, a caption mask with a quarter valid; the default layers (the
+  later half) are traced, concepts refined as for ``zimage``.
+
+With ``--trace-single`` (flux, chroma, flux2, longcat, hunyuanvideo; zimage, lumina2: all layers)
+every single-stream block is traced too, so the concepts run through the whole model.
 
 Usage:
-    python benchmarks/overhead.py [--arch {flux,sd3,chroma,flux2,qwenimage,longcat,cogvideox,hunyuanvideo}]
+    python benchmarks/overhead.py [--arch {flux,sd3,chroma,flux2,qwenimage,longcat,cogvideox,hunyuanvideo,
+        zimage,lumina2}]
         [--device cuda] [--repeats 21] [--trace-single]
 
 The last line of output is one JSON object.
@@ -49,8 +57,10 @@ from diffusers import (
     FluxTransformer2DModel,
     HunyuanVideoTransformer3DModel,
     LongCatImageTransformer2DModel,
+    Lumina2Transformer2DModel,
     QwenImageTransformer2DModel,
     SD3Transformer2DModel,
+    ZImageTransformer2DModel,
 )
 from torch.profiler import ProfilerActivity, profile
 
@@ -58,11 +68,13 @@ from conceptattention import ConceptAttentionConfig
 from conceptattention.adapters.base import StopForward
 from conceptattention.adapters.hunyuanvideo import ConceptSequences
 from conceptattention.bundled.components import rope_axes_for_head_dim
-from conceptattention.concepts import ConceptEmbeddings, ConceptPositions
+from conceptattention.concepts import CaptionSequences, ConceptEmbeddings, ConceptPositions
 from conceptattention.tracing import ConceptSession
 
 DEFAULT_DOUBLE = {"flux": 4, "sd3": 5, "chroma": 4, "flux2": 4, "qwenimage": 5, "cogvideox": 5, "hunyuanvideo": 4,
-                  "longcat": 4}  # fmt: skip
+                  "longcat": 4, "zimage": 0, "lumina2": 0}  # fmt: skip
+DEFAULT_SINGLE = {"zimage": 8, "lumina2": 8}  # models made only of single-stream layers (others: 4)
+CAPTION_TOKENS = 8  # zimage, lumina2: tokens of each concept's own templated caption (the word at index 3)
 CONCEPT_TOKENS = 8  # hunyuanvideo: tokens of each concept's own sequence (the word and the template's end)
 POOLED_DIM = 256
 VIDEO = ("cogvideox", "hunyuanvideo")  # --grid and --frames give (grid / 2)^2 tokens per latent frame
@@ -284,7 +296,62 @@ def build_longcat(args):
     return transformer, inputs, model
 
 
+def _single_stream_rope_axes(head_dim: int) -> list[int]:
+    """RoPE axes (caption/frame, h, w) summing to the head size, in Z-Image's 32 : 48 : 48 proportion (even sizes)."""
+    spatial = (head_dim * 48 // 128) // 2 * 2
+    return [head_dim - 2 * spatial, spatial, spatial]
+
+
+def build_zimage(args):
+    """Random Z-Image transformer (only single-stream layers, 2 context and 2 noise refiner layers), one latent of
+    grid x grid patches and a caption of ``--text-tokens`` (both padded to multiples of 32 inside the model)."""
+    transformer = ZImageTransformer2DModel(
+        in_channels=16,
+        dim=args.hidden,
+        n_layers=args.single,
+        n_refiner_layers=2,
+        n_heads=args.heads,
+        n_kv_heads=args.heads,
+        cap_feat_dim=args.text_dim,
+        axes_dims=_single_stream_rope_axes(args.hidden // args.heads),
+        axes_lens=[1024, 512, 512],
+    )
+    inputs = {
+        "x": [torch.randn(16, 1, 2 * args.grid, 2 * args.grid)],
+        "t": torch.tensor([0.5]),
+        "cap_feats": [torch.randn(args.text_tokens, args.text_dim)],
+    }
+    return transformer, inputs, {"single_blocks": args.single, "traced_blocks": []}
+
+
+def build_lumina2(args):
+    """Random Lumina-2 transformer (only single-stream layers, 2 refiner layers each, K/V heads half the query
+    heads), a latent of grid x grid patches and a masked caption (a quarter valid, as the pipeline pads)."""
+    transformer = Lumina2Transformer2DModel(
+        in_channels=16,
+        hidden_size=args.hidden,
+        num_layers=args.single,
+        num_refiner_layers=2,
+        num_attention_heads=args.heads,
+        num_kv_heads=max(1, args.heads // 2),
+        axes_dim_rope=tuple(_single_stream_rope_axes(args.hidden // args.heads)),
+        axes_lens=(300, 512, 512),
+        cap_feat_dim=args.text_dim,
+    )
+    mask = torch.zeros(1, args.text_tokens, dtype=torch.int64)
+    mask[:, : args.text_tokens // 4] = 1
+    inputs = {
+        "hidden_states": torch.randn(1, 16, 2 * args.grid, 2 * args.grid),
+        "timestep": torch.tensor([0.5]),
+        "encoder_hidden_states": torch.randn(1, args.text_tokens, args.text_dim),
+        "encoder_attention_mask": mask,
+    }
+    return transformer, inputs, {"single_blocks": args.single, "traced_blocks": []}
+
+
 BUILDERS = {
+    "zimage": build_zimage,
+    "lumina2": build_lumina2,
     "cogvideox": build_cogvideox,
     "hunyuanvideo": build_hunyuanvideo,
     "flux": build_flux,
@@ -308,6 +375,11 @@ def build(args):
     extras: object = ConceptPositions((3,) * args.concepts) if args.arch == "flux2" else None
     if args.arch == "longcat":  # concepts at text position 0, where a one-word prompt's first token sits
         extras = ConceptPositions((0,) * args.concepts)
+    if args.arch in ("zimage", "lumina2"):  # each concept's templated caption, refined on its own
+        captions = tuple(
+            torch.randn(CAPTION_TOKENS, args.text_dim, device=args.device, dtype=args.dtype) for _ in concepts
+        )
+        extras = CaptionSequences(captions, ((3, 4),) * args.concepts, "first")
     if args.arch == "hunyuanvideo":
         states = torch.randn(args.concepts, CONCEPT_TOKENS, args.text_dim, device=args.device, dtype=args.dtype)
         mask = torch.ones(args.concepts, CONCEPT_TOKENS, device=args.device, dtype=args.dtype)
@@ -322,16 +394,18 @@ def build(args):
         if "single_blocks" not in model:
             raise SystemExit(f"--trace-single: {args.arch} has no single-stream blocks")
         model["traced_single_blocks"] = list(range(args.single))
-    single = model.get("traced_single_blocks")
-    config = ConceptAttentionConfig(layers=tuple(model["traced_blocks"]), single_layers=single)
+    single = model.get("traced_single_blocks")  # None: the backend's default (none, or a single-only model's rule)
+    config = ConceptAttentionConfig(layers=tuple(model["traced_blocks"]) or "none", single_layers=single)
     session = ConceptSession(transformer, embeddings, concepts, config)
+    if single is None and session.state.blocks.single:  # a single-only model's default layers
+        model["traced_single_blocks"] = list(session.state.blocks.single)
     return transformer, inputs, session, model
 
 
 def _to(value, device: str, dtype: torch.dtype):
     """Tensors (also inside tuples, such as RoPE's (cos, sin)) on the device; floats in the benchmark dtype."""
-    if isinstance(value, tuple):
-        return tuple(_to(v, device, dtype) for v in value)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to(v, device, dtype) for v in value)
     if torch.is_tensor(value):
         return value.to(device, dtype if value.is_floating_point() else value.dtype)
     return value
@@ -392,7 +466,9 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--double", type=int, help="double-stream / joint blocks; default 4 (Flux, Chroma) / 5 (SD3)")
-    parser.add_argument("--single", type=int, default=4, help="single-stream blocks (Flux, Chroma)")
+    parser.add_argument(
+        "--single", type=int, help="single-stream blocks; default 4 (Flux family) / 8 (Z-Image, Lumina-2)"
+    )
     parser.add_argument("--grid", type=int, default=32, help="image tokens = grid * grid (cogvideox: per 2 frames)")
     parser.add_argument("--frames", type=int, default=8, help="cogvideox: latent frames")
     parser.add_argument("--text-tokens", type=int, default=128)
@@ -404,6 +480,8 @@ def main() -> None:
     args.dtype = getattr(torch, args.dtype)
     if args.double is None:
         args.double = DEFAULT_DOUBLE[args.arch]
+    if args.single is None:
+        args.single = DEFAULT_SINGLE.get(args.arch, 4)
 
     transformer, inputs, session, model = build(args)
     forward = forward_call(transformer, inputs)

@@ -119,6 +119,7 @@ class ConceptSession:
         self._conditional_half = False
         self._run_cfg: bool | None = None
         self.state.accumulator.reset()
+        self.state.run += 1
 
     def start_run(self) -> None:
         """Forget the current run's maps (a new pipeline call does this by itself)."""

@@ -253,3 +253,23 @@ def test_a_concept_missing_from_its_template_is_refused(pipe):
     backend = backend_for(pipe.transformer)
     with pytest.raises(ca.ConceptAttentionError, match=r"The concept 'dog' does not occur in its templated encoding"):
         backend.concepts(pipe, ["dog"], ConceptEncoding("first", max_sequence_length=3))
+
+
+def test_concepts_are_refined_once_per_pipeline_call(pipe):
+    """The context refiner takes no timestep: the concepts' refined tokens are computed at a call's first forward."""
+    calls: list[int] = []
+    hook = pipe.transformer.context_refiner[0].register_forward_pre_hook(lambda m, a: calls.append(1))
+    try:
+        _run(pipe, guidance_scale=0.0)
+        plain = len(calls)
+        calls.clear()
+        with ca.trace(pipe, CONCEPTS) as tc:
+            _run(pipe, guidance_scale=0.0)
+            first = len(calls)
+            _run(pipe, "a tree", guidance_scale=0.0)
+        second = len(calls) - first
+    finally:
+        hook.remove()
+    assert plain == RUN["num_inference_steps"]  # the prompt's caption, at every forward
+    assert first == second == plain + 1  # plus the concepts' captions (one batch: equal padded lengths), once
+    assert tc.maps().metadata["steps"] == [0, 1]  # the second call is a new run

@@ -273,6 +273,8 @@ class RunState:
         active: the concept stream runs in the current forward.
         forward: the current forward's context (None outside a traced forward).
         observers: callbacks given each block's :class:`BlockRecord` (none by default: nothing is kept).
+        run: the current run's number (the session counts a new one at each pipeline call); what the concept stream
+            keeps for a run is keyed by it.
     """
 
     config: ConceptAttentionConfig
@@ -284,6 +286,7 @@ class RunState:
     active: bool = False
     forward: ForwardContext | None = None
     observers: list[Callable[[BlockRecord], None]] = dataclasses.field(default_factory=list)
+    run: int = 0
 
     @property
     def layers(self) -> tuple[int, ...]:

@@ -223,6 +223,7 @@ class JointConceptStream:
         self.current: BlockPass | None = None
         self.ops: list[BlockOps] = []  # per run index 0..last selected, resolved at install
         self._rotary: dict[torch.device, Callable[[torch.Tensor], torch.Tensor] | None] = {}
+        self._embedding: tuple[tuple[int, torch.device, torch.dtype], torch.Tensor] | None = None
 
     def install(
         self,
@@ -274,11 +275,22 @@ class JointConceptStream:
         self.image_tokens = hidden_states.shape[1]  # the first dual-stream block's image stream
         rows = len(range(*record.rows.indices(hidden_states.shape[0])))
         path = self.path
-        inputs = path.concept_inputs(self.state.concepts, device, dtype)
-        concepts = path.embed(self.transformer, inputs, record)  # (C | B_rows, C, D)
+        concepts = self._embedded(record, device, dtype)  # (C | B_rows, C, D)
         self.hidden = (concepts if concepts.ndim == 3 else concepts.unsqueeze(0)).expand(rows, -1, -1)  # (B_rows, C, D)
         forward = path.forward_conditioning
         self.temb = None if forward is None else forward(self.transformer, record, dtype)
+
+    def _embedded(self, record: ForwardRecord, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """The concept tokens entering the first block; kept for the run where the path says they do not depend on
+        the forward (a caption refiner without timestep input), so they are computed once per pipeline call."""
+        path = self.path
+        key = (self.state.run, device, dtype)
+        if not path.embedding_per_forward and self._embedding is not None and self._embedding[0] == key:
+            return self._embedding[1]
+        concepts = path.embed(self.transformer, path.concept_inputs(self.state.concepts, device, dtype), record)
+        if not path.embedding_per_forward:
+            self._embedding = (key, concepts)
+        return concepts
 
     def _conditioning(self, ops: BlockOps, arguments: CallArguments) -> torch.Tensor:
         context = self.state.forward
@@ -620,6 +632,8 @@ class JointPath(Generic[Conditioning]):
         single: the path through the single-stream blocks after the dual-stream ones (None: not traced); for a
             model made only of single-stream layers, its only path.
         hidden_argument: the blocks' hidden-state argument (read at the first traced block).
+        embedding_per_forward: ``embed`` depends on the forward (a timestep-conditioned refiner, say); False: the
+            concept tokens are computed at a run's first traced forward and reused for the rest of the run.
         check: refuses a model or concepts this path cannot trace, before anything is installed.
     """
 
@@ -635,6 +649,7 @@ class JointPath(Generic[Conditioning]):
     rotation: Callable[[Any, torch.Tensor], Callable[[torch.Tensor], torch.Tensor]] = real_rotation
     single: SinglePath | SequentialPath | None = None
     hidden_argument: str = "hidden_states"
+    embedding_per_forward: bool = True
     check: Callable[[Any, RunState], None] = no_install_check
 
     def __post_init__(self) -> None:

@@ -348,6 +348,7 @@ BACKEND: Backend[Lumina2EncodeInputs, Lumina2Conditioning] = Backend(
         embed=refine_concepts,
         concept_positions=concept_positions,
         rotation=complex_rotation,
+        embedding_per_forward=False,  # the context refiner takes no timestep
         single=SequentialPath(
             Lumina2ConceptAttnProcessor,
             modulation=modulation,

@@ -370,6 +370,7 @@ BACKEND: Backend[ZImageEncodeInputs, ZImageConditioning] = Backend(
         embed=refine_concepts,
         concept_positions=concept_positions,
         rotation=complex_rotation,
+        embedding_per_forward=False,  # the context refiner takes no timestep
         hidden_argument="x",
         single=SequentialPath(
             ZImageConceptAttnProcessor,
