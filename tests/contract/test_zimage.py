@@ -75,7 +75,7 @@ def test_every_stream_stays_bit_identical_with_every_layer_traced(pipe):
 
 
 VARIANTS = [
-    pytest.param({}, CONCEPTS, [1, 2], id="default"),
+    pytest.param({}, CONCEPTS, [0, 1], id="default"),
     pytest.param({"single_layers": "all"}, CONCEPTS, [0, 1, 2], id="all"),
     pytest.param({"single_layers": [0], "concept_keys": "image"}, CONCEPTS, [0], id="keys-image"),
     pytest.param({"single_layers": [1], "concept_keys": "concepts"}, CONCEPTS, [1], id="keys-concepts"),
@@ -109,8 +109,8 @@ def test_maps_match_the_naive_reference(pipe, options, concepts, layers):
 def test_maps_describe_the_conditional_first_half_of_the_guidance_batch(pipe):
     """[cond; uncond]: the maps of a CFG call equal those of the same call's first half traced alone."""
     records, _ = capture_zimage_inputs(pipe.transformer, lambda: _run(pipe, PROMPTS))
-    cond = zimage_reference_maps(pipe, records, CONCEPTS, single_layers=[1, 2], conditional_half=True)
-    every = zimage_reference_maps(pipe, records, CONCEPTS, single_layers=[1, 2])  # (4, C, N): cond x 2, uncond x 2
+    cond = zimage_reference_maps(pipe, records, CONCEPTS, single_layers=[0, 1], conditional_half=True)
+    every = zimage_reference_maps(pipe, records, CONCEPTS, single_layers=[0, 1])  # (4, C, N): cond x 2, uncond x 2
     with ca.trace(pipe, CONCEPTS) as tc:
         _run(pipe, PROMPTS)
     got = tc.maps().maps.flatten(2)
@@ -236,7 +236,7 @@ def test_bad_selections_and_modes_get_one_clear_message_each(pipe):
         ca.trace(pipe, CONCEPTS, single_layers=[3])
     with pytest.raises(ca.ConceptAttentionError, match=r"`single_layers='none'` leaves no block to score"):
         ca.trace(pipe, CONCEPTS, single_layers="none")
-    assert ca.trace(pipe, CONCEPTS, layers="none").plan.blocks.single == (1, 2)
+    assert ca.trace(pipe, CONCEPTS, layers="none").plan.blocks.single == (0, 1)
 
 
 def test_omni_mode_is_refused_with_the_reason():

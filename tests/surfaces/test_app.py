@@ -105,7 +105,7 @@ def test_a_model_made_only_of_single_stream_layers_offers_and_defaults_to_its_la
     info = logic.model_info(zimage)
     assert info.architecture == "Z-Image" and info.usable_layers == () and info.single_layers == (0, 1, 2, 3)
     assert logic.block_choices(info) == ["single 0", "single 1", "single 2", "single 3"]
-    assert logic.default_blocks(info) == ["single 2", "single 3"]
+    assert logic.default_blocks(info) == ["single 0", "single 1", "single 2"]
     assert logic.blocks_summary(info) == "single-stream blocks 0-3"
     assert info.size == (256, 256) and info.pixels_per_token == 4  # the tiny position table: 64 patches per side
     assert logic.parse_blocks(zimage, ["single 3", "single 1"]).single == (1, 3)

@@ -165,7 +165,7 @@ def test_cli_runs_a_folder_of_a_model_made_only_of_single_stream_layers(arch, tm
     assert result.exit_code == 0, output
     record = json.loads((out / "metadata.json").read_text())
     assert record["architecture"] == name and record["grid"] == grid
-    assert record["layers"] == [] and record["single_layers"] == [1, 2] and record["blocks"] == ["single 1", "single 2"]
+    assert record["layers"] == [] and record["single_layers"] == [0, 1] and record["blocks"] == ["single 0", "single 1"]
     generate = ("generate", "a dog", "-c", "dog,sky", "--model", tmp_path / arch, "--out", tmp_path / "gen",
                 "--steps", "2", "--height", size, "--width", size, "--device", "cpu")  # fmt: skip
     result, output = _invoke(*generate, "--single-layers", "0-1")

@@ -226,9 +226,9 @@ def test_a_model_made_only_of_single_stream_layers_is_evaluated_on_its_default_l
                           "--resolution", "32", "--per-block")  # fmt: skip
     assert result.exit_code == 0, output
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["layers"] == [] and manifest["single_layers"] == [1, 2]
+    assert manifest["layers"] == [] and manifest["single_layers"] == [0, 1]
     records = [json.loads(line) for line in (out / "records.rank0.jsonl").read_text().splitlines()]
-    assert len(records) == 2 and all(r["block_labels"] == ["single 1", "single 2"] for r in records)
+    assert len(records) == 2 and all(r["block_labels"] == ["single 0", "single 1"] for r in records)
     assert (out / "per_block.png").is_file()
 
 

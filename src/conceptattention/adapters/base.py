@@ -371,6 +371,11 @@ def later_half(usable: Sequence[int]) -> tuple[int, ...]:
     return tuple(usable[len(usable) // 2 :])
 
 
+def all_but_last(usable: Sequence[int]) -> tuple[int, ...]:
+    """Default-layer rule: every usable block but the last (all of them when there is one)."""
+    return tuple(usable[:-1]) if len(usable) > 1 else tuple(usable)
+
+
 @dataclass(frozen=True)
 class LayerRule:
     """Which blocks can be scored and which are by default (``spec.default_layers`` says it in words).

@@ -43,8 +43,8 @@ from conceptattention.adapters.base import (
     ForwardRecord,
     LayerRule,
     TensorFacts,
+    all_but_last,
     first_timestep,
-    later_half,
 )
 from conceptattention.adapters.joint import ConceptProcessor, JointPath, SequentialPath, TextAttention
 from conceptattention.concepts import (
@@ -319,13 +319,16 @@ class Lumina2Encode(EncodeRecipe[Lumina2EncodeInputs]):
         )
 
 
+LAST_LAYER = "the last layer's concept maps were the weakest on the trained single-stream-heavy model"
+
+
 SPEC = BackendSpec(
     name="Lumina-Image 2.0",
     transformer_classes=("Lumina2Transformer2DModel",),
     pipeline_classes=("Lumina2Pipeline",),
     processor_classes=(),
     concept_encoders=("prompt",),
-    default_layers="the later half of the single-stream layers (Lumina-Image 2.0: 13-25 of 0-25)",
+    default_layers=f"every single-stream layer but the last (Lumina-Image 2.0: 0-24 of 0-25; {LAST_LAYER})",
     cfg_layout="separate",
     concept_positions="each concept at the caption position (l, 0, 0) of its first sub-token in its own templated "
     "caption (after the system prompt and ' <Prompt Start> ', where a prompt's first token sits)",
@@ -338,7 +341,7 @@ SPEC = BackendSpec(
 
 BACKEND: Backend[Lumina2EncodeInputs, Lumina2Conditioning] = Backend(
     spec=SPEC,
-    layers=LayerRule(default=later_half, single_default=later_half),
+    layers=LayerRule(default=all_but_last, single_default=all_but_last),
     concepts=encode_concepts,
     reader=read_forward,
     stream=JointPath(

@@ -45,9 +45,9 @@ from conceptattention.adapters.base import (
     ForwardRecord,
     LayerRule,
     PipelineFacts,
+    all_but_last,
     first_timestep,
     guidance_property,
-    later_half,
 )
 from conceptattention.adapters.joint import ConceptProcessor, JointPath, SequentialPath, TextAttention
 from conceptattention.concepts import (
@@ -340,13 +340,16 @@ class ZImageEncode(EncodeRecipe[ZImageEncodeInputs]):
         pipe.transformer(latents, time, [inputs.caption] * batch, return_dict=False)
 
 
+LAST_LAYER = "the last layer's concept maps were the weakest on the trained single-stream-heavy model"
+
+
 SPEC = BackendSpec(
     name="Z-Image",
     transformer_classes=("ZImageTransformer2DModel",),
     pipeline_classes=("ZImagePipeline", "ZImageImg2ImgPipeline"),
     processor_classes=(),
     concept_encoders=("prompt",),
-    default_layers="the later half of the single-stream layers (Z-Image: 15-29 of 0-29)",
+    default_layers=f"every single-stream layer but the last (Z-Image: 0-28 of 0-29; {LAST_LAYER})",
     cfg_layout="batched",
     concept_positions="each concept at the caption position (1 + l, 0, 0) of its first sub-token in its own "
     "templated caption (where a prompt's first token sits: l = 3)",
@@ -360,7 +363,7 @@ SPEC = BackendSpec(
 
 BACKEND: Backend[ZImageEncodeInputs, ZImageConditioning] = Backend(
     spec=SPEC,
-    layers=LayerRule(default=later_half, single_default=later_half),
+    layers=LayerRule(default=all_but_last, single_default=all_but_last),
     concepts=encode_concepts,
     reader=read_forward,
     stream=JointPath(
