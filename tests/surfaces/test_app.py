@@ -83,9 +83,9 @@ def test_layers_are_checked_against_the_model(pipe):
     assert logic.parse_blocks(pipe, ["single 0"]).double == ()
     assert logic.block_choices(logic.model_info(pipe))[-2:] == ["double 3", "single 0"]
     with pytest.raises(ConceptAttentionError, match=r"No layers selected: choose at least one block \(double 0-3 or "
-                       r"single 0-0 for this model\)"):  # fmt: skip
+                       r"single 0 for this model\)"):  # fmt: skip
         logic.parse_blocks(pipe, [])
-    assert logic.blocks_summary(logic.model_info(pipe)) == "joint blocks 0-3, then single-stream blocks 0-0"
+    assert logic.blocks_summary(logic.model_info(pipe)) == "joint blocks 0-3, then single-stream block 0"
     with pytest.raises(ConceptAttentionError, match=r"contains 7.*valid indices: 0-3"):
         logic.parse_blocks(pipe, ["2", "7"])
     with pytest.raises(ConceptAttentionError, match=r"contains 1.*1 single-stream blocks \(valid indices: 0\)"):

@@ -207,7 +207,7 @@ def test_generate_tab_shows_one_overlay_per_concept(page):
     page.locator("#gen-run").click()
     page.wait_for_function("() => document.querySelector('#gen-status').innerText.includes('No layers selected')")
     assert page.locator("#gen-status").inner_text() == (
-        "Error: No layers selected: choose at least one block (0-3 for this model)"
+        "Error: No layers selected: choose at least one block (double 0-3 or single 0 for this model)"
     )
     page.reload()  # back to the default layers
     page.locator("#gen-run").wait_for()

@@ -127,7 +127,8 @@ def blocks_summary(info: ModelInfo) -> str:
         excluded = "".join(f"; block {i} is left out: {why}" for i, why in info.excluded.items())
         parts.append(f"joint blocks {info.usable_layers[0]}-{info.usable_layers[-1]}{excluded}")
     if info.single_layers:
-        parts.append(f"single-stream blocks 0-{info.single_layers[-1]}")
+        last = info.single_layers[-1]
+        parts.append(f"single-stream blocks 0-{last}" if last else "single-stream block 0")
     return ", then ".join(parts)
 
 
@@ -145,7 +146,9 @@ def parse_blocks(pipe: Any, selected: Iterable[Any] | None) -> BlockSelection:
         backend, transformer = model.backend, model.transformer
         kinds = [(kind, blocks) for kind, blocks in (("double", backend.usable_blocks(transformer)),
                  ("single", range(backend.num_single_blocks(transformer)))) if blocks]  # fmt: skip
-        ranges = " or ".join(f"{kind} {blocks[0]}-{blocks[-1]}" for kind, blocks in kinds)
+        ranges = " or ".join(
+            f"{kind} {blocks[0]}" if len(blocks) == 1 else f"{kind} {blocks[0]}-{blocks[-1]}" for kind, blocks in kinds
+        )
         raise ConceptAttentionError(f"No layers selected: choose at least one block ({ranges} for this model)")
     chosen: dict[str, list[int]] = {"double": [], "single": []}
     for value in values:
