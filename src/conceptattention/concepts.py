@@ -93,7 +93,7 @@ class ConceptPositions:
 @dataclass(frozen=True)
 class CaptionSequences:
     """``ConceptEmbeddings.extras`` of transformers that refine the caption with text-only blocks before their joint
-    layers (Z-Image, Lumina-2): each concept's whole templated caption, refined on its own, then its span pooled.
+    layers: each concept's whole templated caption, refined on its own, then its span pooled.
 
     Attributes:
         states: one (L_c, D_text) tensor per concept: the encoder states of its templated caption, padding removed.

@@ -46,7 +46,7 @@ from conceptattention.adapters.base import (
     last_blocks,
     set_attention_processors,
 )
-from conceptattention.concepts import ConceptEmbeddings
+from conceptattention.concepts import CaptionSequences, ConceptEmbeddings
 from conceptattention.core import TokenGrid, block_saliency, concept_attention
 from conceptattention.errors import ConceptAttentionError
 
@@ -581,6 +581,36 @@ class SinglePath(Generic[Conditioning]):
             functools.partial(self.out, block),
             self.clip,
         )
+
+
+def pre_norm_feedforward_update(
+    block: Any, concepts: torch.Tensor, attention: torch.Tensor, mod: tuple[torch.Tensor, ...]
+) -> torch.Tensor:
+    """The residuals of single-stream layers with pre- and post-norms around a gated feed-forward (Z-Image's
+    ``ZImageTransformerBlock``, Lumina-2's ``Lumina2TransformerBlock``: ``ffn_norm1``, ``feed_forward``, ``ffn_norm2``):
+    ``c + g_a * attention``, then ``c + g_m * ffn_norm2(ff(ffn_norm1(c) * scale_m))``, with (B, 1, D) ``mod`` =
+    (g_a, scale_m, g_m) as the block applies them."""
+    gate_msa, scale_mlp, gate_mlp = mod
+    concepts = concepts + gate_msa * attention
+    return concepts + gate_mlp * block.ffn_norm2(block.feed_forward(block.ffn_norm1(concepts) * scale_mlp))
+
+
+def caption_sequences(concepts: ConceptEmbeddings, device: torch.device, dtype: torch.dtype) -> CaptionSequences:
+    """Each concept's whole templated caption (its ``extras``) on the forward's device and dtype, for a refiner."""
+    extras = concepts.extras
+    if not isinstance(extras, CaptionSequences):
+        raise ConceptAttentionError(
+            "These concepts were not encoded as whole captions, which this model's caption refiner needs; encode them "
+            "with the backend's own concept encoder"
+        )
+    return extras.to(device, dtype)
+
+
+def rope_table_pixels(pipe: Any, pixels_per_token: int) -> int:
+    """The largest image side a model with a learned-length RoPE table (``config.axes_lens``: caption / frame, rows,
+    columns) takes: its rows or columns of patches, whichever is fewer, in pixels."""
+    lens = pipe.transformer.config.axes_lens
+    return min(int(lens[1]), int(lens[2])) * pixels_per_token
 
 
 @dataclass(frozen=True)

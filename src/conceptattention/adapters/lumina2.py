@@ -46,7 +46,15 @@ from conceptattention.adapters.base import (
     all_but_last,
     first_timestep,
 )
-from conceptattention.adapters.joint import ConceptProcessor, JointPath, SequentialPath, TextAttention
+from conceptattention.adapters.joint import (
+    ConceptProcessor,
+    JointPath,
+    SequentialPath,
+    TextAttention,
+    caption_sequences,
+    pre_norm_feedforward_update,
+    rope_table_pixels,
+)
 from conceptattention.concepts import (
     CaptionSequences,
     ConceptEmbeddings,
@@ -65,16 +73,6 @@ PROMPT_SEPARATOR = " <Prompt Start> "  # the pipeline's template: system prompt,
 @dataclass(frozen=True)
 class Lumina2Conditioning:
     """Nothing per forward: the modulation is read from each block's ``temb``."""
-
-
-def caption_sequences(concepts: ConceptEmbeddings, device: torch.device, dtype: torch.dtype) -> CaptionSequences:
-    extras = concepts.extras
-    if not isinstance(extras, CaptionSequences):
-        raise ConceptAttentionError(
-            "Lumina-2 concepts must be encoded as whole captions (for the context refiner); encode them with this "
-            "backend's concept encoder"
-        )
-    return extras.to(device, dtype)
 
 
 def caption_freqs(transformer: Any, ids: torch.Tensor) -> torch.Tensor:
@@ -207,13 +205,6 @@ def shared_attention(block: Any) -> TextAttention:
     return TextAttention(qkv, attn.norm_q, attn.norm_k, out)
 
 
-def update(block: Any, concepts: torch.Tensor, attention: torch.Tensor, mod: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """The gated attention residual, then the gated feed-forward residual, as ``Lumina2TransformerBlock``."""
-    gate_msa, scale_mlp, gate_mlp = mod
-    concepts = concepts + gate_msa * attention
-    return concepts + gate_mlp * block.ffn_norm2(block.feed_forward(block.ffn_norm1(concepts) * scale_mlp))
-
-
 def block_conditioning(record: ForwardRecord[Lumina2Conditioning], arguments: CallArguments) -> torch.Tensor:
     """(B_rows, D_t) the timestep embedding every block modulates with: nothing from the caption."""
     return arguments["temb"][record.rows]
@@ -293,8 +284,7 @@ class Lumina2Encode(EncodeRecipe[Lumina2EncodeInputs]):
 
     def max_pixels_per_side(self, pipe: Any) -> int:
         """The RoPE tables hold ``axes_lens[1]`` rows and ``axes_lens[2]`` columns of patches."""
-        lens = pipe.transformer.config.axes_lens
-        return min(int(lens[1]), int(lens[2])) * self.pixels_per_token(pipe)
+        return rope_table_pixels(pipe, self.pixels_per_token(pipe))
 
     def inputs(
         self, pipe: Any, pixels: torch.Tensor, caption: str, guidance_scale: float | None, max_sequence_length: int
@@ -356,7 +346,7 @@ BACKEND: Backend[Lumina2EncodeInputs, Lumina2Conditioning] = Backend(
             Lumina2ConceptAttnProcessor,
             modulation=modulation,
             attention=shared_attention,
-            update=update,
+            update=pre_norm_feedforward_update,
         ),
     ),
     encoding=Lumina2Encode(),

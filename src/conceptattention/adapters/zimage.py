@@ -49,7 +49,15 @@ from conceptattention.adapters.base import (
     first_timestep,
     guidance_property,
 )
-from conceptattention.adapters.joint import ConceptProcessor, JointPath, SequentialPath, TextAttention
+from conceptattention.adapters.joint import (
+    ConceptProcessor,
+    JointPath,
+    SequentialPath,
+    TextAttention,
+    caption_sequences,
+    pre_norm_feedforward_update,
+    rope_table_pixels,
+)
 from conceptattention.concepts import (
     CaptionSequences,
     ConceptEmbeddings,
@@ -78,16 +86,6 @@ class ZImageConditioning:
 def padded_length(length: int) -> int:
     """``length`` rounded up to a multiple of 32, as the transformer pads each modality."""
     return length + (-length) % SEQUENCE_MULTIPLE
-
-
-def caption_sequences(concepts: ConceptEmbeddings, device: torch.device, dtype: torch.dtype) -> CaptionSequences:
-    extras = concepts.extras
-    if not isinstance(extras, CaptionSequences):
-        raise ConceptAttentionError(
-            "Z-Image concepts must be encoded as whole captions (for the context refiner); encode them with this "
-            "backend's concept encoder"
-        )
-    return extras.to(device, dtype)
 
 
 def refine_concepts(transformer: Any, sequences: CaptionSequences, record: ForwardRecord) -> torch.Tensor:
@@ -195,13 +193,6 @@ def shared_attention(block: Any) -> TextAttention:
         return block.attention_norm2(projected)
 
     return TextAttention(lambda x: (attn.to_q(x), attn.to_k(x), attn.to_v(x)), attn.norm_q, attn.norm_k, out)
-
-
-def update(block: Any, concepts: torch.Tensor, attention: torch.Tensor, mod: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """The gated attention residual, then the gated feed-forward residual, as ``ZImageTransformerBlock``."""
-    gate_msa, scale_mlp, gate_mlp = mod
-    concepts = concepts + gate_msa * attention
-    return concepts + gate_mlp * block.ffn_norm2(block.feed_forward(block.ffn_norm1(concepts) * scale_mlp))
 
 
 def block_conditioning(record: ForwardRecord[ZImageConditioning], arguments: CallArguments) -> torch.Tensor:
@@ -323,8 +314,7 @@ class ZImageEncode(EncodeRecipe[ZImageEncodeInputs]):
 
     def max_pixels_per_side(self, pipe: Any) -> int:
         """The RoPE tables hold ``axes_lens[1]`` rows and ``axes_lens[2]`` columns of patches."""
-        lens = pipe.transformer.config.axes_lens
-        return min(int(lens[1]), int(lens[2])) * self.pixels_per_token(pipe)
+        return rope_table_pixels(pipe, self.pixels_per_token(pipe))
 
     def inputs(
         self, pipe: Any, pixels: torch.Tensor, caption: str, guidance_scale: float | None, max_sequence_length: int
@@ -379,7 +369,7 @@ BACKEND: Backend[ZImageEncodeInputs, ZImageConditioning] = Backend(
             ZImageConceptAttnProcessor,
             modulation=modulation,
             attention=shared_attention,
-            update=update,
+            update=pre_norm_feedforward_update,
         ),
     ),
     encoding=ZImageEncode(),
